@@ -1,0 +1,261 @@
+"""Data: acquisition (mirrors + checksums), IDX parsing, and the stratified split.
+
+Life cycle: raw IDX .gz files (exactly as published) -> processed arrays (uint8 npz, no pickle)
+-> train/val/test split. Every step is a pure function of its inputs and the seed, so DVC can
+content-hash the outputs and skip unchanged steps.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deep_repro.errors import DataError
+from deep_repro.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SHAPE = (28, 28)
+# IDX magic numbers: 0x0000 0803 = unsigned byte, 3 dims; 0x0000 0801 = unsigned byte, 1 dim.
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+OFFLINE_HINT = ("offline? install the real dataset with `apt-get install dataset-fashion-mnist` "
+                "(mirror file:///usr/share/datasets/fashion-mnist) or set "
+                "data.mirrors to a directory/URL holding the four .gz files")
+
+
+def sha256_file(path: Path, *, decompress: bool = False) -> str:
+    digest = hashlib.sha256()
+    opener = gzip.open if decompress else open
+    with opener(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- download
+@dataclass(frozen=True)
+class MirrorFailure:
+    mirror: str
+    reason: str
+
+
+def _fetch(url: str, dest: Path, desc: str) -> None:
+    """Copy `url` (http(s) or file) to `dest` with a progress bar."""
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        total = response.length or None
+        with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                            desc=desc, leave=False, mininterval=0.5) as bar:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def redact(url: str) -> str:
+    """Hide credentials in a URL (`https://user:secret@host` -> `https://***@host`)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=f"***@{host}"))
+    return url
+
+
+def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_dir: Path) -> str:
+    """Fetch `<name>.gz` from the first mirror whose decompressed bytes match the checksum.
+
+    Returns the mirror used. Raises DataError listing every mirror and why it was rejected.
+    """
+    target = dest_dir / f"{name}.gz"
+    if target.exists():
+        try:
+            if sha256_file(target, decompress=True) == expected_sha256:
+                log.info("%s already present and verified", target.name)
+                return "cache"
+        except (OSError, EOFError, gzip.BadGzipFile):
+            pass
+        target.unlink()
+    failures: list[MirrorFailure] = []
+    for mirror in mirrors:
+        url = f"{mirror.rstrip('/')}/{name}.gz"
+        with atomic_path(target) as tmp:
+            try:
+                _fetch(url, tmp, desc=name)
+                actual = sha256_file(tmp, decompress=True)
+            except (urllib.error.URLError, OSError, EOFError, ValueError) as exc:
+                # Truncated gzip streams raise EOFError; bad gzip headers raise BadGzipFile.
+                reason = getattr(exc, "reason", None) or exc
+                failures.append(MirrorFailure(redact(mirror), f"{type(exc).__name__}: {reason}"))
+                continue
+            if actual != expected_sha256:
+                failures.append(MirrorFailure(
+                    redact(mirror), f"sha256 mismatch (got {actual[:12]}…, expected "
+                    f"{expected_sha256[:12]}…)"))
+                continue
+            log.info("%s verified from %s", name, redact(mirror))
+            return mirror
+    detail = "; ".join(f"{f.mirror}: {f.reason}" for f in failures)
+    raise DataError(f"could not get {name}.gz from any of data.mirrors ({detail}); {OFFLINE_HINT}")
+
+
+# --------------------------------------------------------------------------- IDX format
+def _read_gz(path: Path) -> bytes:
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a complete gzip file ({exc})") from None
+
+
+def parse_idx(path: Path, *, expect_magic: int, expect_shape: tuple[int, ...] | None = None
+              ) -> np.ndarray:
+    """Parse an IDX (.gz) file into a uint8 array, validating magic number and size."""
+    raw = _read_gz(path)
+    if len(raw) < 8:
+        raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[0:4], "big")
+    if magic != expect_magic:
+        raise DataError(f"{path}: bad IDX magic number {magic:#010x}, expected "
+                        f"{expect_magic:#010x}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected_len = header + int(np.prod(dims))
+    if len(raw) != expected_len:
+        raise DataError(f"{path}: truncated or padded IDX data: {len(raw)} bytes, header "
+                        f"{dims} implies {expected_len}")
+    if expect_shape is not None and dims[1:] != expect_shape:
+        raise DataError(f"{path}: images are {dims[1:]}, expected {expect_shape}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzip'd IDX file (used to build the test fixture)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    # mtime=0 and no embedded file name: byte-identical .gz files on every run.
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw_fh, gzip.GzipFile(
+            fileobj=raw_fh, mode="wb", mtime=0, filename="") as fh:
+        fh.write(header + array.tobytes())
+
+
+def load_idx_pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one official part (`train` or `t10k`), cross-checked."""
+    images = parse_idx(raw_dir / f"{prefix}-images-idx3-ubyte.gz", expect_magic=IDX_IMAGES_MAGIC,
+                       expect_shape=IMAGE_SHAPE)
+    labels = parse_idx(raw_dir / f"{prefix}-labels-idx1-ubyte.gz", expect_magic=IDX_LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise DataError(f"{raw_dir}/{prefix}: {len(images)} images but {len(labels)} labels")
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise DataError(f"{raw_dir}/{prefix}-labels: label {int(labels.max())} out of range "
+                        f"0..{NUM_CLASSES - 1}")
+    return images, labels
+
+
+# --------------------------------------------------------------------------- arrays on disk
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """Write a pickle-free, byte-reproducible .npz (loadable with `np.load`).
+
+    `np.savez_compressed` stamps the current time into each zip entry, which would make DVC see
+    a new output on every rerun; here every entry carries a fixed 1980-01-01 timestamp.
+    """
+    import zipfile
+
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise DataError(f"{path} not found: run the upstream stages first (`dvc repro`)")
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+# --------------------------------------------------------------------------- split
+def stratified_indices(labels: np.ndarray, fraction: float, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices so every class keeps its share: returns (kept, held_out), each sorted."""
+    held: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        idx = rng.permutation(idx)
+        n_held = round(len(idx) * fraction)
+        held.append(idx[:n_held])
+        kept.append(idx[n_held:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+def stratified_subset(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a class-balanced subset of `size` samples (sorted)."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    _, chosen = stratified_indices(labels, size / len(labels), rng)
+    return chosen
+
+
+def make_split(images: np.ndarray, labels: np.ndarray, *, val_size: float, seed: int,
+               subset: int | None) -> dict[str, np.ndarray]:
+    """Stratified train/val split of the official training set (optionally subsampled first)."""
+    rng = np.random.default_rng(seed)
+    if subset is not None:
+        if subset > len(labels):
+            raise DataError(f"data.subset = {subset} exceeds the {len(labels)} training images")
+        keep = stratified_subset(labels, subset, rng)
+        images, labels = images[keep], labels[keep]
+    train_idx, val_idx = stratified_indices(labels, val_size, rng)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise DataError(f"split.val_size = {val_size} leaves an empty train or val set for "
+                        f"{len(labels)} images")
+    return {"x_train": images[train_idx], "y_train": labels[train_idx],
+            "x_val": images[val_idx], "y_val": labels[val_idx]}
+
+
+@dataclass(frozen=True)
+class Splits:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_splits(split_dir: Path) -> Splits:
+    tv = load_arrays(split_dir / "train_val.npz")
+    test = load_arrays(split_dir / "test.npz")
+    return Splits(tv["x_train"], tv["y_train"], tv["x_val"], tv["y_val"],
+                  test["x_test"], test["y_test"])
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    """sha256 over the full content (dtype, shape and bytes) of the given arrays."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,178 @@
+"""Metrics and plots of the inference model: what a number in a report means.
+
+All functions are pure (arrays in, numbers/figures out); the evaluate stage decides where they go
+(DVC metrics/plots files and MLflow).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deep_repro.data import CLASS_NAMES, NUM_CLASSES
+from deep_repro.files import atomic_path
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Rows: true class, columns: predicted class."""
+    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+@dataclass(frozen=True)
+class ClassificationReport:
+    accuracy: float
+    macro_f1: float
+    top2_accuracy: float
+    ece: float
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+    confusion: np.ndarray
+
+    def headline(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_accuracy": self.accuracy, f"{prefix}_macro_f1": self.macro_f1,
+                f"{prefix}_top2_accuracy": self.top2_accuracy, f"{prefix}_ece": self.ece}
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
+                               ) -> tuple[float, list[dict[str, float]]]:
+    """ECE with equal-width confidence bins; also returns the per-bin table for the diagram."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    table, ece = [], 0.0
+    for lo, hi in itertools.pairwise(edges):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        count = int(in_bin.sum())
+        acc = float(correct[in_bin].mean()) if count else 0.0
+        conf = float(confidence[in_bin].mean()) if count else 0.0
+        ece += abs(acc - conf) * count / max(1, len(confidence))
+        table.append({"bin_lower": round(float(lo), 4), "bin_upper": round(float(hi), 4),
+                      "count": count, "accuracy": acc, "confidence": conf})
+    return ece, table
+
+
+def classification_report(y_true: np.ndarray, logits: np.ndarray) -> ClassificationReport:
+    probs = softmax(logits)
+    y_pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y_true, y_pred)
+    tp = np.diag(cm).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / cm.sum(axis=0))
+        recall = np.nan_to_num(tp / cm.sum(axis=1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    top2 = np.argsort(-probs, axis=1, kind="stable")[:, :2]
+    ece, _ = expected_calibration_error(probs.max(axis=1), y_pred == y_true)
+    return ClassificationReport(
+        accuracy=float((y_pred == y_true).mean()), macro_f1=float(f1.mean()),
+        top2_accuracy=float((top2 == y_true[:, None]).any(axis=1).mean()), ece=float(ece),
+        precision=precision, recall=recall, f1=f1, support=cm.sum(axis=1), confusion=cm)
+
+
+# --------------------------------------------------------------------------- files
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def per_class_rows(report: ClassificationReport) -> list[dict[str, Any]]:
+    return [{"class": CLASS_NAMES[i], "precision": round(float(report.precision[i]), 6),
+             "recall": round(float(report.recall[i]), 6), "f1": round(float(report.f1[i]), 6),
+             "support": int(report.support[i])} for i in range(NUM_CLASSES)]
+
+
+def prediction_rows(y_true: np.ndarray, y_pred: np.ndarray) -> list[dict[str, Any]]:
+    """Per-sample rows for DVC's `confusion` plot template."""
+    return [{"actual": CLASS_NAMES[t], "predicted": CLASS_NAMES[p]}
+            for t, p in zip(y_true.tolist(), y_pred.tolist(), strict=True)]
+
+
+# --------------------------------------------------------------------------- figures
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """PNG without timestamps/software metadata: byte-identical across reruns."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+
+
+def confusion_figure(cm: np.ndarray, title: str) -> Any:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
+    for i in range(NUM_CLASSES):
+        for j in range(NUM_CLASSES):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="row-normalised")
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_figure(images: np.ndarray, y_true: np.ndarray, logits: np.ndarray,
+                         n: int = 24) -> Any:
+    """The most confidently wrong test images, with true and predicted class names."""
+    plt = _pyplot()
+    probs = softmax(logits)
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != y_true)
+    order = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
+    cols = 6
+    rows = max(1, int(np.ceil(len(order) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, idx in zip(np.atleast_1d(axes).ravel(), order, strict=False):
+        ax.imshow(images[idx], cmap="gray_r")
+        ax.set_title(f"true: {CLASS_NAMES[y_true[idx]]}\npred: {CLASS_NAMES[pred[idx]]} "
+                     f"({probs[idx, pred[idx]]:.2f})", fontsize=7)
+    fig.suptitle("Most confidently misclassified test images")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(table: list[dict[str, float]], ece: float) -> Any:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    centers = [(r["bin_lower"] + r["bin_upper"]) / 2 for r in table]
+    width = table[0]["bin_upper"] - table[0]["bin_lower"]
+    accs = [r["accuracy"] for r in table]
+    ax.bar(centers, accs, width=width * 0.95, edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram (test), ECE = {ece:.4f}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig

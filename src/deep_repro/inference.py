@@ -1,0 +1,193 @@
+"""Inference architecture: the trained network post-processed into one deployable artifact.
+
+Every model type (logreg, mlp, cnn, resnet) becomes the same kind of thing: a `torch.export`
+program (`models/inference.pt2`) that takes raw uint8 images `[N, 28, 28]` and returns logits.
+The training-time normalisation is baked in (no train/serve skew), dropout is removed and
+BatchNorm folded into the preceding conv/linear layer, optionally weights are stored as int8.
+The file loads with `torch.export.load` alone: no training code needed to serve it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from deep_repro.errors import DataError, DeepReproError
+from deep_repro.models import PIXEL_MEAN, PIXEL_STD
+
+
+class EquivalenceError(DeepReproError):
+    """The exported inference model does not reproduce the trained model's outputs."""
+
+
+class NormalisedClassifier(nn.Module):
+    """uint8 images in, logits out: the preprocessing the network was trained with, baked in."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("scale", torch.tensor(1.0 / (255.0 * PIXEL_STD)))
+        self.register_buffer("shift", torch.tensor(PIXEL_MEAN / PIXEL_STD))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.reshape(-1, 1, 28, 28).to(torch.float32)
+        return self.net(x * self.scale - self.shift)
+
+
+# --------------------------------------------------------------------------- rewrites
+def _fold_bn(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> nn.Module:
+    """Return a copy of `layer` with the (eval-mode) BatchNorm after it folded into its weights:
+    y = gamma * (Wx + b - mean) / sqrt(var + eps) + beta."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    fused = type(layer).__new__(type(layer))
+    fused.__dict__ = {**layer.__dict__}
+    fused._parameters = {}  # type: ignore[assignment]
+    fused._buffers = {}  # type: ignore[assignment]
+    fused._modules = {}  # type: ignore[assignment]
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    fused.weight = nn.Parameter(layer.weight.detach() * scale.reshape(shape))
+    bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias.detach())
+    return fused
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every `Conv/Linear -> BatchNorm` pair inside Sequentials; drop Dropout (in place)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Dropout):
+            setattr(module, name, nn.Identity())
+        else:
+            fold_batchnorm(child)
+    if isinstance(module, nn.Sequential):
+        keys = list(module._modules)
+        for a, b in itertools.pairwise(keys):
+            first, second = module._modules[a], module._modules[b]
+            if (isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d)) or (
+                    isinstance(first, nn.Linear) and isinstance(second, nn.BatchNorm1d)):
+                module._modules[a] = _fold_bn(first, second)
+                module._modules[b] = nn.Identity()
+    return module
+
+
+class Int8Linear(nn.Module):
+    """Linear layer with int8 weights (per-output-channel scales) and dynamic per-tensor int8
+    quantisation of its input. The arithmetic is emulated in fp32 so the graph stays exportable
+    (PyTorch's packed quantized ops cannot go through `torch.export`); numerics, and the 4x
+    smaller weights on disk, are those of int8."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+        bias = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[0])
+        self.register_buffer("bias", bias.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_scale = x.abs().amax().clamp(min=1e-12) / 127.0
+        xq = torch.round(x / x_scale).clamp(-127, 127) * x_scale
+        weight = self.weight_int8.to(torch.float32) * self.weight_scale[:, None]
+        return nn.functional.linear(xq, weight, self.bias)
+
+
+def quantize_int8(module: nn.Module) -> nn.Module:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear(child))
+        else:
+            quantize_int8(child)
+    return module
+
+
+def build_inference_module(net: nn.Module, quantize: str = "none") -> NormalisedClassifier:
+    """Trained network -> inference architecture (eval mode, no dropout, folded BN)."""
+    import copy
+
+    net = copy.deepcopy(net).float().to(memory_format=torch.contiguous_format).cpu().eval()
+    net = fold_batchnorm(net)
+    if quantize == "int8":
+        net = quantize_int8(net)
+    return NormalisedClassifier(net).eval()
+
+
+# --------------------------------------------------------------------------- export / load
+def export(module: nn.Module, example: torch.Tensor, target: Path) -> None:
+    """Export to a portable `.pt2` at `target` (callers pass a `files.atomic_path`)."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, target)
+
+
+def load_inference_model(path: Path) -> nn.Module:
+    """Load the exported program as a module (safe: no arbitrary code is unpickled)."""
+    if not path.exists():
+        raise DataError(f"{path} not found: run the postprocess stage first (`dvc repro`)")
+    return torch.export.load(str(path)).module()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images_u8: np.ndarray | torch.Tensor,
+                   batch_size: int = 1024) -> torch.Tensor:
+    """Logits for uint8 images `[N, 28, 28]`, `[N, 1, 28, 28]` or `[N, 784]`, batched."""
+    x = torch.as_tensor(images_u8)
+    if x.dtype != torch.uint8:
+        raise DataError(f"inference expects uint8 pixel values 0..255, got {x.dtype}")
+    x = x.reshape(-1, 28, 28)
+    outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0, 10)
+
+
+# --------------------------------------------------------------------------- checks & numbers
+@dataclass(frozen=True)
+class Equivalence:
+    max_abs_diff: float
+    reference_accuracy: float
+    exported_accuracy: float
+
+    @property
+    def accuracy_drop(self) -> float:
+        return self.reference_accuracy - self.exported_accuracy
+
+
+def check_equivalence(reference: torch.Tensor, exported: torch.Tensor, labels: np.ndarray, *,
+                      quantize: str, atol: float, max_acc_drop: float) -> Equivalence:
+    """Compare logits of the trained and exported model on the validation set; raise if off."""
+    y = torch.as_tensor(labels.astype(np.int64))
+    eq = Equivalence(
+        max_abs_diff=float((reference - exported).abs().max()),
+        reference_accuracy=float((reference.argmax(1) == y).float().mean()),
+        exported_accuracy=float((exported.argmax(1) == y).float().mean()),
+    )
+    if quantize == "none" and not eq.max_abs_diff <= atol:
+        raise EquivalenceError(
+            f"exported model differs from the trained model: max |logit diff| = "
+            f"{eq.max_abs_diff:.3g} > postprocess.atol = {atol:g} on {len(y)} val images")
+    if quantize == "int8" and not eq.accuracy_drop <= max_acc_drop:
+        raise EquivalenceError(
+            f"int8 model loses {eq.accuracy_drop * 100:.2f} accuracy points on val "
+            f"({eq.reference_accuracy:.4f} -> {eq.exported_accuracy:.4f}) > "
+            f"postprocess.int8_max_acc_drop = {max_acc_drop:g}")
+    return eq
+
+
+def measure_latency(model: nn.Module, images_u8: np.ndarray, batch_size: int,
+                    repeats: int = 20) -> float:
+    """Median seconds per forward pass of `batch_size` images (after warm-up)."""
+    x = torch.as_tensor(images_u8[:batch_size]).reshape(-1, 28, 28)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            model(x)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)

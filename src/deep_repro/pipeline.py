@@ -1,0 +1,57 @@
+"""The pipeline's stages as data: what each consumes, produces and is configured by.
+
+`dvc.yaml` declares the same graph for DVC (a test keeps the two in sync); the tracking module
+uses it to record the content hash of every input and output, which is how MLflow runs are linked
+across stages even when DVC skips a cached stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RAW_FILES = tuple(f"data/raw/{name}.gz" for name in (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+PROCESSED_TRAIN = "data/processed/train.npz"
+PROCESSED_TEST = "data/processed/test.npz"
+SPLIT_TRAIN_VAL = "data/split/train_val.npz"
+SPLIT_TEST = "data/split/test.npz"
+CHECKPOINT = "models/checkpoint.pt"
+INFERENCE_MODEL = "models/inference.pt2"
+TRAIN_HISTORY = "reports/train/history.csv"
+TRAIN_METRICS = "reports/train/metrics.json"
+POSTPROCESS_REPORT = "reports/postprocess.json"
+METRICS = "reports/metrics.json"
+CONFUSION = "reports/eval/confusion.csv"
+PER_CLASS = "reports/eval/per_class.csv"
+RELIABILITY = "reports/eval/reliability.csv"
+CONFUSION_PNG = "reports/eval/confusion_matrix.png"
+MISCLASSIFIED_PNG = "reports/eval/misclassified.png"
+RELIABILITY_PNG = "reports/eval/reliability.png"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+    params: tuple[str, ...]
+
+    @property
+    def script(self) -> str:
+        return f"stages/{self.name}.py"
+
+
+STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("download", (), RAW_FILES, ("data.mirrors", "data.sha256")),
+    StageSpec("preprocess", RAW_FILES, (PROCESSED_TRAIN, PROCESSED_TEST), ()),
+    StageSpec("split", (PROCESSED_TRAIN, PROCESSED_TEST), (SPLIT_TRAIN_VAL, SPLIT_TEST),
+              ("seed", "data.subset", "split")),
+    StageSpec("train", (SPLIT_TRAIN_VAL,), (CHECKPOINT, TRAIN_HISTORY, TRAIN_METRICS),
+              ("seed", "model", "optimizer", "scheduler", "augment", "train")),
+    StageSpec("postprocess", (CHECKPOINT, SPLIT_TRAIN_VAL), (INFERENCE_MODEL, POSTPROCESS_REPORT),
+              ("seed", "model", "postprocess")),
+    StageSpec("evaluate", (INFERENCE_MODEL, SPLIT_TRAIN_VAL, SPLIT_TEST),
+              (METRICS, CONFUSION, PER_CLASS, RELIABILITY, CONFUSION_PNG, MISCLASSIFIED_PNG,
+               RELIABILITY_PNG), ("evaluate",)),
+)}

@@ -1,0 +1,25 @@
+"""Stage 1 — download: fetch the four official Fashion-MNIST IDX files into data/raw/.
+
+Mirrors (`data.mirrors`) are tried in order; a file is accepted only if the sha256 of its
+decompressed content matches `data.sha256`, so the data's identity never depends on the host.
+"""
+
+from deep_repro import config, data, tracking
+from deep_repro.errors import entrypoint
+from deep_repro.paths import repo_root
+
+
+@entrypoint
+def main() -> None:
+    cfg = config.load_config()
+    raw_dir = repo_root() / "data/raw"
+    with tracking.stage_run("download", cfg) as run:
+        sources = {}
+        for name in config.DATA_FILES:
+            mirror = data.download_file(name, cfg.data.sha256[name], cfg.data.mirrors, raw_dir)
+            sources[f"source.{name}"] = data.redact(mirror)
+        run.set_tags(sources)
+
+
+if __name__ == "__main__":
+    main()

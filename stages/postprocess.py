@@ -1,0 +1,62 @@
+"""Stage 5 — postprocess: trained network -> deployable inference model.
+
+Rewrites the trained network into its inference architecture (eval mode, dropout removed,
+BatchNorm folded, normalisation baked in, optional int8), exports it with `torch.export` to
+models/inference.pt2, proves on the validation set that it computes what the trained model
+computes, measures size and latency, and registers it in the MLflow model registry.
+"""
+
+import os
+
+import torch
+
+from deep_repro import config, data, inference, tracking, training
+from deep_repro.errors import DataError, entrypoint
+from deep_repro.files import atomic_path, write_json
+from deep_repro.models import build_model, count_parameters
+from deep_repro.paths import repo_root
+
+
+@entrypoint
+def main() -> None:
+    cfg = config.load_config()
+    root = repo_root()
+    checkpoint = root / "models/checkpoint.pt"
+    if not checkpoint.exists():
+        raise DataError(f"{checkpoint} not found: run the train stage first (`dvc repro`)")
+    net = build_model(cfg.model)
+    try:
+        net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    except RuntimeError as exc:
+        raise DataError(f"{checkpoint} does not match model = {cfg.model.name} "
+                        f"({str(exc).splitlines()[0]}); retrain with `dvc repro train`") from None
+    tv = data.load_arrays(root / "data/split/train_val.npz")
+    x_val, y_val = tv["x_val"], tv["y_val"]
+    with tracking.stage_run("postprocess", cfg) as run:
+        training.seed_everything(cfg.seed, num_threads=cfg.train.num_threads)
+        module = inference.build_inference_module(net, cfg.postprocess.quantize)
+        reference = training.evaluate_logits(net.eval(), torch.from_numpy(x_val))
+        target = root / "models/inference.pt2"
+        with atomic_path(target) as tmp:
+            inference.export(module, torch.from_numpy(x_val[:2]), tmp)
+            exported = inference.load_inference_model(tmp)
+            eq = inference.check_equivalence(
+                reference, inference.predict_logits(exported, x_val), y_val,
+                quantize=cfg.postprocess.quantize, atol=cfg.postprocess.atol,
+                max_acc_drop=cfg.postprocess.int8_max_acc_drop)
+        report = {"file_bytes": os.path.getsize(target), "parameters": count_parameters(net),
+                  "quantize": cfg.postprocess.quantize,
+                  "max_abs_logit_diff": float(f"{eq.max_abs_diff:.3g}"),
+                  "val_accuracy_trained": round(eq.reference_accuracy, 6),
+                  "val_accuracy_exported": round(eq.exported_accuracy, 6)}
+        write_json(root / "reports/postprocess.json", report)
+        # Latency varies run to run: MLflow only, never in a DVC-tracked file.
+        latency = {f"latency_ms_batch{b}": 1e3 * inference.measure_latency(exported, x_val, b)
+                   for b in (1, 256)}
+        run.log_metrics({k: v for k, v in report.items() if not isinstance(v, str)} | latency)
+        version = tracking.log_inference_model(run, target, x_val[:4], cfg.tracking.model_name)
+        run.set_tags({"registered_model": f"{cfg.tracking.model_name}/{version}"})
+
+
+if __name__ == "__main__":
+    main()

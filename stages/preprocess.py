@@ -1,0 +1,24 @@
+"""Stage 2 — preprocess: parse and validate the IDX files into compact uint8 arrays.
+
+Checks magic numbers, image dimensions, image/label counts and the label range, then writes
+data/processed/{train,test}.npz (numpy arrays, no pickle).
+"""
+
+from deep_repro import config, data, tracking
+from deep_repro.errors import entrypoint
+from deep_repro.paths import repo_root
+
+
+@entrypoint
+def main() -> None:
+    cfg = config.load_config()
+    root = repo_root()
+    with tracking.stage_run("preprocess", cfg) as run:
+        for part, prefix in (("train", "train"), ("test", "t10k")):
+            images, labels = data.load_idx_pair(root / "data/raw", prefix)
+            data.save_arrays(root / f"data/processed/{part}.npz", images=images, labels=labels)
+            run.log_metrics({f"{part}_images": len(labels)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Stage 4 — train: fit the configured architecture on the train split, select on val.
+
+Writes the checkpoint (a `state_dict`, loaded back with `weights_only=True`), the per-epoch
+history (DVC plot, x = step) and summary metrics; every epoch is also an MLflow step metric.
+"""
+
+import torch
+
+from deep_repro import config, data, tracking, training
+from deep_repro.errors import entrypoint
+from deep_repro.evaluation import write_csv
+from deep_repro.files import atomic_path, write_json
+from deep_repro.models import count_parameters
+from deep_repro.paths import repo_root
+
+
+@entrypoint
+def main() -> None:
+    cfg = config.load_config()
+    root = repo_root()
+    tv = data.load_arrays(root / "data/split/train_val.npz")
+    # Reject impossible settings (batch larger than the data, CUDA absent) before any work.
+    training.check_trainable(cfg, len(tv["y_train"]))
+    device = training.resolve_device(cfg.train)
+    with tracking.stage_run("train", cfg) as run:
+        for part in ("train", "val"):
+            x, y = tv[f"x_{part}"], tv[f"y_{part}"]
+            tracking.log_dataset(run, f"fashion-mnist-{part}", x, y, data.array_digest(x, y),
+                                 str(root / "data/split/train_val.npz"), context=part)
+        result = training.train_model(
+            cfg, tv["x_train"], tv["y_train"], tv["x_val"], tv["y_val"],
+            on_epoch=lambda m: run.log_metrics(m.as_dict(), step=m.step))
+        state = result.model.state_dict()
+        with atomic_path(root / "models/checkpoint.pt") as tmp:
+            torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+        write_csv(root / "reports/train/history.csv",
+                  [{"step": m.step, **{k: round(v, 6) for k, v in m.as_dict().items()}}
+                   for m in result.history])
+        best = result.history[result.best_epoch - 1]
+        summary = {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                   "val_accuracy": round(best.val_accuracy, 6),
+                   "val_loss": round(best.val_loss, 6),
+                   "train_accuracy": round(best.train_accuracy, 6),
+                   "parameters": count_parameters(result.model)}
+        write_json(root / "reports/train/metrics.json", summary)
+        run.log_metrics({"best_epoch": result.best_epoch, "parameters": summary["parameters"]})
+        run.log_metrics({"val_accuracy": best.val_accuracy}, pipeline=True)
+        run.set_tags({"stop_reason": result.stop_reason, "device": str(device)})
+        run.log_artifact(root / "reports/train/history.csv")
+
+
+if __name__ == "__main__":
+    main()
