@@ -58,7 +58,7 @@ def _fetch(url: str, dest: Path, desc: str) -> None:
     from tqdm import tqdm
 
     with urllib.request.urlopen(url, timeout=30) as response:
-        total = response.length or None
+        total = int(response.headers.get("Content-Length") or 0) or None
         with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
                                             desc=desc, leave=False, mininterval=0.5) as bar:
             for chunk in iter(lambda: response.read(1 << 20), b""):

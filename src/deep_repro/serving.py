@@ -9,8 +9,6 @@ index, its name, and one probability column per class.
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlflow
 import numpy as np
 import pandas as pd
@@ -21,10 +19,12 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 
 class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: Any) -> None:
+    # No type hints on these two methods: MLflow would try to derive a schema from them; the
+    # signature is inferred from a real input example when the model is logged instead.
+    def load_context(self, context):  # noqa: ANN001, ANN201
         self.program = torch.export.load(context.artifacts["program"]).module()
 
-    def predict(self, context: Any, model_input: Any, params: Any = None) -> pd.DataFrame:
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input
         array = np.asarray(values)
         if array.size % 784:

@@ -252,7 +252,8 @@ def get_or_create_pipeline_run(client: MlflowClient, exp_id: str, uri: str, cfg:
                                tags: Mapping[str, str]) -> str:
     key = invocation_key()
     with _store_lock(uri):
-        found = _search_one(client, exp_id, f"tags.`{TAG_INVOCATION}` = '{key}'")
+        found = _search_one(client, exp_id, f"tags.`{TAG_INVOCATION}` = '{key}' and "
+                                             f"tags.`{TAG_KIND}` = 'pipeline'")
         if found is not None:
             client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
@@ -471,8 +472,12 @@ def log_dataset(run: StageRun, name: str, images: Any, labels: Any, digest: str,
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
 
-    dataset = mlflow.data.from_numpy(images, targets=labels, name=name, digest=digest[:36],
-                                     source=source)
+    import warnings
+
+    with warnings.catch_warnings():  # MLflow warns that a local path has two source readers
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_numpy(images, targets=labels, name=name, digest=digest[:36],
+                                         source=source)
     run.client.log_inputs(run.run_id, datasets=[DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
 
