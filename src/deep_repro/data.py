@@ -79,6 +79,10 @@ def redact(url: str) -> str:
     return url
 
 
+class _Rejected(Exception):
+    """A mirror served a file whose content is not the expected one."""
+
+
 def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_dir: Path) -> str:
     """Fetch `<name>.gz` from the first mirror whose decompressed bytes match the checksum.
 
@@ -96,22 +100,24 @@ def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_
     failures: list[MirrorFailure] = []
     for mirror in mirrors:
         url = f"{mirror.rstrip('/')}/{name}.gz"
-        with atomic_path(target) as tmp:
-            try:
+        try:
+            # Only a verified file leaves the atomic block; any exception discards the temp file.
+            with atomic_path(target) as tmp:
                 _fetch(url, tmp, desc=name)
                 actual = sha256_file(tmp, decompress=True)
-            except (urllib.error.URLError, OSError, EOFError, ValueError) as exc:
-                # Truncated gzip streams raise EOFError; bad gzip headers raise BadGzipFile.
-                reason = getattr(exc, "reason", None) or exc
-                failures.append(MirrorFailure(redact(mirror), f"{type(exc).__name__}: {reason}"))
-                continue
-            if actual != expected_sha256:
-                failures.append(MirrorFailure(
-                    redact(mirror), f"sha256 mismatch (got {actual[:12]}…, expected "
-                    f"{expected_sha256[:12]}…)"))
-                continue
-            log.info("%s verified from %s", name, redact(mirror))
-            return mirror
+                if actual != expected_sha256:
+                    raise _Rejected(f"sha256 mismatch (got {actual[:12]}…, expected "
+                                    f"{expected_sha256[:12]}…)")
+        except _Rejected as exc:
+            failures.append(MirrorFailure(redact(mirror), str(exc)))
+            continue
+        except (urllib.error.URLError, OSError, EOFError, ValueError) as exc:
+            # Truncated gzip streams raise EOFError; bad gzip headers raise BadGzipFile.
+            reason = getattr(exc, "reason", None) or exc
+            failures.append(MirrorFailure(redact(mirror), f"{type(exc).__name__}: {reason}"))
+            continue
+        log.info("%s verified from %s", name, redact(mirror))
+        return mirror
     detail = "; ".join(f"{f.mirror}: {f.reason}" for f in failures)
     raise DataError(f"could not get {name}.gz from any of data.mirrors ({detail}); {OFFLINE_HINT}")
 

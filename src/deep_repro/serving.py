@@ -21,10 +21,10 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
     # No type hints on these two methods: MLflow would try to derive a schema from them; the
     # signature is inferred from a real input example when the model is logged instead.
-    def load_context(self, context):  # noqa: ANN001, ANN201
+    def load_context(self, context):
         self.program = torch.export.load(context.artifacts["program"]).module()
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(self, context, model_input, params=None):
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input
         array = np.asarray(values)
         if array.size % 784:

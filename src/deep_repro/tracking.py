@@ -469,10 +469,10 @@ def log_dataset(run: StageRun, name: str, images: Any, labels: Any, digest: str,
 
     (MLflow's own numpy digest samples only the first values and collides across subsets.)
     """
+    import warnings
+
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
-
-    import warnings
 
     with warnings.catch_warnings():  # MLflow warns that a local path has two source readers
         warnings.simplefilter("ignore", UserWarning)

@@ -1,0 +1,238 @@
+"""`deep-repro` — the commands people type besides `dvc` and `mlflow`.
+
+    deep-repro predict IMAGE...            classify image files with the champion model
+    deep-repro lineage RUN_ID|MODEL_URI    chain from a model back to the raw files
+    deep-repro leaderboard                 best pipeline runs of the experiment
+    deep-repro tune [OVERRIDES...]         Optuna search on the train/val split
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from deep_repro.errors import DeepReproError, TrackingError, entrypoint
+
+log = logging.getLogger("deep_repro")
+
+
+def _tracking(args: argparse.Namespace) -> tuple[Any, str, Any]:
+    """Client, experiment id and config (params.yaml when run inside the project)."""
+    from deep_repro import config, tracking
+
+    try:
+        cfg = config.load_config()
+    except DeepReproError:
+        cfg = config.validate(config.compose())
+    uri = args.tracking_uri or tracking.tracking_uri(cfg.tracking.uri)
+    client, exp_id = tracking.connect(uri, args.experiment or cfg.tracking.experiment)
+    return client, exp_id, cfg
+
+
+# --------------------------------------------------------------------------- predict
+def load_image(path: Path) -> Any:
+    """Any image file -> uint8 [28, 28] like Fashion-MNIST (grayscale, light garment on dark)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            gray = img.convert("L").resize((28, 28), Image.Resampling.LANCZOS)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DeepReproError(f"cannot read image ({type(exc).__name__}: {exc})") from None
+    array = np.asarray(gray, dtype=np.uint8)
+    # Product photos are dark-on-light; Fashion-MNIST is light-on-dark. Judge by the border.
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    if border.mean() > 127:
+        array = 255 - array
+    return array
+
+
+def _load_predictor(model_ref: str) -> Any:
+    """A callable images[N,28,28] uint8 -> probabilities [N,10] from a .pt2 or a models:/ URI."""
+    import numpy as np
+    import torch
+
+    if model_ref.endswith(".pt2") and not model_ref.startswith(("models:/", "runs:/")):
+        from deep_repro.inference import load_inference_model, predict_logits
+
+        program = load_inference_model(Path(model_ref))
+        return lambda x: torch.softmax(predict_logits(program, x), dim=1).numpy()
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(model_ref)
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"cannot load model {model_ref}: {str(exc).splitlines()[0]}") from None
+
+    def predict(x: Any) -> Any:
+        frame = model.predict(np.asarray(x, dtype=np.uint8))
+        return frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy()
+
+    return predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from deep_repro.data import CLASS_NAMES
+
+    model_ref = args.model
+    if model_ref is None:
+        _, _, cfg = _tracking(args)
+        model_ref = f"models:/{cfg.tracking.model_name}@champion"
+    elif not model_ref.startswith(("models:/", "runs:/")):
+        _tracking(args)  # set the tracking URI for registry lookups
+    predictor = _load_predictor(model_ref)
+    images, names, failed = [], [], 0
+    for path in args.images:
+        try:
+            images.append(load_image(Path(path)))
+            names.append(path)
+        except DeepReproError as exc:
+            print(f"{path}: error: {exc}", file=sys.stderr)
+            failed += 1
+    if images:
+        probs = predictor(np.stack(images))
+        for name, p in zip(names, probs, strict=True):
+            order = np.argsort(-p, kind="stable")[: args.top]
+            ranked = ", ".join(f"{CLASS_NAMES[i]} {p[i]:.3f}" for i in order[1:])
+            extra = f"  (then: {ranked})" if ranked else ""
+            print(f"{name}: {CLASS_NAMES[order[0]]} {p[order[0]]:.3f}{extra}")
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- lineage
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from deep_repro import tracking
+
+    client, _, _ = _tracking(args)
+    run_id = tracking.resolve_run_id(client, args.ref)
+    chain = tracking.lineage_chain(client, run_id)
+    print(f"Lineage of {args.ref} ({len(chain)} stage runs, newest first)")
+    for run in chain:
+        tags, params = run.data.tags, run.data.params
+        stage = tags.get(tracking.TAG_STAGE, "?")
+        parent = tags.get(tracking.TAG_PARENT, "-")
+        commit = tags.get(f"{tracking.TAG_PREFIX}.git.commit", "unknown")
+        dirty = " (dirty)" if tags.get(f"{tracking.TAG_PREFIX}.git.dirty") == "true" else ""
+        exp = tags.get(f"{tracking.TAG_PREFIX}.dvc_exp_name")
+        print(f"\n[{stage}] run {run.info.run_id}  pipeline run {parent}  status "
+              f"{run.info.status}")
+        print(f"  git commit {commit}{dirty}" + (f"  dvc experiment {exp}" if exp else ""))
+        for key in sorted(params):
+            print(f"  param  {key} = {params[key]}")
+        for key in sorted(tags):
+            if key.startswith(tracking.IN_PREFIX):
+                up = tags.get(tracking.UPSTREAM_PREFIX + key[len(tracking.IN_PREFIX):], "none")
+                print(f"  input  {key[len(tracking.IN_PREFIX):]}  md5 {tags[key]}  <- run {up}")
+        for key in sorted(tags):
+            if key.startswith(tracking.OUT_PREFIX):
+                print(f"  output {key[len(tracking.OUT_PREFIX):]}  md5 {tags[key]}")
+        apply = f"uv run dvc exp apply {exp} && " if exp else ""
+        print(f"  reproduce: git checkout {commit} && {apply}uv run dvc repro {stage}")
+    return 0
+
+
+# --------------------------------------------------------------------------- leaderboard
+LEADERBOARD_PARAMS = ("model.name", "model.lr", "optimizer.name", "scheduler.name",
+                      "augment.name", "train.epochs", "data.subset")
+
+
+def leaderboard_rows(client: Any, exp_id: str, limit: int) -> list[dict[str, str]]:
+    from deep_repro import tracking
+
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
+        order_by=["metrics.test_accuracy DESC", "attributes.start_time DESC"], max_results=1000)
+    rows = []
+    for run in runs:
+        metrics = run.data.metrics
+        if "test_accuracy" not in metrics:
+            continue
+        tags, params = run.data.tags, run.data.params
+        rows.append({
+            "rank": str(len(rows) + 1),
+            "test_acc": f"{metrics['test_accuracy']:.4f}",
+            "val_acc": f"{metrics.get('val_accuracy', float('nan')):.4f}",
+            "test_f1": f"{metrics.get('test_macro_f1', float('nan')):.4f}",
+            **{k.split(".", 1)[1] if k != "model.name" else "model": params.get(k, "")
+               for k in LEADERBOARD_PARAMS},
+            "user": tags.get(f"{tracking.TAG_PREFIX}.user", ""),
+            "commit": tags.get(f"{tracking.TAG_PREFIX}.git.commit", "")[:8],
+            "dvc_exp": tags.get(f"{tracking.TAG_PREFIX}.dvc_exp_name", ""),
+            "run_id": run.info.run_id,
+        })
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "(no evaluated pipeline runs yet: run `uv run dvc repro`)"
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(width[c]) for c in cols),
+             "  ".join("-" * width[c] for c in cols)]
+    lines += ["  ".join(r[c].ljust(width[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    client, exp_id, _ = _tracking(args)
+    print(format_table(leaderboard_rows(client, exp_id, args.limit)))
+    return 0
+
+
+# --------------------------------------------------------------------------- tune
+def cmd_tune(args: argparse.Namespace) -> int:
+    from deep_repro.tuning import run_study
+
+    run_study(args.overrides)
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deep-repro", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri, "
+                        "MLFLOW_TRACKING_URI, or the repo's mlflow.db)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="classify image files")
+    p.add_argument("images", nargs="+", help="image files (any size/mode)")
+    p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a "
+                   ".pt2 file (default: models:/<tracking.model_name>@champion)")
+    p.add_argument("--top", type=int, default=2, help="classes to show per image")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("lineage", help="chain from a run or model back to the raw files")
+    p.add_argument("ref", help="a run id (stage or pipeline run) or models:/NAME@ALIAS")
+    p.set_defaults(func=cmd_lineage)
+
+    p = sub.add_parser("leaderboard", help="best pipeline runs by test accuracy")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)")
+    p.add_argument("overrides", nargs="*", help="e.g. model=cnn tune.n_trials=30")
+    p.set_defaults(func=cmd_tune)
+    return parser
+
+
+@entrypoint
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
