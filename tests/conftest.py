@@ -91,7 +91,8 @@ def project_env(root: Path) -> dict[str, str]:
     return env
 
 
-def make_project(dest: Path, overrides: list[str] | None = None) -> Path:
+def make_project(dest: Path, overrides: list[str] | None = None,
+                 edits: dict[str, list[tuple[str, str]]] | None = None) -> Path:
     """A fresh git+DVC copy of this project whose conf/ points at the fixture data.
 
     conf/config.yaml itself is edited (not just params.yaml) because `dvc exp run` recomposes
@@ -101,6 +102,12 @@ def make_project(dest: Path, overrides: list[str] | None = None) -> Path:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, target)
+    for rel, replacements in (edits or {}).items():
+        text = (dest / rel).read_text()
+        for old, new in replacements:
+            assert old in text, (rel, old)
+            text = text.replace(old, new)
+        (dest / rel).write_text(text)
     cfg_path = dest / "conf/config.yaml"
     text = cfg_path.read_text()
     for name, digest in fixture_sha256().items():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deep_repro.errors import DataError
+from deep_repro.errors import DataError, scrub
 from deep_repro.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,20 @@ class MirrorFailure:
 
 def _fetch(url: str, dest: Path, desc: str) -> None:
     """Copy `url` (http(s) or file) to `dest` with a progress bar."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+
     from tqdm import tqdm
 
-    with urllib.request.urlopen(url, timeout=30) as response:
+    parts = urlsplit(url)
+    request = urllib.request.Request(url)
+    if parts.username is not None:  # private mirror: credentials go in a header, never in logs
+        host = parts.hostname or ""
+        request = urllib.request.Request(parts._replace(
+            netloc=f"{host}:{parts.port}" if parts.port else host).geturl())
+        token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        request.add_header("Authorization", f"Basic {base64.b64encode(token).decode()}")
+    with urllib.request.urlopen(request, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
                                             desc=desc, leave=False, mininterval=0.5) as bar:
@@ -68,15 +79,7 @@ def _fetch(url: str, dest: Path, desc: str) -> None:
 
 def redact(url: str) -> str:
     """Hide credentials in a URL (`https://user:secret@host` -> `https://***@host`)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=f"***@{host}"))
-    return url
+    return scrub(url)
 
 
 class _Rejected(Exception):
@@ -110,14 +113,15 @@ def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_
                                     f"{expected_sha256[:12]}…)")
         except _Rejected as exc:
             failures.append(MirrorFailure(redact(mirror), str(exc)))
-            continue
         except (urllib.error.URLError, OSError, EOFError, ValueError) as exc:
             # Truncated gzip streams raise EOFError; bad gzip headers raise BadGzipFile.
             reason = getattr(exc, "reason", None) or exc
             failures.append(MirrorFailure(redact(mirror), f"{type(exc).__name__}: {reason}"))
-            continue
-        log.info("%s verified from %s", name, redact(mirror))
-        return mirror
+        else:
+            log.info("%s verified from %s", name, redact(mirror))
+            return mirror
+        log.info("%s: mirror %s rejected (%s); trying the next one", name, failures[-1].mirror,
+                 failures[-1].reason)
     detail = "; ".join(f"{f.mirror}: {f.reason}" for f in failures)
     raise DataError(f"could not get {name}.gz from any of data.mirrors ({detail}); {OFFLINE_HINT}")
 

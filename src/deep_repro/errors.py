@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -31,12 +32,32 @@ class TrackingError(DeepReproError):
     """The MLflow tracking store is unreachable or inconsistent."""
 
 
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
+
+
+def scrub(text: str) -> str:
+    """Remove credentials from every URL in `text` (`https://u:p@h` -> `https://***@h`)."""
+    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
+class _RedactCredentials(logging.Filter):
+    """Never let a password in a tracking/storage/mirror URI reach a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = scrub(record.getMessage())
+        record.args = None
+        return True
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactCredentials())
     # MLflow and alembic are chatty at INFO on every store open; keep the stage logs readable.
-    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "filelock"):
+    for noisy in ("alembic", "mlflow", "matplotlib", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # retry chatter, with full URLs
 
 
 def entrypoint(func: F) -> F:
@@ -48,7 +69,7 @@ def entrypoint(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except DeepReproError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {scrub(str(exc))}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -30,10 +30,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from deep_repro.config import Config, flatten, to_dict
-from deep_repro.errors import TrackingError
+from deep_repro.errors import TrackingError, scrub
 from deep_repro.paths import repo_root, store_root
 from deep_repro.pipeline import STAGES, StageSpec
 
@@ -56,14 +55,7 @@ HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro
 # --------------------------------------------------------------------------- the store
 def redact_uri(uri: str) -> str:
     """`postgresql://user:secret@host/db` -> `postgresql://***@host/db` (never log secrets)."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparseable uri>"
-    if parts.password or parts.username:
-        netloc = parts.netloc.rsplit("@", 1)[-1]
-        return parts._replace(netloc=f"***@{netloc}").geturl()
-    return uri
+    return scrub(uri)
 
 
 def tracking_uri(cfg_uri: str | None) -> str:

@@ -1,0 +1,224 @@
+"""End to end with real git, DVC and MLflow on the real-data fixture.
+
+One project is built per module and driven like a user would: `dvc repro`, `dvc exp run -S`,
+a second `dvc repro`, forced reruns, and (slow) the experiment queue. Assertions cover the DVC
+outputs, the MLflow run tree (one pipeline run per invocation, one child per executed stage),
+lineage by content hash through cached stages, and byte-reproducibility.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from deep_repro import tracking
+from deep_repro.pipeline import STAGES
+
+from .conftest import make_project, project_env, run
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The test project trains the (fast) logistic regression by default, so that
+    # `dvc exp run -S model.C=...` works there as `-S model.lr=...` does on the real default.
+    return make_project(tmp_path_factory.mktemp("project"), edits={
+        "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
+        "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")]})
+
+
+def dvc(project: Path, *args: str, check: bool = True) -> Any:
+    return run(["dvc", *args], project, project_env(project), check=check)
+
+
+def client_for(project: Path) -> tuple[MlflowClient, str]:
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("fashion-mnist")
+    assert exp is not None
+    return client, exp.experiment_id
+
+
+def runs_of(client: MlflowClient, exp_id: str, kind: str) -> list[Any]:
+    return client.search_runs([exp_id], f"tags.`{tracking.TAG_KIND}` = '{kind}'",
+                              order_by=["attributes.start_time ASC"], max_results=1000)
+
+
+def children(client: MlflowClient, exp_id: str, parent: str) -> dict[str, Any]:
+    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'",
+                              max_results=100)
+    return {r.data.tags[tracking.TAG_STAGE]: r for r in runs}
+
+
+def assert_links_resolve(client: MlflowClient, run: Any) -> None:
+    """Every input hash of a stage run points at a run that wrote exactly those bytes."""
+    tags = run.data.tags
+    inputs = {k[len(tracking.IN_PREFIX):]: v for k, v in tags.items()
+              if k.startswith(tracking.IN_PREFIX)}
+    assert set(inputs) == set(STAGES[tags[tracking.TAG_STAGE]].deps)
+    for path, md5 in inputs.items():
+        producer = client.get_run(tags[tracking.UPSTREAM_PREFIX + path])
+        assert producer.data.tags[tracking.OUT_PREFIX + path] == md5
+
+
+@pytest.fixture(scope="module")
+def first_repro(project: Path) -> Path:
+    dvc(project, "repro")
+    return project
+
+
+def test_repro_produces_outputs_and_metrics(first_repro: Path) -> None:
+    root = first_repro
+    for stage in STAGES.values():
+        for out in stage.outs:
+            assert (root / out).is_file(), out
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert set(metrics) == {"val", "test"}
+    assert 0.6 < metrics["test"]["accuracy"] <= 1
+    assert {"accuracy", "macro_f1", "top2_accuracy", "ece"} <= set(metrics["test"])
+    confusion = (root / "reports/eval/confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 501
+    shown = dvc(root, "metrics", "show", "--json").stdout
+    assert "test" in shown
+
+
+def test_one_pipeline_run_with_six_linked_stage_runs(first_repro: Path) -> None:
+    client, exp_id = client_for(first_repro)
+    pipelines = runs_of(client, exp_id, "pipeline")
+    assert len(pipelines) == 1
+    parent = pipelines[0]
+    stages = children(client, exp_id, parent.info.run_id)
+    assert set(stages) == set(STAGES)
+    for name, stage_run in stages.items():
+        assert stage_run.info.status == "FINISHED", name
+        tags = stage_run.data.tags
+        assert tags["deep_repro.git.commit"] != "unknown"
+        assert tags["deep_repro.uv_lock_sha256"] != "missing"
+        assert tags["deep_repro.version.torch"] and tags["deep_repro.hostname"]
+        assert tags["deep_repro.dvc_stage"] == name and tags["deep_repro.seed"] == "42"
+        assert_links_resolve(client, stage_run)
+    # The pipeline run is the comparison row: full config + headline metrics.
+    assert parent.data.params["model.name"] == "logreg"
+    assert "train.epochs" in parent.data.params and "data.subset" in parent.data.params
+    parent = client.get_run(parent.info.run_id)
+    assert {"val_accuracy", "test_accuracy", "test_macro_f1"} <= set(parent.data.metrics)
+    # Datasets logged with content digests.
+    train_inputs = client.get_run(stages["train"].info.run_id).inputs.dataset_inputs
+    assert {d.dataset.name for d in train_inputs} == {"fashion-mnist-train", "fashion-mnist-val"}
+    # The model was registered and judged (the fixture logreg is below the 0.842 baseline).
+    version = client.get_model_version("fashion-mnist-classifier", "1")
+    assert version.tags["validation_status"] == "rejected"
+    assert "does not beat evaluate.baseline" in version.tags["validation_reason"]
+
+
+def test_second_repro_runs_nothing(first_repro: Path) -> None:
+    client, exp_id = client_for(first_repro)
+    before = len(client.search_runs([exp_id], max_results=1000))
+    out = dvc(first_repro, "repro").stdout
+    assert "Running stage" not in out
+    assert len(client.search_runs([exp_id], max_results=1000)) == before
+
+
+@pytest.fixture(scope="module")
+def experiment(first_repro: Path) -> Path:
+    dvc(first_repro, "exp", "run", "-S", "model.C=0.5", "-n", "c-half")
+    return first_repro
+
+
+def test_exp_run_reruns_only_downstream_and_keeps_lineage(experiment: Path) -> None:
+    client, exp_id = client_for(experiment)
+    pipelines = runs_of(client, exp_id, "pipeline")
+    assert len(pipelines) == 2
+    second = pipelines[1]
+    assert second.data.tags["deep_repro.dvc_exp_name"] == "c-half"
+    stages = children(client, exp_id, second.info.run_id)
+    assert set(stages) == {"train", "postprocess", "evaluate"}
+    first_download = children(client, exp_id, pipelines[0].info.run_id)["download"]
+    chain = tracking.lineage_chain(client, stages["evaluate"].info.run_id)
+    names = [r.data.tags[tracking.TAG_STAGE] for r in chain]
+    assert names[0] == "evaluate" and set(names) == set(STAGES)
+    assert first_download.info.run_id in {r.info.run_id for r in chain}
+    for stage_run in stages.values():
+        assert_links_resolve(client, stage_run)
+    shown = dvc(experiment, "exp", "show", "--json").stdout
+    assert "c-half" in shown and "test" in shown
+
+
+def test_forced_retrain_is_byte_identical(experiment: Path) -> None:
+    lock = experiment / "dvc.lock"
+    dvc(experiment, "repro", "-f", "-s", "train")
+    dvc(experiment, "repro", "-f", "-s", "postprocess")
+    before = lock.read_text()
+    dvc(experiment, "repro", "-f", "-s", "train")
+    dvc(experiment, "repro", "-f", "-s", "postprocess")
+    assert lock.read_text() == before
+
+
+def test_champion_moves_only_for_a_better_validated_model(experiment: Path) -> None:
+    client, _ = client_for(experiment)
+    dvc(experiment, "exp", "run", "-S", "evaluate.baseline=0.5", "-n", "low-bar")
+    champion = client.get_model_version_by_alias("fashion-mnist-classifier", "champion")
+    assert champion.tags["validation_status"] == "validated"
+    # Re-evaluating the same model (cached upstream) keeps it champion; nothing new registered.
+    dvc(experiment, "exp", "run", "-S", "evaluate.baseline=0.55", "-n", "same-model")
+    again = client.get_model_version_by_alias("fashion-mnist-classifier", "champion")
+    assert again.version == champion.version
+
+
+def test_lineage_and_leaderboard_commands(experiment: Path) -> None:
+    env = project_env(experiment)
+    out = run(["deep-repro", "lineage", "models:/fashion-mnist-classifier@champion"],
+              experiment, env).stdout
+    for stage in ("postprocess", "train", "split", "preprocess", "download"):
+        assert f"[{stage}]" in out
+    assert "reproduce: git checkout" in out and "md5" in out
+    board = run(["deep-repro", "leaderboard"], experiment, env).stdout
+    lines = board.splitlines()
+    assert lines[0].split()[:3] == ["rank", "test_acc", "val_acc"]
+    assert len(lines) >= 4 and "logreg" in lines[2]
+
+
+def test_stage_fails_fast_when_store_is_unreachable(experiment: Path) -> None:
+    env = project_env(experiment) | {"MLFLOW_TRACKING_URI": "http://user:pw@127.0.0.1:9"}
+    start = time.monotonic()
+    proc = run(["python", "stages/evaluate.py"], experiment, env, check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tracking store http://***@127.0.0.1:9 unreachable")
+    assert "pw" not in proc.stderr
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_queued_experiments_each_get_their_own_pipeline_run(experiment: Path) -> None:
+    client, exp_id = client_for(experiment)
+    before = {r.info.run_id for r in runs_of(client, exp_id, "pipeline")}
+    dvc(experiment, "exp", "run", "--queue", "-S", "model.C=0.25", "-n", "q-one")
+    dvc(experiment, "exp", "run", "--queue", "-S", "model.C=2.0", "-n", "q-two")
+    dvc(experiment, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = dvc(experiment, "queue", "status").stdout
+        if "Running" not in status and "Queued" not in status:
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    for name in ("q-one", "q-two"):
+        logs = dvc(experiment, "queue", "logs", name, check=False).stdout
+        assert "database is locked" not in logs
+    new = [r for r in runs_of(client, exp_id, "pipeline") if r.info.run_id not in before]
+    assert sorted(r.data.tags.get("deep_repro.dvc_exp_name") for r in new) == ["q-one", "q-two"]
+    for parent in new:
+        stages = children(client, exp_id, parent.info.run_id)
+        assert set(stages) == {"train", "postprocess", "evaluate"}
+        for run_ in stages.values():
+            assert run_.info.status == "FINISHED"
+            assert_links_resolve(client, run_)
+            # Artifacts land in the workspace's store, not in the vanished temp copy.
+            assert str(experiment) in run_.info.artifact_uri
