@@ -538,7 +538,7 @@ def validation_gate(client: MlflowClient, model_name: str, version: str, test_ac
     if test_accuracy <= baseline:
         decision = GateDecision(False, False, f"test accuracy {test_accuracy:.4f} does not beat "
                                 f"evaluate.baseline {baseline:.4f}")
-    elif champion is not None and champion.version == version:
+    elif champion is not None and str(champion.version) == str(version):
         decision = GateDecision(True, False, f"version {version} is already the champion")
     elif champ_acc is not None and test_accuracy <= champ_acc:
         decision = GateDecision(True, False, f"validated (beats baseline {baseline:.4f}) but "
