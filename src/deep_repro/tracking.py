@@ -227,6 +227,10 @@ def environment_tags(cfg: Config) -> dict[str, str]:
         tags[f"{TAG_PREFIX}.git.changed"] = git["changed"]
     for name, version in versions.items():
         tags[f"{TAG_PREFIX}.version.{name}"] = version
+    torch = sys.modules.get("torch")
+    if torch is not None:  # stages that compute (train/postprocess/evaluate) have torch loaded
+        cuda = torch.cuda.is_available()
+        tags[f"{TAG_PREFIX}.device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
     exp_name = os.environ.get("DVC_EXP_NAME")
     if exp_name:
         tags[f"{TAG_PREFIX}.dvc_exp_name"] = exp_name
