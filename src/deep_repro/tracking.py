@@ -486,29 +486,34 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
     Returns the registered version number. The pyfunc wrapper (`deep_repro/serving.py`) is logged
     as code, so `mlflow models serve -m models:/<name>@champion` needs no project code.
     """
+    import importlib.util
+    import warnings
+
     import mlflow
     import mlflow.pyfunc
+    import torch
     from mlflow.models import infer_signature
 
+    # Run the very wrapper that will be logged on the example to derive the output schema.
     code = Path(__file__).with_name("serving.py")
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("deep_repro_serving", code)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    wrapper = module.FashionMNISTClassifier()
-    wrapper.program = __import__("torch").export.load(str(program_path)).module()
+    assert spec is not None and spec.loader is not None
+    serving = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serving)
+    wrapper = serving.FashionMNISTClassifier()
+    wrapper.program = torch.export.load(str(program_path)).module()
     output = wrapper.predict(None, example)
-    signature = infer_signature(example, output)
-    with mlflow.start_run(run_id=run.run_id):
+    # MLflow's advice about type hints / integer columns does not apply: the signature comes
+    # from a real example, and the class index can never be missing.
+    with warnings.catch_warnings(), mlflow.start_run(run_id=run.run_id):
+        warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
             name="inference_model", python_model=str(code),
-            artifacts={"program": str(program_path)}, signature=signature,
-            input_example=example, registered_model_name=model_name,
+            artifacts={"program": str(program_path)},
+            signature=infer_signature(example, output), input_example=example,
+            registered_model_name=model_name,
             pip_requirements=[f"mlflow=={mlflow.__version__}",
-                              f"torch=={__import__('torch').__version__.split('+')[0]}",
-                              "numpy", "pandas"])
+                              f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"])
     version = getattr(info, "registered_model_version", None)
     return str(version) if version is not None else None
 

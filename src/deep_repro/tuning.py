@@ -519,18 +519,21 @@ def _check_trainable(cfg: Config, n_train: int) -> None:
 
 
 def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_dir: Path,
-                       n_train: int) -> tuple[SearchSpace, dict[str, Any]]:
+                       n_train: int, base: tuple[dict[str, Any], dict[str, str]] | None = None
+                       ) -> tuple[SearchSpace, dict[str, Any]]:
     """Check a search space against the composed config and the schema, before any trial.
 
+    `base` is the composition of `base_overrides` with its group choices, if already done.
     Returns the space without the keys fixed on the command line, and the base values of the
     keys that `when` conditions refer to.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     where = space.where
-    base_raw, base_choices = _compose_with_choices(base_overrides, conf_dir)
+    base_raw, base_choices = base or _compose_with_choices(base_overrides, conf_dir)
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(list(base_overrides))
+        parsed = parser.parse_overrides(list(base_overrides))
     except Exception as exc:  # already composed fine, so this should not happen
         raise ConfigError(f"config error: cannot parse overrides: {_first_line(exc)}") from None
     fixed = {o.key_or_group for o in parsed if not o.is_delete()}
@@ -551,8 +554,9 @@ def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_d
     for p in params:
         if p.group:
             for choice in p.choices:
-                contexts[f"{p.key}={choice}"] = _compose([*base_overrides, p.override(choice)],
-                                                         conf_dir)
+                if choice != base_choices.get(p.key):
+                    contexts[f"{p.key}={choice}"] = _compose(
+                        [*base_overrides, p.override(choice)], conf_dir)
     flat = [config.flatten(c) for c in contexts.values()]
     searched = [p.key for p in params]
     when_base: dict[str, Any] = {}
@@ -590,14 +594,17 @@ def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_d
                     raise ConfigError(f"search space {where}: {what}{ctx} gives an invalid "
                                       f"config: {_first_line(exc)}") from None
     # Hydra must read each override back as exactly the value sampled (e.g. a string that
-    # looks like a number): compose the lowest and the highest of every value at once.
-    for pick in (0, -1):
-        overrides = [p.override(p.candidates()[pick]) for p in params]
-        composed = _compose([*base_overrides, *overrides], conf_dir)
-        for p in params:
-            if not p.group and _get_or_none(composed, p.key) != p.candidates()[pick]:
-                raise ConfigError(f"search space {where}: {p.key} = {p.candidates()[pick]!r} "
-                                  f"composes as {_get_or_none(composed, p.key)!r}")
+    # looks like a number must stay a string): parse every candidate override.
+    for p in params:
+        for value in [] if p.group else p.candidates():
+            try:
+                back = parser.parse_override(p.override(value)).value()
+            except Exception as exc:
+                raise ConfigError(f"search space {where}: {p.key} = {value!r} cannot be "
+                                  f"written as a Hydra override: {_first_line(exc)}") from None
+            if back != value or type(back) is not type(value):
+                raise ConfigError(f"search space {where}: {p.key} = {value!r} reads back as "
+                                  f"{back!r} in a Hydra override")
     return space, when_base
 
 
@@ -696,6 +703,9 @@ def open_storage(spec: str | None, study_name: str, heartbeat_interval: int,
     url = spec
     shown = tracking.redact_uri(url)
     kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        with contextlib.suppress(OSError):  # sqlite creates the file, not its folder
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("postgresql"):
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10}}
     digest = hashlib.sha256(f"{url}\0{study_name}".encode()).hexdigest()[:16]
@@ -887,7 +897,7 @@ class _Tuner:
         self.overrides = list(overrides)
         self.root = repo_root()
         self.conf_dir = self.root / "conf"
-        self.raw = _compose(self.overrides, self.conf_dir)
+        self.raw, base_choices = _compose_with_choices(self.overrides, self.conf_dir)
         self.cfg = config.validate(self.raw)
         tune = self.cfg.tune
         self.study_name = tune.study_name or f"tune-{self.cfg.model.name}"
@@ -906,8 +916,9 @@ class _Tuner:
         self.data_md5 = tracking.md5_file(self.data_path)
         groups = config_groups(self.conf_dir)
         space = load_search_space(self.conf_dir / "search" / f"{self.cfg.model.name}.yaml", groups)
-        self.space, self.when_base = check_search_space(space, self.overrides, self.conf_dir,
-                                                        len(arrays["y_train"]))
+        self.space, self.when_base = check_search_space(
+            space, self.overrides, self.conf_dir, len(arrays["y_train"]),
+            base=(self.raw, base_choices))
         _check_sampler(tune.sampler, self.space)
         self.pruner = make_pruner(tune.pruner, tune.epochs, self.space)
         self.grace_s = 2.0 * tune.heartbeat_interval
@@ -920,6 +931,11 @@ class _Tuner:
         self.gate = _Gate(self.store.lock_path)
         self.env_tags: dict[str, str] = {}
         self.data_tags: dict[str, str] = {}
+
+    @property
+    def shown_overrides(self) -> str:
+        """The command line for logs, tags and the (git-tracked) experiment file: no secrets."""
+        return " ".join(tracking.redact_uri(o) if "://" in o else o for o in self.overrides)
 
     # ------------------------------------------------------------------ comparability
     def comparable(self) -> dict[str, Any]:
@@ -945,7 +961,7 @@ class _Tuner:
         recorded = study.user_attrs.get(STUDY_ATTR_BASE)
         if recorded is None:
             study.set_user_attr(STUDY_ATTR_BASE, base)
-            study.set_user_attr(STUDY_ATTR_OVERRIDES, self.overrides)
+            study.set_user_attr(STUDY_ATTR_OVERRIDES, self.shown_overrides)
         else:
             changed = [f"{k}: {recorded[k]!r} -> {base[k]!r}" for k in sorted(base)
                        if k in recorded and recorded[k] != base[k]]
@@ -1001,12 +1017,12 @@ class _Tuner:
             "mlflow.note.content": (
                 f"Optuna study `{self.study_name}` ({self.store.description}) over "
                 f"`{self.space.where}` on the train/val split. Each child run is one trial. "
-                f"Rerun `uv run deep-repro tune {' '.join(self.overrides)}` to add trials; "
+                f"Rerun `uv run deep-repro tune {self.shown_overrides}` to add trials; "
                 f"apply the best with `uv run dvc exp run -S "
                 f"+experiment=tuned_{self.cfg.model.name}`."),
         })
         params = {**{f"tune.{k}": v for k, v in config.to_dict(tune).items()},
-                  "base_overrides": " ".join(self.overrides)[:6000] or "(none)",
+                  "base_overrides": self.shown_overrides[:6000] or "(none)",
                   "searched": ",".join(p.key for p in self.space.params)}
         self._log_params(run.info.run_id, params)
         self.client.log_artifact(run.info.run_id, str(self.space.path), "search_space")
@@ -1096,6 +1112,12 @@ class _Tuner:
             except optuna.TrialPruned:
                 state = "PRUNED"
                 raise
+            except TrainingError as exc:
+                # A diverging configuration is a result (this region is bad), not a crash: the
+                # trial fails (Optuna turns a NaN value into FAIL) and the study goes on.
+                reason = f"{type(exc).__name__}: {_first_line(exc)}"
+                log.warning("trial %d failed: %s", trial.number, reason)
+                return float("nan")
             except BaseException as exc:
                 reason = f"{type(exc).__name__}: {_first_line(exc)}"
                 raise
@@ -1207,24 +1229,30 @@ class _Tuner:
                 waiting = [t.number for t in trials if t.state == TrialState.WAITING]
                 if not waiting and self.counted(trials) >= tune.n_trials:
                     break
-                sampler = make_sampler(tune.sampler, self._seed(waiting[0] if waiting
-                                                                else len(trials)), self.space)
+                sampler = self._sampler(waiting[0] if waiting else len(trials))
                 if (isinstance(sampler, optuna.samplers.GridSampler) and not waiting
                         and sampler.is_exhausted(study)):
                     log.info("grid exhausted after %d trials", len(trials))
                     break
                 study.sampler = sampler
                 # One trial per call: the gate is re-taken to check the budget before the next.
-                study.optimize(self.objective, n_trials=1, catch=(TrainingError,),
-                               gc_after_trial=False, show_progress_bar=False)
+                study.optimize(self.objective, n_trials=1, gc_after_trial=False,
+                               show_progress_bar=False)
                 ran += 1
         log.info("this worker ran %d trial(s)", ran)
 
-    def _seed(self, number: int) -> int:
-        # (seed, trial number) -> sampler seed: reproducible sequentially, distinct in parallel.
+    def _sampler(self, number: int) -> optuna.samplers.BaseSampler:
+        """The sampler for trial `number`, seeded by (tune.seed, number): reproducible when run
+        sequentially, and parallel workers never replay each other's random draws."""
         import numpy as np
 
-        return int(np.random.SeedSequence([self.cfg.tune.seed, number]).generate_state(1)[0])
+        tune = self.cfg.tune
+        if tune.sampler == "grid":
+            # The grid sampler shuffles its grid by the seed and numbers the points in that
+            # order: every worker and trial must use the same seed or the ids point elsewhere.
+            return make_sampler("grid", tune.seed, self.space)
+        seed = int(np.random.SeedSequence([tune.seed, number]).generate_state(1)[0])
+        return make_sampler(tune.sampler, seed, self.space)
 
     # ------------------------------------------------------------------ results
     def _finish(self, study: optuna.Study) -> StudyResult:
@@ -1247,12 +1275,13 @@ class _Tuner:
                                       else v) for k, v in best.params.items()}
             result.best_overrides = list(best.user_attrs.get(ATTR_OVERRIDES, []))
             header = [
-                f"Best trial of Optuna study '{self.study_name}': trial {best.number}, "
-                f"val_accuracy {best.value:.4f} after tune.epochs = {self.cfg.tune.epochs}.",
-                f"Written by `deep-repro tune {' '.join(self.overrides)}`; MLflow study run "
-                f"{self.study_run_id}.",
-                f"Train it through the full pipeline (train.epochs epochs): "
-                f"uv run dvc exp run -S +experiment=tuned_{self.cfg.model.name}",
+                f"Best trial of Optuna study '{self.study_name}' (trial {best.number}): "
+                f"val_accuracy {best.value:.4f} after",
+                f"tune.epochs = {self.cfg.tune.epochs} epochs; MLflow study run "
+                f"{self.study_run_id}. Written by:",
+                f"  uv run deep-repro tune {self.shown_overrides}".rstrip(),
+                "Train it through the full pipeline (for train.epochs epochs):",
+                f"  uv run dvc exp run -S +experiment=tuned_{self.cfg.model.name}",
             ]
             result.experiment_file = write_experiment(
                 [*self.overrides, *result.best_overrides], self.cfg.model.name, self.conf_dir,
