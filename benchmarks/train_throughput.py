@@ -54,8 +54,8 @@ REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
 FIXTURE = REPO / "tests/fixtures/fashion-mnist"
 # Targets of the issue (2-core CPU): minimum ratio ours/reference.
 TARGETS: dict[str, float] = {"mlp": 2.0, "cnn": 1.2}
-# Training images per loop and model (~20-40 s per loop on 2 busy cores).
-DEFAULT_IMAGES: dict[str, int] = {"mlp": 38_400, "cnn": 12_800, "resnet": 2_560}
+# Training images per loop and model: the defaults run in ~30-45 s on 2 free cores.
+DEFAULT_IMAGES: dict[str, int] = {"mlp": 25_600, "cnn": 12_800, "resnet": 2_560}
 PHASES = ("data", "forward", "backward", "optim", "other")
 
 
@@ -343,7 +343,7 @@ def profile(loop: Loop, steps: int) -> None:
         activities.append(ProfilerActivity.CUDA)
     with torch_profile(activities=activities) as prof:
         loop.run(steps)
-    sort = "self_cuda_time_total" if loop.device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if loop.device.type == "cuda" else "self_cpu_time_total"
     print(f"\n# torch.profiler, ours, {loop.cfg.model.name}, {steps} steps (sorted by {sort})")
     print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=40))
 
@@ -369,6 +369,9 @@ def environment(args: argparse.Namespace, source: Path, device: torch.device) ->
         f"num_workers={args.workers}; warm-up {args.warmup} steps/loop excluded; "
         f"{args.rounds} interleaved rounds; fill_uninitialized_memory="
         f"{not args.no_fill_uninitialized_memory}"]
+    if args.workers > 0 and args.rounds > 1:
+        lines.append("# note: between rounds the reference's workers prefetch up to "
+                     "2 x num_workers batches for free; use --rounds 1 with --workers")
     if device.type == "cpu" and loadavg[0] > 0.5 and args.threads > 1:
         lines.append("# note: other processes already use the CPUs; with OpenMP's default "
                      "spin-waiting, multi-threaded torch ops then slow down badly "
@@ -438,7 +441,8 @@ def time_to_accuracy(args: argparse.Namespace, x_train: np.ndarray, y_train: np.
     amp = training.autocast_dtype(cfg.train, device)
     print(f"# time to accuracy: model={cfg.model.name}, target test accuracy "
           f"{args.time_to_accuracy}, device {device}, precision "
-          f"{'bf16 autocast' if amp else 'fp32'}, channels_last {cfg.train.channels_last}, "
+          f"{'bf16 autocast' if amp else 'fp32'}, channels_last "
+          f"{cfg.train.channels_last and cfg.model.name in ('cnn', 'resnet')}, "
           f"{len(y_train)} train / {len(y_test)} test images, up to {cfg.train.epochs} epochs "
           f"of batch {cfg.train.batch_size}, deterministic {cfg.train.deterministic}")
     start = time.perf_counter()
@@ -514,6 +518,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("deep_repro").setLevel(logging.WARNING)  # fit's per-epoch lines
     args = parse_args(argv)
     if args.omp_wait_policy != "inherit":
         policy = args.omp_wait_policy.upper()
