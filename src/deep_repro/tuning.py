@@ -77,11 +77,15 @@ re-queued with the same parameters (at most twice).
 MLflow
 ------
 One *study run* (`deep_repro.kind=study`, shared by all workers and reruns of the study) with the
-plots (optimization history, parameter importances, intermediate values; PNG + interactive
-HTML), `trials.csv` and the experiment file; one child run per trial (`deep_repro.kind=trial`,
-`mlflow.parentRunId`) with the full config as params, per-epoch metrics (step = epoch), the
-Optuna state in `deep_repro.trial_state` (COMPLETE / PRUNED / FAIL) and, like the pipeline's stage
-runs, the md5 of the split file it trained on and the run that produced that file.
+plots (optimization history, parameter importances, intermediate values: PNG, and interactive
+HTML that loads plotly.js from its CDN), `trials.csv`, the search space and the experiment file;
+one child run per trial (`deep_repro.kind=trial`, `mlflow.parentRunId`) with the full config as
+params, per-epoch metrics (step = epoch), the Optuna state in `deep_repro.trial_state`
+(COMPLETE / PRUNED / FAIL) and, like the pipeline's stage runs, the md5 of the split file it
+trained on (`deep_repro.in.data/split/train_val.npz`) and the run that produced that file
+(`deep_repro.upstream.data/split/train_val.npz`). A trial whose training diverges is FAIL (a
+bad region of the space, not a crash) and the study goes on. Credentials in URLs never reach
+params, tags or the experiment file.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from deep_repro import config, tracking
 from deep_repro.config import Config
-from deep_repro.errors import ConfigError, DataError, DeepReproError, TrainingError
+from deep_repro.errors import ConfigError, DataError, DeepReproError, TrainingError, scrub
 from deep_repro.files import atomic_path
 from deep_repro.paths import SPLIT, repo_root, store_root
 
@@ -245,6 +249,17 @@ def _compose_with_choices(overrides: Sequence[str], conf_dir: Path
     groups = {str(k): str(v) for k, v in choices.items()
               if v is not None and "/" not in str(k) and k not in NON_GROUPS}
     return raw, groups
+
+
+def _scrubbed(value: Any) -> Any:
+    """`value` with credentials removed from every string in it."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    return value
 
 
 def _strip(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -561,12 +576,12 @@ def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_d
     searched = [p.key for p in params]
     when_base: dict[str, Any] = {}
     for p in params:
+        if not p.group and any(isinstance(_get_or_none(c, p.key), dict) for c in contexts.values()):
+            raise ConfigError(f"search space {where}: {p.key} is a section, not a value")
         if not p.group and not any(p.key in f for f in flat):
             ctx = ", ".join(f"{g}={c}" for g, c in base_choices.items())
             raise ConfigError(f"search space {where}: unknown key {p.key}: not in the composed "
                               f"config ({ctx})")
-        if not p.group and any(isinstance(_get_or_none(c, p.key), dict) for c in contexts.values()):
-            raise ConfigError(f"search space {where}: {p.key} is a section, not a value")
         for other, _ in p.when:
             if other in searched[: searched.index(p.key)]:
                 continue
@@ -874,16 +889,23 @@ def write_experiment(overrides: Sequence[str], model: str, conf_dir: Path,
     text = "\n".join(lines) + "\n"
     text += yaml.safe_dump({"defaults": [{f"override /{o.split('=')[0]}": o.split("=", 1)[1]}
                                          for o in group_overrides]}, sort_keys=False)
-    if body:
-        text += yaml.dump(body, Dumper=_ExperimentDumper, sort_keys=False)
     name = f"tuned_{model}"
     target = conf_dir / "experiment" / f"{name}.yaml"
+    if body:
+        values = yaml.dump(body, Dumper=_ExperimentDumper, sort_keys=False)
+        # The file goes into git: a password in a URL given on the command line (a private
+        # data mirror) is replaced by *** and must be passed again when the file is applied.
+        if scrub(values) != values:
+            log.warning("%s: credentials in URLs were replaced by *** (the file is tracked by "
+                        "git); pass them again with -S when applying it", target.name)
+        text += scrub(values)
     with atomic_path(target) as tmp:
         tmp.write_text(text)
-    again = _strip(_compose([f"+experiment={name}"], conf_dir))
-    if again != _strip(best):
-        differing = sorted(set(config.flatten(_diff(again, _strip(best))))
-                           | set(config.flatten(_diff(_strip(best), again))))
+    again = _scrubbed(_strip(_compose([f"+experiment={name}"], conf_dir)))
+    if again != _scrubbed(_strip(best)):
+        wanted = _scrubbed(_strip(best))
+        differing = sorted(set(config.flatten(_diff(again, wanted)))
+                           | set(config.flatten(_diff(wanted, again))))
         raise DeepReproError(f"{target} does not reproduce the best trial's config (differs in "
                              f"{', '.join(differing[:5])}): please report this")
     return target
@@ -935,7 +957,7 @@ class _Tuner:
     @property
     def shown_overrides(self) -> str:
         """The command line for logs, tags and the (git-tracked) experiment file: no secrets."""
-        return " ".join(tracking.redact_uri(o) if "://" in o else o for o in self.overrides)
+        return scrub(" ".join(self.overrides))
 
     # ------------------------------------------------------------------ comparability
     def comparable(self) -> dict[str, Any]:
@@ -1034,7 +1056,8 @@ class _Tuner:
         from mlflow.entities import Param
 
         assert self.client is not None
-        items = [Param(k, (json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000])
+        # scrub: tune.storage, tracking.uri or data.mirrors may carry credentials.
+        items = [Param(k, scrub(json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000])
                  for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
@@ -1283,9 +1306,12 @@ class _Tuner:
                 "Train it through the full pipeline (for train.epochs epochs):",
                 f"  uv run dvc exp run -S +experiment=tuned_{self.cfg.model.name}",
             ]
-            result.experiment_file = write_experiment(
-                [*self.overrides, *result.best_overrides], self.cfg.model.name, self.conf_dir,
-                header)
+            # Under the gate: another worker of this study may be writing (and verifying) the
+            # same file right now, possibly with a newer best trial.
+            with self.gate:
+                result.experiment_file = write_experiment(
+                    [*self.overrides, *result.best_overrides], self.cfg.model.name,
+                    self.conf_dir, header)
             metrics.append(Metric("best_val_accuracy", float(best.value), now, 0))  # type: ignore
             tags += [RunTag(f"{tracking.TAG_PREFIX}.best_trial", str(best.number)),
                      RunTag(f"{tracking.TAG_PREFIX}.best_trial_run_id",
