@@ -7,12 +7,13 @@ decompressed content matches `data.sha256`, so the data's identity never depends
 from deep_repro import config, data, tracking
 from deep_repro.errors import entrypoint
 from deep_repro.paths import repo_root
+from deep_repro.pipeline import RAW_DIR
 
 
 @entrypoint
 def main() -> None:
     cfg = config.load_config()
-    raw_dir = repo_root() / "data/raw"
+    raw_dir = repo_root() / RAW_DIR
     with tracking.stage_run("download", cfg) as run:
         sources = {}
         for name in config.DATA_FILES:

@@ -15,13 +15,14 @@ from deep_repro.errors import DataError, entrypoint
 from deep_repro.files import atomic_path, write_json
 from deep_repro.models import build_model, count_parameters
 from deep_repro.paths import repo_root
+from deep_repro.pipeline import CHECKPOINT, INFERENCE_MODEL, POSTPROCESS_REPORT, SPLIT_TRAIN_VAL
 
 
 @entrypoint
 def main() -> None:
     cfg = config.load_config()
     root = repo_root()
-    checkpoint = root / "models/checkpoint.pt"
+    checkpoint = root / CHECKPOINT
     if not checkpoint.exists():
         raise DataError(f"{checkpoint} not found: run the train stage first (`dvc repro`)")
     net = build_model(cfg.model)
@@ -30,13 +31,13 @@ def main() -> None:
     except RuntimeError as exc:
         raise DataError(f"{checkpoint} does not match model = {cfg.model.name} "
                         f"({str(exc).splitlines()[0]}); retrain with `dvc repro train`") from None
-    tv = data.load_arrays(root / "data/split/train_val.npz")
+    tv = data.load_arrays(root / SPLIT_TRAIN_VAL)
     x_val, y_val = tv["x_val"], tv["y_val"]
     with tracking.stage_run("postprocess", cfg) as run:
         training.seed_everything(cfg.seed, num_threads=cfg.train.num_threads)
         module = inference.build_inference_module(net, cfg.postprocess.quantize)
         reference = training.evaluate_logits(net.eval(), torch.from_numpy(x_val))
-        target = root / "models/inference.pt2"
+        target = root / INFERENCE_MODEL
         with atomic_path(target) as tmp:
             inference.export(module, torch.from_numpy(x_val[:2]), tmp)
             exported = inference.load_inference_model(tmp)
@@ -49,7 +50,7 @@ def main() -> None:
                   "max_abs_logit_diff": float(f"{eq.max_abs_diff:.3g}"),
                   "val_accuracy_trained": round(eq.reference_accuracy, 6),
                   "val_accuracy_exported": round(eq.exported_accuracy, 6)}
-        write_json(root / "reports/postprocess.json", report)
+        write_json(root / POSTPROCESS_REPORT, report)
         # Latency varies run to run: MLflow only, never in a DVC-tracked file.
         latency = {f"latency_ms_batch{b}": 1e3 * inference.measure_latency(exported, x_val, b)
                    for b in (1, 256)}

@@ -7,6 +7,7 @@ data/processed/{train,test}.npz (numpy arrays, no pickle).
 from deep_repro import config, data, tracking
 from deep_repro.errors import entrypoint
 from deep_repro.paths import repo_root
+from deep_repro.pipeline import PROCESSED_TEST, PROCESSED_TRAIN, RAW_DIR
 
 
 @entrypoint
@@ -14,9 +15,10 @@ def main() -> None:
     cfg = config.load_config()
     root = repo_root()
     with tracking.stage_run("preprocess", cfg) as run:
-        for part, prefix in (("train", "train"), ("test", "t10k")):
-            images, labels = data.load_idx_pair(root / "data/raw", prefix)
-            data.save_arrays(root / f"data/processed/{part}.npz", images=images, labels=labels)
+        for part, prefix, target in (("train", "train", PROCESSED_TRAIN),
+                                     ("test", "t10k", PROCESSED_TEST)):
+            images, labels = data.load_idx_pair(root / RAW_DIR, prefix)
+            data.save_arrays(root / target, images=images, labels=labels)
             run.log_metrics({f"{part}_images": len(labels)})
 
 

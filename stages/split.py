@@ -10,6 +10,7 @@ import numpy as np
 from deep_repro import config, data, tracking
 from deep_repro.errors import entrypoint
 from deep_repro.paths import repo_root
+from deep_repro.pipeline import PROCESSED_TEST, PROCESSED_TRAIN, SPLIT_TEST, SPLIT_TRAIN_VAL
 
 
 @entrypoint
@@ -17,12 +18,12 @@ def main() -> None:
     cfg = config.load_config()
     root = repo_root()
     with tracking.stage_run("split", cfg) as run:
-        train = data.load_arrays(root / "data/processed/train.npz")
-        test = data.load_arrays(root / "data/processed/test.npz")
+        train = data.load_arrays(root / PROCESSED_TRAIN)
+        test = data.load_arrays(root / PROCESSED_TEST)
         parts = data.make_split(train["images"], train["labels"], val_size=cfg.split.val_size,
                                 seed=cfg.seed, subset=cfg.data.subset)
-        data.save_arrays(root / "data/split/train_val.npz", **parts)
-        data.save_arrays(root / "data/split/test.npz", x_test=test["images"],
+        data.save_arrays(root / SPLIT_TRAIN_VAL, **parts)
+        data.save_arrays(root / SPLIT_TEST, x_test=test["images"],
                          y_test=test["labels"])
         counts = {f"{k[2:]}_size": len(v) for k, v in parts.items() if k.startswith("y_")}
         counts["test_size"] = len(test["labels"])

@@ -12,13 +12,14 @@ from deep_repro.evaluation import write_csv
 from deep_repro.files import atomic_path, write_json
 from deep_repro.models import count_parameters
 from deep_repro.paths import repo_root
+from deep_repro.pipeline import CHECKPOINT, SPLIT_TRAIN_VAL, TRAIN_HISTORY, TRAIN_METRICS
 
 
 @entrypoint
 def main() -> None:
     cfg = config.load_config()
     root = repo_root()
-    tv = data.load_arrays(root / "data/split/train_val.npz")
+    tv = data.load_arrays(root / SPLIT_TRAIN_VAL)
     # Reject impossible settings (batch larger than the data, CUDA absent) before any work.
     training.check_trainable(cfg, len(tv["y_train"]))
     device = training.resolve_device(cfg.train)
@@ -26,14 +27,14 @@ def main() -> None:
         for part in ("train", "val"):
             x, y = tv[f"x_{part}"], tv[f"y_{part}"]
             tracking.log_dataset(run, f"fashion-mnist-{part}", x, y, data.array_digest(x, y),
-                                 str(root / "data/split/train_val.npz"), context=part)
+                                 str(root / SPLIT_TRAIN_VAL), context=part)
         result = training.train_model(
             cfg, tv["x_train"], tv["y_train"], tv["x_val"], tv["y_val"],
             on_epoch=lambda m: run.log_metrics(m.as_dict(), step=m.step))
         state = result.model.state_dict()
-        with atomic_path(root / "models/checkpoint.pt") as tmp:
+        with atomic_path(root / CHECKPOINT) as tmp:
             torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
-        write_csv(root / "reports/train/history.csv",
+        write_csv(root / TRAIN_HISTORY,
                   [{"step": m.step, **{k: round(v, 6) for k, v in m.as_dict().items()}}
                    for m in result.history])
         best = result.history[result.best_epoch - 1]
@@ -42,11 +43,11 @@ def main() -> None:
                    "val_loss": round(best.val_loss, 6),
                    "train_accuracy": round(best.train_accuracy, 6),
                    "parameters": count_parameters(result.model)}
-        write_json(root / "reports/train/metrics.json", summary)
+        write_json(root / TRAIN_METRICS, summary)
         run.log_metrics({"best_epoch": result.best_epoch, "parameters": summary["parameters"]})
         run.log_metrics({"val_accuracy": best.val_accuracy}, pipeline=True)
         run.set_tags({"stop_reason": result.stop_reason, "device": str(device)})
-        run.log_artifact(root / "reports/train/history.csv")
+        run.log_artifact(root / TRAIN_HISTORY)
 
 
 if __name__ == "__main__":

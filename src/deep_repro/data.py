@@ -255,9 +255,9 @@ class Splits:
     y_test: np.ndarray
 
 
-def load_splits(split_dir: Path) -> Splits:
-    tv = load_arrays(split_dir / "train_val.npz")
-    test = load_arrays(split_dir / "test.npz")
+def load_splits(train_val: Path, test_file: Path) -> Splits:
+    tv = load_arrays(train_val)
+    test = load_arrays(test_file)
     return Splits(tv["x_train"], tv["y_train"], tv["x_val"], tv["y_val"],
                   test["x_test"], test["y_test"])
 

@@ -28,6 +28,10 @@ class TrainingError(DeepReproError):
     """Training cannot start or diverged."""
 
 
+class ValidationError(DeepReproError):
+    """The model does not meet the bar set by `evaluate.fail_below`."""
+
+
 class TrackingError(DeepReproError):
     """The MLflow tracking store is unreachable or inconsistent."""
 

@@ -43,6 +43,7 @@ class ClassificationReport:
     f1: np.ndarray
     support: np.ndarray
     confusion: np.ndarray
+    calibration: list[dict[str, float]]  # per-confidence-bin table behind `ece`
 
     def headline(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}_accuracy": self.accuracy, f"{prefix}_macro_f1": self.macro_f1,
@@ -75,11 +76,12 @@ def classification_report(y_true: np.ndarray, logits: np.ndarray) -> Classificat
         recall = np.nan_to_num(tp / cm.sum(axis=1))
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     top2 = np.argsort(-probs, axis=1, kind="stable")[:, :2]
-    ece, _ = expected_calibration_error(probs.max(axis=1), y_pred == y_true)
+    ece, bins = expected_calibration_error(probs.max(axis=1), y_pred == y_true)
     return ClassificationReport(
         accuracy=float((y_pred == y_true).mean()), macro_f1=float(f1.mean()),
         top2_accuracy=float((top2 == y_true[:, None]).any(axis=1).mean()), ece=float(ece),
-        precision=precision, recall=recall, f1=f1, support=cm.sum(axis=1), confusion=cm)
+        precision=precision, recall=recall, f1=f1, support=cm.sum(axis=1), confusion=cm,
+        calibration=bins)
 
 
 # --------------------------------------------------------------------------- files

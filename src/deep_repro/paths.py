@@ -31,14 +31,3 @@ def store_root() -> Path:
     if env and Path(env).exists() and ".dvc" not in Path(env).parts:
         return Path(env).resolve()
     return root
-
-
-def data_dir() -> Path:
-    return repo_root() / "data"
-
-
-RAW = Path("data/raw")
-PROCESSED = Path("data/processed")
-SPLIT = Path("data/split")
-MODELS = Path("models")
-REPORTS = Path("reports")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RAW_FILES = tuple(f"data/raw/{name}.gz" for name in (
+RAW_DIR = "data/raw"
+RAW_FILES = tuple(f"{RAW_DIR}/{name}.gz" for name in (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
 PROCESSED_TRAIN = "data/processed/train.npz"

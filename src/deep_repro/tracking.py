@@ -562,3 +562,26 @@ def validation_gate(client: MlflowClient, model_name: str, version: str, test_ac
                                  "validated" if decision.validated else "rejected")
     client.set_model_version_tag(model_name, version, "validation_reason", decision.reason)
     return decision
+
+
+def judge_registered_model(run: StageRun, model_name: str, root: Path, test_accuracy: float,
+                           baseline: float) -> GateDecision:
+    """Run the validation gate on the registry version built from exactly this inference model
+    (found by its md5 through the postprocess run that produced it), and record the verdict on
+    the evaluate and pipeline runs."""
+    from deep_repro.pipeline import INFERENCE_MODEL
+
+    md5 = md5_file(root / INFERENCE_MODEL)
+    producer = find_producer(run.client, run.experiment_id, INFERENCE_MODEL, md5)
+    version = model_version_for_run(run.client, model_name, producer) if producer else None
+    if version is None:
+        decision = GateDecision(False, False, f"no registered version of {model_name} was built "
+                                f"from {INFERENCE_MODEL} (md5 {md5}): gate skipped")
+        log.warning(decision.reason)
+        return decision
+    decision = validation_gate(run.client, model_name, str(version.version), test_accuracy,
+                               baseline)
+    run.set_tags({"validation_status": "validated" if decision.validated else "rejected",
+                  "validation_reason": decision.reason,
+                  "model_version": str(version.version)}, pipeline=True)
+    return decision

@@ -122,7 +122,8 @@ from deep_repro import config, tracking
 from deep_repro.config import Config
 from deep_repro.errors import ConfigError, DataError, DeepReproError, TrainingError, scrub
 from deep_repro.files import atomic_path
-from deep_repro.paths import SPLIT, repo_root, store_root
+from deep_repro.paths import repo_root, store_root
+from deep_repro.pipeline import SPLIT_TRAIN_VAL
 
 if TYPE_CHECKING:
     import numpy as np
@@ -130,7 +131,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLIT_FILE = (SPLIT / "train_val.npz").as_posix()   # the only data a trial may read
+SPLIT_FILE = SPLIT_TRAIN_VAL   # the only data a trial may read
 # Config groups that are not hyperparameters (experiment: the output; search: this input).
 NON_GROUPS = ("experiment", "search")
 # Sections a trial cannot meaningfully vary, with the reason shown to the user.
