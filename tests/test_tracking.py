@@ -119,3 +119,49 @@ def test_champion_moves_only_for_better_validated_models(tracking_env: str) -> N
     # Re-evaluating the champion itself keeps it.
     decision = tracking.validation_gate(client, name, "4", 0.93, baseline=0.842)
     assert decision.validated and not decision.promoted
+
+
+@pytest.mark.slow
+def test_stage_runs_and_leaderboard_against_a_shared_mlflow_server(
+        make_cfg: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class shares one `mlflow server`: stages log over HTTP, the leaderboard reads it back."""
+    import socket
+    import time
+    import urllib.request
+
+    from deep_repro import cli
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+        cfg = make_cfg()
+        for i, accuracy in enumerate((0.91, 0.93)):
+            monkeypatch.setenv("DEEP_REPRO_INVOCATION", f"student-{i}")
+            with tracking.stage_run("evaluate", cfg) as run:
+                run.log_metrics({"test_accuracy": accuracy}, pipeline=True)
+        client, exp_id = tracking.connect(uri, cfg.tracking.experiment)
+        rows = cli.leaderboard_rows(client, exp_id, limit=10)
+        assert [r["test_acc"] for r in rows] == ["0.9300", "0.9100"]
+        assert all(r["model"] == "cnn" for r in rows)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
