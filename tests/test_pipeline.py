@@ -87,6 +87,10 @@ def test_repro_produces_outputs_and_metrics(first_repro: Path) -> None:
     assert confusion[0] == "actual,predicted" and len(confusion) == 501
     shown = dvc(root, "metrics", "show", "--json").stdout
     assert "test" in shown
+    # `dvc plots show` can draw the training curves (x: step) and the confusion matrix.
+    plots = json.loads(dvc(root, "plots", "show", "--json").stdout)
+    names = json.dumps(plots)
+    assert "Loss per epoch" in names and "reports/eval/confusion.csv" in names
 
 
 def test_one_pipeline_run_with_six_linked_stage_runs(first_repro: Path) -> None:
