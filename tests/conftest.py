@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from deep_repro import config, data
@@ -124,15 +123,3 @@ def make_project(dest: Path, overrides: list[str] | None = None,
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-qm", "fixture project"], dest, env)
     return dest
-
-
-def set_conf_value(root: Path, key: str, value: str) -> None:
-    """Edit one `key: value` line of a conf/ file in a test project."""
-    path = root / "conf/config.yaml"
-    text, n = re.subn(rf"(\n\s*{key}: )[^\n#]*", rf"\g<1>{value} ", path.read_text(), count=1)
-    assert n == 1, key
-    path.write_text(text)
-
-
-def as_array(x: object) -> np.ndarray:
-    return np.asarray(x)
