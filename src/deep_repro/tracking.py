@@ -150,10 +150,10 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip()
 
 
-# Files DVC itself rewrites during an experiment (params.yaml is recomposed from conf/ by
-# `dvc exp run`, dvc.lock after each stage): changes to them are recorded as params and hashes,
-# they do not make the *code* dirty.
-_GENERATED = {"params.yaml", "dvc.lock"}
+# Files DVC itself rewrites (params.yaml is recomposed from conf/ by `dvc exp run`, dvc.lock
+# after each stage, and the uncached metrics/plots outputs that git tracks): changes to them are
+# recorded as params and content hashes; they do not make the *code* dirty.
+_GENERATED = {"params.yaml", "dvc.lock"} | {out for s in STAGES.values() for out in s.outs}
 
 
 def git_state(root: Path) -> dict[str, str]:
