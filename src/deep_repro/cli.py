@@ -113,8 +113,12 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
     client, _, _ = _tracking(args)
     run_id = tracking.resolve_run_id(client, args.ref)
-    chain = tracking.lineage_chain(client, run_id)
-    print(f"Lineage of {args.ref} ({len(chain)} stage runs, newest first)")
+    from deep_repro.pipeline import STAGES
+
+    order = list(STAGES)
+    chain = sorted(tracking.lineage_chain(client, run_id), key=lambda r: -order.index(
+        r.data.tags.get(tracking.TAG_STAGE, order[0])))
+    print(f"Lineage of {args.ref}: {len(chain)} stage runs, from the model back to the raw files")
     for run in chain:
         tags, params = run.data.tags, run.data.params
         stage = tags.get(tracking.TAG_STAGE, "?")
@@ -140,8 +144,18 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- leaderboard
-LEADERBOARD_PARAMS = ("model.name", "model.lr", "optimizer.name", "scheduler.name",
-                      "augment.name", "train.epochs", "data.subset")
+# column -> pipeline-run param shown in the leaderboard
+LEADERBOARD_PARAMS = {"model": "model.name", "lr": "model.lr", "optimizer": "optimizer.name",
+                      "scheduler": "scheduler.name", "augment": "augment.name",
+                      "epochs": "train.epochs", "subset": "data.subset"}
+
+
+def _short(value: str) -> str:
+    """Numbers to 4 significant digits (a tuned lr is 0.005496154572586805)."""
+    try:
+        return f"{float(value):.4g}" if "." in value or "e" in value else value
+    except ValueError:
+        return value
 
 
 def leaderboard_rows(client: Any, exp_id: str, limit: int) -> list[dict[str, str]]:
@@ -161,8 +175,7 @@ def leaderboard_rows(client: Any, exp_id: str, limit: int) -> list[dict[str, str
             "test_acc": f"{metrics['test_accuracy']:.4f}",
             "val_acc": f"{metrics.get('val_accuracy', float('nan')):.4f}",
             "test_f1": f"{metrics.get('test_macro_f1', float('nan')):.4f}",
-            **{k.split(".", 1)[1] if k != "model.name" else "model": params.get(k, "")
-               for k in LEADERBOARD_PARAMS},
+            **{col: _short(params.get(key, "")) for col, key in LEADERBOARD_PARAMS.items()},
             "user": tags.get(f"{tracking.TAG_PREFIX}.user", ""),
             "commit": tags.get(f"{tracking.TAG_PREFIX}.git.commit", "")[:8],
             "dvc_exp": tags.get(f"{tracking.TAG_PREFIX}.dvc_exp_name", ""),
