@@ -183,6 +183,21 @@ def test_champion_moves_only_for_a_better_validated_model(experiment: Path) -> N
     assert again.version == champion.version
 
 
+@pytest.mark.slow
+def test_hydra_experiment_config_runs_through_dvc(experiment: Path) -> None:
+    # What `deep-repro tune` writes (conf/experiment/tuned_<model>.yaml) must be runnable as
+    # `dvc exp run -S +experiment=...`, DVC composing it into params.yaml.
+    (experiment / "conf/experiment/tiny.yaml").write_text(
+        "# @package _global_\nmodel:\n  C: 0.3\n")
+    run(["git", "add", "conf/experiment/tiny.yaml"], experiment, project_env(experiment))
+    run(["git", "commit", "-qm", "tiny experiment"], experiment, project_env(experiment))
+    dvc(experiment, "exp", "run", "-S", "+experiment=tiny", "-n", "from-file")
+    client, exp_id = client_for(experiment)
+    latest = runs_of(client, exp_id, "pipeline")[-1]
+    assert latest.data.tags["deep_repro.dvc_exp_name"] == "from-file"
+    assert latest.data.params["model.C"] == "0.3"
+
+
 def test_lineage_and_leaderboard_commands(experiment: Path) -> None:
     env = project_env(experiment)
     out = run(["deep-repro", "lineage", "models:/fashion-mnist-classifier/1"],
