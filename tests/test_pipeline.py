@@ -9,6 +9,7 @@ lineage by content hash through cached stages, and byte-reproducibility.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -228,13 +229,24 @@ def test_queued_experiments_each_get_their_own_pipeline_run(experiment: Path) ->
     before = {r.info.run_id for r in runs_of(client, exp_id, "pipeline")}
     dvc(experiment, "exp", "run", "--queue", "-S", "model.C=0.25", "-n", "q-one")
     dvc(experiment, "exp", "run", "--queue", "-S", "model.C=2.0", "-n", "q-two")
-    dvc(experiment, "queue", "start", "-j", "2")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = dvc(experiment, "queue", "status").stdout
-        if "Running" not in status and "Queued" not in status:
-            break
-        time.sleep(5)
+    # The queue's worker daemons inherit the starter's stdout: a pipe would keep
+    # `dvc queue start` from returning until they exit, so they get a file instead.
+    log_file = experiment.parent / "queue.log"
+    with log_file.open("w") as sink:
+        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=experiment,
+                       env=project_env(experiment), stdout=sink, stderr=subprocess.STDOUT,
+                       timeout=120, check=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = dvc(experiment, "queue", "status").stdout
+            if "Running" not in status and "Queued" not in status:
+                break
+            time.sleep(5)
+    finally:
+        with log_file.open("a") as sink:
+            subprocess.run(["dvc", "queue", "stop"], cwd=experiment, env=project_env(experiment),
+                           stdout=sink, stderr=subprocess.STDOUT, timeout=120, check=False)
     assert "Failed" not in status, status
     for name in ("q-one", "q-two"):
         logs = dvc(experiment, "queue", "logs", name, check=False).stdout
