@@ -194,18 +194,13 @@ def environment_tags(cfg: Config) -> dict[str, str]:
     root = repo_root()
     git = git_state(root)
     uv_lock = root / "uv.lock"
-    versions = {"python": platform.python_version()}
-    for mod in ("torch", "sklearn", "numpy", "mlflow", "dvc"):
-        module = sys.modules.get(mod)
-        if module is None:
-            with contextlib.suppress(Exception):
-                import importlib.metadata as md
+    import importlib.metadata as metadata
 
-                dist = {"sklearn": "scikit-learn"}.get(mod, mod)
-                versions[mod] = md.version(dist)
-                continue
-        else:
-            versions[mod] = str(getattr(module, "__version__", "unknown"))
+    versions = {"python": platform.python_version()}
+    for name, dist in (("torch", "torch"), ("sklearn", "scikit-learn"), ("numpy", "numpy"),
+                       ("mlflow", "mlflow"), ("dvc", "dvc")):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(dist)
     try:
         user = getpass.getuser()
     except Exception:  # no passwd entry in some containers
@@ -245,8 +240,8 @@ def _search_one(client: MlflowClient, exp_id: str, filter_string: str) -> Any | 
 
 
 def get_or_create_pipeline_run(client: MlflowClient, exp_id: str, uri: str, cfg: Config,
-                               tags: Mapping[str, str]) -> str:
-    key = invocation_key()
+                               tags: Mapping[str, str], key: str | None = None) -> str:
+    key = key or invocation_key()
     with _store_lock(uri):
         found = _search_one(client, exp_id, f"tags.`{TAG_INVOCATION}` = '{key}' and "
                                              f"tags.`{TAG_KIND}` = 'pipeline'")
@@ -372,7 +367,8 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     client, exp_id = connect(uri, cfg.tracking.experiment)
     root = repo_root()
     tags = environment_tags(cfg)
-    parent_id = get_or_create_pipeline_run(client, exp_id, uri, cfg, tags)
+    key = invocation_key()
+    parent_id = get_or_create_pipeline_run(client, exp_id, uri, cfg, tags, key)
 
     code = file_hashes((spec.script,), root)
     deps = file_hashes(spec.deps, root)
@@ -385,7 +381,7 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
             log.warning("no tracked run produced %s (md5 %s): lineage stops here", path, md5)
     run = client.create_run(exp_id, run_name=stage, tags={
         **tags, TAG_KIND: "stage", TAG_STAGE: stage, TAG_PARENT: parent_id,
-        TAG_INVOCATION: invocation_key(), f"{TAG_PREFIX}.dvc_stage": stage,
+        TAG_INVOCATION: key, f"{TAG_PREFIX}.dvc_stage": stage,
         f"{TAG_PREFIX}.command": " ".join(sys.argv),
         **{f"{IN_PREFIX}{p}": h for p, h in deps.items()},
         **{f"{TAG_PREFIX}.code.{p}": h for p, h in code.items()},
