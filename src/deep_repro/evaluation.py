@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,50 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     return cm
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (e.g. accuracy = correct / n).
+
+    Why Wilson and not `p ± 1.96·sqrt(p(1-p)/n)`: it stays inside [0, 1] and keeps its coverage
+    for accuracies near 1 and small validation sets, where the normal approximation is too narrow.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_p_value(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
+    """Exact (binomial) McNemar test of two classifiers scored on the *same* images.
+
+    Only the discordant images carry information: b01 = A wrong & B right, b10 = A right &
+    B wrong. Under "equally accurate" each discordant image is a fair coin, so the two-sided
+    p-value is P(min(b01, b10) or fewer heads in b01 + b10 tosses) x 2, capped at 1.
+    """
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired test needs the same images: {a.shape} vs {b.shape}")
+    b01 = int((~a & b).sum())
+    b10 = int((a & ~b).sum())
+    n = b01 + b10
+    if n == 0:
+        return 1.0
+    k = min(b01, b10)
+    # log-space binomial tail: n can be thousands.
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+                 for i in range(k + 1)]
+    top = max(log_terms)
+    tail = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
+    return min(1.0, 2 * tail)
+
+
 @dataclass(frozen=True)
 class ClassificationReport:
     accuracy: float
+    accuracy_ci95: tuple[float, float]  # Wilson interval of `accuracy`
     macro_f1: float
     top2_accuracy: float
     ece: float
@@ -45,9 +87,24 @@ class ClassificationReport:
     confusion: np.ndarray
     calibration: list[dict[str, float]]  # per-confidence-bin table behind `ece`
 
+    @property
+    def accuracy_pm(self) -> float:
+        """Half-width of the 95% interval, for `0.9235 ± 0.0052` displays."""
+        return (self.accuracy_ci95[1] - self.accuracy_ci95[0]) / 2
+
     def headline(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_accuracy": self.accuracy, f"{prefix}_macro_f1": self.macro_f1,
+        """Every number of this report as flat MLflow metrics (`val_accuracy`, ...)."""
+        return {f"{prefix}_accuracy": self.accuracy,
+                f"{prefix}_accuracy_ci95_low": self.accuracy_ci95[0],
+                f"{prefix}_accuracy_ci95_high": self.accuracy_ci95[1],
+                f"{prefix}_macro_f1": self.macro_f1,
                 f"{prefix}_top2_accuracy": self.top2_accuracy, f"{prefix}_ece": self.ece}
+
+    def summary(self) -> dict[str, float]:
+        """The few numbers that go into the DVC metrics file (`dvc metrics show` / `exp show`
+        stay narrow: the rest lives in MLflow and reports/eval/)."""
+        return {"accuracy": round(self.accuracy, 6), "ci95": round(self.accuracy_pm, 4),
+                "macro_f1": round(self.macro_f1, 6)}
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
@@ -77,8 +134,10 @@ def classification_report(y_true: np.ndarray, logits: np.ndarray) -> Classificat
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     top2 = np.argsort(-probs, axis=1, kind="stable")[:, :2]
     ece, bins = expected_calibration_error(probs.max(axis=1), y_pred == y_true)
+    correct = int((y_pred == y_true).sum())
     return ClassificationReport(
-        accuracy=float((y_pred == y_true).mean()), macro_f1=float(f1.mean()),
+        accuracy=correct / max(1, len(y_true)),
+        accuracy_ci95=wilson_interval(correct, len(y_true)), macro_f1=float(f1.mean()),
         top2_accuracy=float((top2 == y_true[:, None]).any(axis=1).mean()), ece=float(ece),
         precision=precision, recall=recall, f1=f1, support=cm.sum(axis=1), confusion=cm,
         calibration=bins)
@@ -100,10 +159,22 @@ def per_class_rows(report: ClassificationReport) -> list[dict[str, Any]]:
              "support": int(report.support[i])} for i in range(NUM_CLASSES)]
 
 
+def class_label(index: int) -> str:
+    """`3 Dress`: DVC/vega sort category axes alphabetically; the index prefix keeps the
+    dataset's class order, the same order as the PNG confusion matrix."""
+    return f"{index} {CLASS_NAMES[index]}"
+
+
 def prediction_rows(y_true: np.ndarray, y_pred: np.ndarray) -> list[dict[str, Any]]:
     """Per-sample rows for DVC's `confusion` plot template."""
-    return [{"actual": CLASS_NAMES[t], "predicted": CLASS_NAMES[p]}
+    return [{"actual": class_label(t), "predicted": class_label(p)}
             for t, p in zip(y_true.tolist(), y_pred.tolist(), strict=True)]
+
+
+def reliability_rows(table: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The calibration table without empty bins: an empty bin has no accuracy, and writing it
+    as (0, 0) would draw the reliability line down to the origin."""
+    return [row for row in table if row["count"] > 0]
 
 
 # --------------------------------------------------------------------------- figures
