@@ -244,9 +244,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if type(None) in args:
                 return None
             raise _fail(key, value, _type_name(tp))
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `float | None`: the float's own message (e.g. "finite")
+            return _coerce(key, value, options[0])
+        for arg in options:
             try:
                 return _coerce(key, value, arg)
             except ConfigError:
@@ -414,14 +415,25 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) -> dict[str, Any]:
-    """Compose `conf/` with Hydra overrides exactly as `dvc exp run -S` does."""
+    """Compose `conf/` with Hydra overrides exactly as `dvc exp run -S` does.
+
+    Hydra's (multi-line) errors, e.g. `model=transformer` with no conf/model/transformer.yaml,
+    become one ConfigError line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
+    overrides = list(overrides or [])
     conf_dir = conf_dir or repo_root() / "conf"
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
-        composed = hydra_compose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.to_container(composed, resolve=True)  # type: ignore[return-value]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
+            composed = hydra_compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_container(composed, resolve=True)  # type: ignore[return-value]
+    except (HydraException, OmegaConfBaseException) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConfigError(f"config error: cannot compose conf/ with overrides "
+                          f"{' '.join(overrides) or '(none)'}: {first}") from None
