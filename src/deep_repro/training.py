@@ -38,7 +38,7 @@ from deep_repro.config import (
     TrainConfig,
 )
 from deep_repro.errors import TrainingError
-from deep_repro.models import PIXEL_MEAN, PIXEL_STD, build_model, get_spec
+from deep_repro.models import PIXEL_MEAN, PIXEL_STD, LogRegConfig, build_model, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -410,8 +410,6 @@ def fit_logreg(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-
-    from deep_repro.models import LogRegConfig
 
     assert isinstance(cfg.model, LogRegConfig)
     seed_everything(cfg.seed, num_threads=cfg.train.num_threads)
