@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import logging
-import math
 import os
 import platform
 import sys
@@ -44,12 +44,14 @@ from torchvision import transforms as T
 from torchvision.datasets import FashionMNIST
 
 from deep_repro import config, data, training
-from deep_repro.config import AugmentConfig, Config
-from deep_repro.models import PIXEL_MEAN, PIXEL_STD, build_model
+from deep_repro.config import AugmentConfig, Config, LightAugmentConfig
+from deep_repro.models import MODELS, PIXEL_MEAN, PIXEL_STD, build_model
 
 log = logging.getLogger("train_throughput")
 
 REPO = Path(__file__).resolve().parents[1]
+# Every architecture `training.fit` trains (from the registry, so a new model is benchmarkable).
+TORCH_MODELS = sorted(name for name, spec in MODELS.items() if spec.trainer == "torch")
 REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
 FIXTURE = REPO / "tests/fixtures/fashion-mnist"
 # Targets of the issue (2-core CPU): minimum ratio ours/reference.
@@ -96,26 +98,21 @@ class Phases:
 
 
 class Loop:
-    """One training loop: `step()` trains on one batch; `phases` accumulates its breakdown."""
+    """One training loop: `step()` trains on one batch; `phases` accumulates its breakdown.
+
+    Both loops run `fit`'s own code for everything but the batch: `training.make_stepper` (memory
+    format, optimizer, schedule, loss) and `training.train_step` (forward, backward, step)."""
 
     name = ""
 
     def __init__(self, cfg: Config, model: nn.Module, total_steps: int) -> None:
-        tc = cfg.train
         self.cfg = cfg
-        self.device = training.resolve_device(tc)
-        self.amp = training.autocast_dtype(tc, self.device)
-        self.channels_last = tc.channels_last and cfg.model.name in ("cnn", "resnet")
-        self.model = model.to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.model.train()
-        lr = cfg.model.lr  # type: ignore[union-attr]
-        self.opt = training.build_optimizer(self.model.parameters(), cfg.optimizer, lr)
+        self.device = training.resolve_device(cfg.train)
         # One "epoch" of exactly the steps this benchmark runs (OneCycleLR refuses extra steps).
-        self.sched = training.build_scheduler(self.opt, cfg.scheduler, lr, 1, total_steps)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-        self.batch_size = tc.batch_size
+        self.st = training.make_stepper(cfg, model, self.device, 1, total_steps)
+        self.st.model.train()
+        self.channels_last = self.st.channels_last
+        self.batch_size = cfg.train.batch_size
         self.phases = Phases()
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,26 +122,15 @@ class Loop:
         raise NotImplementedError
 
     def step(self) -> None:
-        t0 = time.perf_counter()
+        marks = [time.perf_counter()]
         xb, yb = self.batch()
-        t1 = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                            enabled=self.amp is not None):
-            logits = self.model(xb)
-            loss = self.loss_fn(logits.float(), yb)
-        t2 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        t3 = time.perf_counter()
-        self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
-        t4 = time.perf_counter()
+        marks.append(time.perf_counter())
+        loss, logits = training.train_step(self.st, xb, yb,
+                                           on_phase=lambda _: marks.append(time.perf_counter()))
         self.bookkeeping(loss, logits, yb)
-        t5 = time.perf_counter()
-        for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
-                                  strict=True):
-            self.phases.seconds[phase] += seconds
+        marks.append(time.perf_counter())
+        for phase, (t0, t1) in zip(PHASES, itertools.pairwise(marks), strict=True):
+            self.phases.seconds[phase] += t1 - t0
         self.phases.steps += 1
 
     def run(self, steps: int) -> float:
@@ -158,7 +144,8 @@ class Loop:
 
 
 class OursLoop(Loop):
-    """The step body of `deep_repro.training.fit`, built from its own functions."""
+    """`deep_repro.training.fit`'s epoch, built from its own functions (`device_batch`,
+    `train_step`, `RunningTotals`), but run for a given number of steps rather than epochs."""
 
     name = "ours"
 
@@ -173,10 +160,8 @@ class OursLoop(Loop):
         self.steps_per_epoch = self.n // self.batch_size
         self.perm = torch.empty(0, dtype=torch.long)
         self.pos = self.steps_per_epoch  # -> a new permutation on the first batch
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.totals = training.RunningTotals(self.device)
         self.check_every = 1 if self.device.type == "cpu" else 25
-        self.done = 0
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pos >= self.steps_per_epoch:
@@ -185,19 +170,12 @@ class OursLoop(Loop):
         bs = self.batch_size
         idx = self.perm[self.pos * bs:(self.pos + 1) * bs]
         self.pos += 1
-        xb = training.normalise(training.augment_batch(self.xt[idx], self.cfg.augment, self.gen))
-        if self.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        return xb, self.yt[idx]
+        return training.device_batch(self.st, self.xt, self.yt, idx, self.cfg.augment, self.gen)
 
     def bookkeeping(self, loss: torch.Tensor, logits: torch.Tensor, yb: torch.Tensor) -> None:
-        self.loss_sum += loss.detach()
-        self.correct += (logits.argmax(1) == yb).sum()
-        self.done += 1
-        if self.done % self.check_every == 0:  # fit's divergence check (a device sync)
-            running = self.loss_sum.item() / self.done
-            if not math.isfinite(running):
-                raise RuntimeError(f"loss diverged ({running})")
+        self.totals.add(loss, logits, yb)
+        if self.totals.steps % self.check_every == 0:  # fit's divergence check (a device sync)
+            self.totals.check_finite(1, self.st.lr)
 
 
 class ArrayFashionMNIST(FashionMNIST):
@@ -221,13 +199,14 @@ class ArrayFashionMNIST(FashionMNIST):
 def reference_transform(aug: AugmentConfig) -> T.Compose:
     """The torchvision equivalent of `augment_batch` + `normalise`."""
     ops: list[Any] = []
-    if aug.name != "none":
+    if isinstance(aug, LightAugmentConfig):
         if aug.crop_padding > 0:
             ops.append(T.RandomCrop(28, padding=aug.crop_padding))
         if aug.hflip:
             ops.append(T.RandomHorizontalFlip())
     ops.append(T.ToTensor())
-    if aug.name != "none" and aug.random_erasing > 0:  # erase to black, before Normalize
+    # Erase to black, before Normalize.
+    if isinstance(aug, LightAugmentConfig) and aug.random_erasing > 0:
         ops.append(T.RandomErasing(p=aug.random_erasing, value=0))
     ops.append(T.Normalize((PIXEL_MEAN,), (PIXEL_STD,)))
     return T.Compose(ops)
@@ -442,7 +421,7 @@ def time_to_accuracy(args: argparse.Namespace, x_train: np.ndarray, y_train: np.
     print(f"# time to accuracy: model={cfg.model.name}, target test accuracy "
           f"{args.time_to_accuracy}, device {device}, precision "
           f"{'bf16 autocast' if amp else 'fp32'}, channels_last "
-          f"{cfg.train.channels_last and cfg.model.name in ('cnn', 'resnet')}, "
+          f"{cfg.train.channels_last and cfg.model_spec.channels_last}, "
           f"{len(y_train)} train / {len(y_test)} test images, up to {cfg.train.epochs} epochs "
           f"of batch {cfg.train.batch_size}, deterministic {cfg.train.deterministic}")
     start = time.perf_counter()
@@ -473,7 +452,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["mlp", "cnn"],
-                   choices=["mlp", "cnn", "resnet"])
+                   choices=TORCH_MODELS)
     p.add_argument("--images", type=int, default=None,
                    help="training images per loop and model (default: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGES.items())
@@ -505,7 +484,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-to-accuracy", type=float, default=None, metavar="ACC",
                    help="instead of throughput: train --tta-model with fit until test accuracy "
                         ">= ACC and print the wall time (meant for a GPU, e.g. 0.94)")
-    p.add_argument("--tta-model", default="resnet", choices=["mlp", "cnn", "resnet"])
+    p.add_argument("--tta-model", default="resnet", choices=TORCH_MODELS)
     p.add_argument("--tta-epochs", type=int, default=None,
                    help="epoch budget (the one-cycle schedule spans it); default train.epochs")
     p.add_argument("--eval-images", type=int, default=None,

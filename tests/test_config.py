@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from deep_repro import config
 from deep_repro.errors import ConfigError
+from deep_repro.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,18 +26,86 @@ def test_params_yaml_is_the_composition_of_conf() -> None:
     assert committed == config.compose([], REPO / "conf")
 
 
+def conf_values(conf: Path) -> dict[str, Any]:
+    """What conf/ says the default config is, read from its YAML files without Hydra or the
+    schema: config.yaml's own keys plus the chosen file of each group in its defaults list."""
+    root = yaml.safe_load((conf / "config.yaml").read_text())
+    values = {k: v for k, v in root.items() if k != "defaults"}
+    for entry in root["defaults"]:
+        if entry != "_self_":
+            ((group, choice),) = entry.items()
+            values[group] = yaml.safe_load((conf / group / f"{choice}.yaml").read_text())
+    return values
+
+
 def test_default_config_validates() -> None:
-    cfg = config.load_config(REPO / "params.yaml")
-    assert cfg.model.name == "cnn"
-    assert cfg.model.lr > 0  # `dvc exp run -S model.lr=0.01` works on the default config
-    assert cfg.data.subset is None and 0 < cfg.split.val_size < 1
-    assert cfg.tracking.uri is None
+    # The validated default config is exactly what conf/ says, key for key: the schema adds
+    # no value of its own (and `dvc exp run -S model.lr=0.01` works since model.lr exists).
+    cfg = config.validate(config.compose([], REPO / "conf"))
+    assert config.to_dict(cfg) == conf_values(REPO / "conf")
+    assert cfg.model.name == "cnn" and cfg.model.lr == 0.005
+    assert cfg.data.subset is None and cfg.tracking.uri is None
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn", "resnet"])
+def _schemas() -> set[type]:
+    """Every dataclass the config is validated against: Config, its parts, every option of a
+    tagged union and every registered architecture."""
+    found: set[type] = set()
+    todo: list[Any] = [config.Config, *(spec.schema for spec in MODELS.values())]
+    while todo:
+        tp = todo.pop()
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            if tp not in found:
+                found.add(tp)
+                todo += typing.get_type_hints(tp).values()
+        else:
+            todo += typing.get_args(tp)
+    return found
+
+
+def test_schemas_hold_no_default_values() -> None:
+    # conf/ is the one source of values: a default in the schema would be a second one that
+    # silently disagrees (it once said train.epochs 12 and label_smoothing 0.0; conf/ 15, 0.05).
+    schemas = _schemas()
+    assert {"Config", "TrainConfig", "SGDConfig", "CNNConfig", "MobileNetConfig"} <= {
+        s.__name__ for s in schemas}
+    defaults = [f"{s.__name__}.{f.name}" for s in schemas for f in dataclasses.fields(s)
+                if f.default is not dataclasses.MISSING
+                or f.default_factory is not dataclasses.MISSING]
+    assert defaults == []
+
+
+def test_missing_key_is_an_error_not_a_default() -> None:
+    raw = config.compose([], REPO / "conf")
+    del raw["train"]["label_smoothing"]
+    with pytest.raises(ConfigError, match=r"^config error: missing key train\.label_smoothing$"):
+        config.validate(raw)
+
+
+def test_every_model_in_conf_is_registered_with_a_search_space() -> None:
+    # Adding an architecture = conf/model/<name>.yaml + its entry in models.py +
+    # conf/search/<name>.yaml; nothing else names it.
+    conf_models = {p.stem for p in (REPO / "conf/model").glob("*.yaml")}
+    assert conf_models == set(MODELS)
+    assert conf_models == {p.stem for p in (REPO / "conf/search").glob("*.yaml")}
+
+
+def test_validation_imports_no_torch() -> None:
+    # Every stage and CLI command validates its config first: that must stay cheap.
+    code = ("import sys; from deep_repro import config; "
+            "cfg = config.load_config(); assert cfg.is_torch_model; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_model_group_composes(name: str) -> None:
     cfg = config.validate(config.compose([f"model={name}"], REPO / "conf"))
     assert cfg.model.name == name
+    assert isinstance(cfg.model, MODELS[name].schema)
+    assert cfg.is_torch_model == (MODELS[name].trainer == "torch")
 
 
 @pytest.mark.parametrize("group,choice", [("optimizer", "sgd"), ("scheduler", "cosine"),
@@ -62,6 +134,14 @@ def test_every_training_group_composes(group: str, choice: str) -> None:
     (["tune.n_trials=0"], "tune.n_trials = 0: expected a value >= 1"),
     (["tune.sampler=annealing"], "tune.sampler = 'annealing'"),
     (["model.dropout=1.0"], "model.dropout = 1.0: expected a value < 1"),
+    (["model.lr=inf"], "model.lr = inf: expected a finite number"),
+    (["model.lr=nan"], "model.lr = nan: expected a finite number"),
+    (["optimizer.weight_decay=-inf"], "optimizer.weight_decay = -inf: expected a finite number"),
+    (["evaluate.fail_below=nan"], "evaluate.fail_below = nan: expected a finite number"),
+    (["model.channels=[]"], "model.channels = []: expected a non-empty list of integers >= 1"),
+    (["model.channels=[8,8,8,8]"], "model.channels = [8, 8, 8, 8]: expected at most 3 conv"),
+    (["optimizer.betas=[0.9,1.5]"], "optimizer.betas = [0.9, 1.5]: expected two numbers"),
+    (["+optimizer.momentum=0.9"], "unknown key optimizer.momentum"),
 ])
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
     raw = config.compose(overrides, REPO / "conf")
@@ -73,7 +153,8 @@ def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
 
 
 def test_unknown_model_group_is_rejected_by_hydra() -> None:
-    with pytest.raises(Exception, match="transformer"):
+    with pytest.raises(ConfigError, match=r"^config error: cannot compose conf/ with overrides "
+                       r"model=transformer: .*Could not find 'model/transformer'$"):
         config.compose(["model=transformer"], REPO / "conf")
 
 

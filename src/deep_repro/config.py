@@ -9,148 +9,176 @@ hour of training.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from deep_repro.errors import ConfigError
 from deep_repro.paths import repo_root
 
+if TYPE_CHECKING:
+    from deep_repro.models import ModelSpec
 
-def _rng(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-         le: float | None = None) -> dict[str, float | None]:
-    """Range metadata for a numeric field (checked by `validate`)."""
+
+def rng(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+        le: float | None = None) -> dict[str, float | None]:
+    """Range metadata for a numeric field, or for every item of a list field (see `validate`)."""
     return {"gt": gt, "ge": ge, "lt": lt, "le": le}
 
+
+# The schema holds types and ranges only, never values: every value comes from conf/ (the one
+# source of defaults), so a field has no default and a key missing from the composition is an
+# error. Groups whose options carry different keys (optimizer, scheduler, augment, model) are
+# tagged unions: one dataclass per option, picked by `name`.
 
 # --------------------------------------------------------------------------- data / split
 @dataclass(frozen=True)
 class DataConfig:
     mirrors: list[str]
     sha256: dict[str, str]
-    subset: int | None = field(default=None, metadata=_rng(ge=20))
+    subset: int | None = field(metadata=rng(ge=20))
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    val_size: float = field(default=0.1, metadata=_rng(gt=0.0, lt=1.0))
+    val_size: float = field(metadata=rng(gt=0.0, lt=1.0))
 
 
 # --------------------------------------------------------------------------- architectures
 @dataclass(frozen=True)
-class LogRegConfig:
-    name: Literal["logreg"]
-    C: float = field(default=1.0, metadata=_rng(gt=0.0))
-    max_iter: int = field(default=200, metadata=_rng(ge=1))
+class ModelConfig:
+    """Base of every architecture's schema (group `model`). The schemas themselves live next to
+    their builders in `deep_repro.models` (the model registry), each with a `name: Literal[...]`.
+    """
+
+    name: str
+
+    def check(self) -> None:
+        """Cross-field rules of this architecture; raise ConfigError naming `model.<key>`."""
 
 
 @dataclass(frozen=True)
-class MLPConfig:
-    name: Literal["mlp"]
-    hidden_sizes: list[int] = field(default_factory=lambda: [512, 256])
-    dropout: float = field(default=0.2, metadata=_rng(ge=0.0, lt=1.0))
-    activation: Literal["relu", "gelu", "silu"] = "relu"
-    lr: float = field(default=0.003, metadata=_rng(gt=0.0))
+class TorchModelConfig(ModelConfig):
+    """Base of the networks trained by `training.fit` (gradient descent needs a learning rate)."""
+
+    lr: float = field(metadata=rng(gt=0.0))
+    dropout: float = field(metadata=rng(ge=0.0, lt=1.0))
 
 
-@dataclass(frozen=True)
-class CNNConfig:
-    name: Literal["cnn"]
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    hidden: int = field(default=128, metadata=_rng(ge=1))
-    dropout: float = field(default=0.3, metadata=_rng(ge=0.0, lt=1.0))
-    lr: float = field(default=0.005, metadata=_rng(gt=0.0))
-
-
-@dataclass(frozen=True)
-class ResNetConfig:
-    name: Literal["resnet"]
-    width: int = field(default=32, metadata=_rng(ge=4))
-    blocks: list[int] = field(default_factory=lambda: [2, 2, 2])
-    dropout: float = field(default=0.1, metadata=_rng(ge=0.0, lt=1.0))
-    lr: float = field(default=0.004, metadata=_rng(gt=0.0))
-
-
-ModelConfig = LogRegConfig | MLPConfig | CNNConfig | ResNetConfig
-MODEL_SCHEMAS: dict[str, type] = {
-    "logreg": LogRegConfig, "mlp": MLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig,
-}
+def check_sizes(key: str, values: list[int], *, at_most: int | None = None,
+                too_many: str = "") -> None:
+    """A model's list of layer sizes: non-empty, every item >= 1, at most `at_most` items."""
+    if not values or any(v < 1 for v in values):
+        raise _fail(f"model.{key}", values, "a non-empty list of integers >= 1")
+    if at_most is not None and len(values) > at_most:
+        raise _fail(f"model.{key}", values, too_many or f"at most {at_most} items")
 
 
 # --------------------------------------------------------------------------- training protocol
 @dataclass(frozen=True)
-class OptimizerConfig:
-    name: Literal["adamw", "sgd"]
-    weight_decay: float = field(default=5e-4, metadata=_rng(ge=0.0))
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = field(default=0.9, metadata=_rng(ge=0.0, lt=1.0))
-    nesterov: bool = True
+class AdamWConfig:
+    name: Literal["adamw"]
+    weight_decay: float = field(metadata=rng(ge=0.0))
+    betas: list[float]
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    name: Literal["onecycle", "cosine", "none"]
-    pct_start: float = field(default=0.25, metadata=_rng(gt=0.0, lt=1.0))
-    warmup_epochs: int = field(default=1, metadata=_rng(ge=0))
+class SGDConfig:
+    name: Literal["sgd"]
+    weight_decay: float = field(metadata=rng(ge=0.0))
+    momentum: float = field(metadata=rng(ge=0.0, lt=1.0))
+    nesterov: bool
+
+
+OptimizerConfig = AdamWConfig | SGDConfig
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
-    name: Literal["none", "light"]
-    crop_padding: int = field(default=2, metadata=_rng(ge=0, le=8))
-    hflip: bool = True
-    random_erasing: float = field(default=0.0, metadata=_rng(ge=0.0, le=1.0))
+class OneCycleConfig:
+    name: Literal["onecycle"]
+    pct_start: float = field(metadata=rng(gt=0.0, lt=1.0))
+
+
+@dataclass(frozen=True)
+class CosineConfig:
+    name: Literal["cosine"]
+    warmup_epochs: int = field(metadata=rng(ge=0))
+
+
+@dataclass(frozen=True)
+class NoSchedulerConfig:
+    name: Literal["none"]
+
+
+SchedulerConfig = OneCycleConfig | CosineConfig | NoSchedulerConfig
+
+
+@dataclass(frozen=True)
+class LightAugmentConfig:
+    name: Literal["light"]
+    crop_padding: int = field(metadata=rng(ge=0, le=8))
+    hflip: bool
+    random_erasing: float = field(metadata=rng(ge=0.0, le=1.0))
+
+
+@dataclass(frozen=True)
+class NoAugmentConfig:
+    name: Literal["none"]
+
+
+AugmentConfig = LightAugmentConfig | NoAugmentConfig
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = field(default=12, metadata=_rng(ge=1))
-    batch_size: int = field(default=256, metadata=_rng(ge=1))
-    patience: int = field(default=4, metadata=_rng(ge=0))
-    label_smoothing: float = field(default=0.0, metadata=_rng(ge=0.0, lt=1.0))
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    deterministic: bool = True
-    num_threads: int = field(default=2, metadata=_rng(ge=1))
-    channels_last: bool = True
+    epochs: int = field(metadata=rng(ge=1))
+    batch_size: int = field(metadata=rng(ge=1))
+    patience: int = field(metadata=rng(ge=0))
+    label_smoothing: float = field(metadata=rng(ge=0.0, lt=1.0))
+    device: str
+    precision: Literal["auto", "fp32", "bf16"]
+    deterministic: bool
+    num_threads: int = field(metadata=rng(ge=1))
+    channels_last: bool
 
 
 # --------------------------------------------------------------------------- inference
 @dataclass(frozen=True)
 class PostprocessConfig:
-    quantize: Literal["none", "int8"] = "none"
-    atol: float = field(default=1e-4, metadata=_rng(gt=0.0))
-    int8_max_acc_drop: float = field(default=0.005, metadata=_rng(ge=0.0, le=1.0))
+    quantize: Literal["none", "int8"]
+    atol: float = field(metadata=rng(gt=0.0))
+    int8_max_acc_drop: float = field(metadata=rng(ge=0.0, le=1.0))
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    baseline: float = field(default=0.842, metadata=_rng(ge=0.0, le=1.0))
-    fail_below: float | None = field(default=None, metadata=_rng(ge=0.0, le=1.0))
+    baseline: float = field(metadata=rng(ge=0.0, le=1.0))
+    fail_below: float | None = field(metadata=rng(ge=0.0, le=1.0))
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str | None = None
-    experiment: str = "fashion-mnist"
-    model_name: str = "fashion-mnist-classifier"
+    uri: str | None
+    experiment: str
+    model_name: str
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    n_trials: int = field(default=20, metadata=_rng(ge=1))
-    epochs: int = field(default=8, metadata=_rng(ge=1))
-    sampler: Literal["tpe", "cmaes", "random", "grid"] = "tpe"
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    seed: int = 0
-    storage: str | None = None
-    study_name: str | None = None
-    timeout: float | None = field(default=None, metadata=_rng(gt=0.0))
-    heartbeat_interval: int = field(default=60, metadata=_rng(ge=1))
+    n_trials: int = field(metadata=rng(ge=1))
+    epochs: int = field(metadata=rng(ge=1))
+    sampler: Literal["tpe", "cmaes", "random", "grid"]
+    pruner: Literal["median", "hyperband", "none"]
+    seed: int
+    storage: str | None
+    study_name: str | None
+    timeout: float | None = field(metadata=rng(gt=0.0))
+    heartbeat_interval: int = field(metadata=rng(ge=1))
 
 
 @dataclass(frozen=True)
@@ -169,8 +197,15 @@ class Config:
     tune: TuneConfig
 
     @property
+    def model_spec(self) -> ModelSpec:
+        """The registry entry of `model.name` (builder, trainer kind, layout flags)."""
+        from deep_repro.models import get_spec
+
+        return get_spec(self.model.name)
+
+    @property
     def is_torch_model(self) -> bool:
-        return self.model.name != "logreg"
+        return self.model_spec.trainer == "torch"
 
 
 # --------------------------------------------------------------------------- validation
@@ -203,13 +238,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
+        if all(dataclasses.is_dataclass(a) for a in args):
+            return _build_tagged(key, value, {option_name(a): a for a in args})
         if value is None:
             if type(None) in args:
                 return None
             raise _fail(key, value, _type_name(tp))
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `float | None`: the float's own message (e.g. "finite")
+            return _coerce(key, value, options[0])
+        for arg in options:
             try:
                 return _coerce(key, value, arg)
             except ConfigError:
@@ -224,6 +262,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             raise _fail(key, value, _type_name(tp))
         return {str(k): _coerce(f"{key}.{k}", v, typing.get_args(tp)[1]) for k, v in value.items()}
+    if tp is ModelConfig:
+        from deep_repro.models import MODELS  # the registry; imports no torch
+
+        return _build_tagged(key, value, {name: spec.schema for name, spec in MODELS.items()})
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -237,6 +279,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _fail(key, value, "a number")
+        if not math.isfinite(value):  # YAML/Hydra read `inf` and `nan` as floats
+            raise _fail(key, value, "a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -262,8 +306,6 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise _fail(prefix, raw, "a mapping")
-    if cls is ModelConfig:  # pragma: no cover - handled by the union branch
-        raise TypeError
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -276,23 +318,27 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"config error: missing key {key}")
-            continue
-        tp = hints[name]
-        value = _build_model(raw[name], key) if tp == ModelConfig else _coerce(key, raw[name], tp)
+            raise ConfigError(f"config error: missing key {key}")
+        value = _coerce(key, raw[name], hints[name])
         _check_range(key, value, f.metadata)
         kwargs[name] = value
     return cls(**kwargs)
 
 
-def _build_model(raw: Any, key: str) -> ModelConfig:
+def option_name(schema: type) -> str:
+    """The option name of one member of a tagged union (its `name: Literal["..."]`)."""
+    (name,) = typing.get_args(typing.get_type_hints(schema)["name"])
+    return name
+
+
+def _build_tagged(key: str, raw: Any, options: dict[str, type]) -> Any:
+    """A group with one schema per option (`optimizer`, `model`, ...), picked by `name`."""
     if not isinstance(raw, dict):
         raise _fail(key, raw, "a mapping")
     name = raw.get("name")
-    if name not in MODEL_SCHEMAS:
-        raise _fail(f"{key}.name", name, "one of " + ", ".join(repr(n) for n in MODEL_SCHEMAS))
-    return _build(MODEL_SCHEMAS[name], raw, key)
+    if name not in options:
+        raise _fail(f"{key}.name", name, "one of " + ", ".join(repr(n) for n in options))
+    return _build(options[name], raw, key)
 
 
 def _semantic_checks(cfg: Config) -> None:
@@ -317,18 +363,11 @@ def _semantic_checks(cfg: Config) -> None:
     if not (device in ("auto", "cpu", "cuda") or
             (device.startswith("cuda:") and device[5:].isdigit())):
         raise _fail("train.device", device, "one of 'auto', 'cpu', 'cuda', 'cuda:N'")
-    model = cfg.model
-    for list_key, values in (("hidden_sizes", getattr(model, "hidden_sizes", [1])),
-                             ("channels", getattr(model, "channels", [1])),
-                             ("blocks", getattr(model, "blocks", [1]))):
-        if not values or any(v < 1 for v in values):
-            raise _fail(f"model.{list_key}", values, "a non-empty list of integers >= 1")
-    if isinstance(model, CNNConfig) and len(model.channels) > 3:
-        raise _fail("model.channels", model.channels, "at most 3 conv blocks (28 -> 3 pixels)")
-    if isinstance(model, ResNetConfig) and len(model.blocks) > 3:
-        raise _fail("model.blocks", model.blocks, "at most 3 stages")
-    if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
-        raise _fail("optimizer.betas", cfg.optimizer.betas, "two numbers in [0, 1)")
+    cfg.model.check()
+    if isinstance(cfg.optimizer, AdamWConfig):
+        betas = cfg.optimizer.betas
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise _fail("optimizer.betas", betas, "two numbers in [0, 1)")
 
 
 DATA_FILES: tuple[str, ...] = (
@@ -376,14 +415,25 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) -> dict[str, Any]:
-    """Compose `conf/` with Hydra overrides exactly as `dvc exp run -S` does."""
+    """Compose `conf/` with Hydra overrides exactly as `dvc exp run -S` does.
+
+    Hydra's (multi-line) errors, e.g. `model=transformer` with no conf/model/transformer.yaml,
+    become one ConfigError line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
+    overrides = list(overrides or [])
     conf_dir = conf_dir or repo_root() / "conf"
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
-        composed = hydra_compose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.to_container(composed, resolve=True)  # type: ignore[return-value]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
+            composed = hydra_compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_container(composed, resolve=True)  # type: ignore[return-value]
+    except (HydraException, OmegaConfBaseException) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConfigError(f"config error: cannot compose conf/ with overrides "
+                          f"{' '.join(overrides) or '(none)'}: {first}") from None

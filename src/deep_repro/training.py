@@ -25,15 +25,20 @@ import torch
 from torch import nn
 
 from deep_repro.config import (
+    AdamWConfig,
     AugmentConfig,
     Config,
-    LogRegConfig,
+    CosineConfig,
+    NoAugmentConfig,
+    OneCycleConfig,
     OptimizerConfig,
     SchedulerConfig,
+    SGDConfig,
+    TorchModelConfig,
     TrainConfig,
 )
 from deep_repro.errors import TrainingError
-from deep_repro.models import PIXEL_MEAN, PIXEL_STD, build_model
+from deep_repro.models import PIXEL_MEAN, PIXEL_STD, LogRegConfig, build_model, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     """Random translation (crop of a zero-padded image), horizontal flip, random erasing, done
     on a whole uint8 batch `[N, 28, 28]` at once on its device. Clothing stays clothing when
     mirrored, so flips are label-preserving here (they would not be for digits)."""
-    if cfg.name == "none":
+    if isinstance(cfg, NoAugmentConfig):
         return x
     n, h, w = x.shape
     dev = x.device
@@ -122,10 +127,10 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
 
 # --------------------------------------------------------------------------- optimisation
 def build_optimizer(params: Any, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    if cfg.name == "adamw":
+    if isinstance(cfg, AdamWConfig):
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay,
                                  betas=(cfg.betas[0], cfg.betas[1]))
-    if cfg.name == "sgd":
+    if isinstance(cfg, SGDConfig):
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
     raise TrainingError(f"optimizer.name = {cfg.name!r} unknown")  # pragma: no cover
@@ -135,10 +140,10 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, lr: float,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Per-step schedulers (stepped after every batch)."""
     total = epochs * steps_per_epoch
-    if cfg.name == "onecycle":
+    if isinstance(cfg, OneCycleConfig):
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
                                                    pct_start=cfg.pct_start)
-    if cfg.name == "cosine":
+    if isinstance(cfg, CosineConfig):
         warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
 
         def factor(step: int) -> float:
@@ -194,6 +199,12 @@ def evaluate_logits(model: nn.Module, x_u8: torch.Tensor, batch_size: int = 1024
     return torch.cat(out) if out else torch.empty(0, 10)
 
 
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of logits against integer labels."""
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
 def check_trainable(cfg: Config, n_train: int) -> None:
     """Reject a configuration that cannot train, before any work is done."""
     if cfg.train.batch_size > n_train:
@@ -201,84 +212,169 @@ def check_trainable(cfg: Config, n_train: int) -> None:
                             f"{n_train} training images")
 
 
+def torch_model_config(cfg: Config) -> TorchModelConfig:
+    """`cfg.model` as a network's config (with `lr`), or a TrainingError for other kinds."""
+    if not isinstance(cfg.model, TorchModelConfig):
+        raise TrainingError(f"model = {cfg.model.name} is not trained by gradient descent; "
+                            "use training.train_model")
+    return cfg.model
+
+
+# --------------------------------------------------------------------------- one step, one epoch
+@dataclass
+class Stepper:
+    """The moving parts of one gradient-descent run; `fit` and benchmarks/ share them."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler | None
+    loss_fn: nn.Module
+    device: torch.device
+    amp: torch.dtype | None
+    channels_last: bool
+    lr: float
+
+
+def make_stepper(cfg: Config, model: nn.Module, device: torch.device, epochs: int,
+                 steps_per_epoch: int) -> Stepper:
+    """Move `model` to the device (and memory format) and build optimizer, schedule and loss."""
+    tc = cfg.train
+    lr = torch_model_config(cfg).lr
+    channels_last = tc.channels_last and get_spec(cfg.model.name).channels_last
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model.parameters(), cfg.optimizer, lr)
+    return Stepper(model=model, opt=opt,
+                   sched=build_scheduler(opt, cfg.scheduler, lr, epochs, steps_per_epoch),
+                   loss_fn=nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+                   device=device, amp=autocast_dtype(tc, device), channels_last=channels_last,
+                   lr=lr)
+
+
+def device_batch(st: Stepper, x_u8: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                 augment: AugmentConfig, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch from the on-device split: index, augment, normalise (as one tensor)."""
+    xb = normalise(augment_batch(x_u8[idx], augment, gen))
+    if st.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb, y[idx]
+
+
+def train_step(st: Stepper, xb: torch.Tensor, yb: torch.Tensor,
+               on_phase: Callable[[str], None] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, optimizer and scheduler step on one batch; returns (loss, logits).
+
+    `on_phase("forward" | "backward" | "optim")` is called as each phase ends (benchmarks time
+    the phases of this very code)."""
+    with torch.autocast(st.device.type, dtype=st.amp or torch.float32, enabled=st.amp is not None):
+        logits = st.model(xb)
+        loss = st.loss_fn(logits.float(), yb)
+    if on_phase is not None:
+        on_phase("forward")
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if on_phase is not None:
+        on_phase("backward")
+    st.opt.step()
+    if st.sched is not None:
+        st.sched.step()
+    if on_phase is not None:
+        on_phase("optim")
+    return loss, logits
+
+
+class RunningTotals:
+    """Loss and accuracy of the batches of an epoch, summed on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, yb: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.correct += (logits.argmax(1) == yb).sum()
+        self.steps += 1
+
+    def check_finite(self, epoch: int, lr: float) -> float:
+        """The running mean loss (a device sync); TrainingError if training diverged."""
+        running = self.loss_sum.item() / self.steps
+        if not math.isfinite(running):
+            raise TrainingError(f"training diverged: loss is {running} at epoch {epoch}, "
+                                f"step {self.steps}; lower model.lr (now {lr}) or change "
+                                "the optimizer — no model was written")
+        return running
+
+
+def train_epoch(st: Stepper, xt: torch.Tensor, yt: torch.Tensor, *, batch_size: int,
+                augment: AugmentConfig, gen: torch.Generator, epoch: int, desc: str = "",
+                progress: bool = True) -> RunningTotals:
+    """One pass over a fresh permutation of the split, in full batches."""
+    from tqdm import tqdm
+
+    st.model.train()
+    n = len(yt)
+    # Drop the last incomplete batch: BatchNorm statistics from a handful of samples are noise.
+    steps = n // batch_size
+    check_every = 1 if st.device.type == "cpu" else 25
+    perm = torch.randperm(n, generator=gen, device=st.device)
+    totals = RunningTotals(st.device)
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress, mininterval=1.0,
+               unit="batch")
+    for step in bar:
+        idx = perm[step * batch_size:(step + 1) * batch_size]
+        xb, yb = device_batch(st, xt, yt, idx, augment, gen)
+        loss, logits = train_step(st, xb, yb)
+        totals.add(loss, logits, yb)
+        if (step + 1) % check_every == 0 or step + 1 == steps:
+            running = totals.check_finite(epoch, st.lr)
+            if (step + 1) % 10 == 0:
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+    bar.close()
+    return totals
+
+
+def epoch_metrics(st: Stepper, epoch: int, totals: RunningTotals, batch_size: int,
+                  xv: torch.Tensor, yv: torch.Tensor) -> EpochMetrics:
+    """Train metrics of the epoch's batches and validation metrics of the model now."""
+    val_loss, val_accuracy = logit_metrics(
+        evaluate_logits(st.model, xv, channels_last=st.channels_last, amp=st.amp), yv)
+    return EpochMetrics(step=epoch, train_loss=totals.loss_sum.item() / totals.steps,
+                        train_accuracy=totals.correct.item() / (totals.steps * batch_size),
+                        val_loss=val_loss, val_accuracy=val_accuracy,
+                        lr=st.opt.param_groups[0]["lr"])
+
+
+# --------------------------------------------------------------------------- the loop
 def fit(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
         y_val: np.ndarray, *, on_epoch: EpochCallback | None = None, epochs: int | None = None,
         progress: bool = True) -> TrainResult:
     """Train the configured torch model; returns it with the best-val-accuracy weights."""
-    from tqdm import tqdm
-
     tc = cfg.train
     epochs = epochs or tc.epochs
+    torch_model_config(cfg)
     check_trainable(cfg, len(y_train))
     device = resolve_device(tc)
     seed_everything(cfg.seed, deterministic=tc.deterministic, num_threads=tc.num_threads)
-    amp = autocast_dtype(tc, device)
-    model = build_model(cfg.model).to(device)
-    conv = cfg.model.name in ("cnn", "resnet")
-    channels_last = tc.channels_last and conv
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    lr = cfg.model.lr  # type: ignore[union-attr]
+    st = make_stepper(cfg, build_model(cfg.model), device, epochs, len(y_train) // tc.batch_size)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
-
     xt = torch.from_numpy(x_train).to(device)
     yt = torch.from_numpy(y_train.astype(np.int64)).to(device)
     xv = torch.from_numpy(x_val).to(device)
     yv = torch.from_numpy(y_val.astype(np.int64)).to(device)
-    n = len(yt)
-    # Drop the last incomplete batch: BatchNorm statistics from a handful of samples are noise.
-    steps = n // tc.batch_size
-    opt = build_optimizer(model.parameters(), cfg.optimizer, lr)
-    sched = build_scheduler(opt, cfg.scheduler, lr, epochs, steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    check_every = 1 if device.type == "cpu" else 25
 
-    result = TrainResult(model=model, device=str(device))
+    result = TrainResult(model=st.model, device=str(device))
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs = 0
     result.stop_reason = f"completed {epochs} epochs"
     for epoch in range(1, epochs + 1):
-        model.train()
-        perm = torch.randperm(n, generator=gen, device=device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress,
-                   mininterval=1.0, unit="batch")
-        for step in bar:
-            idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
-            xb = normalise(augment_batch(xt[idx], cfg.augment, gen))
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = yt[idx]
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(xb)
-                loss = loss_fn(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            loss_sum += loss.detach()
-            correct += (logits.argmax(1) == yb).sum()
-            if (step + 1) % check_every == 0 or step + 1 == steps:
-                running = loss_sum.item() / (step + 1)
-                if not math.isfinite(running):
-                    raise TrainingError(f"training diverged: loss is {running} at epoch {epoch}, "
-                                        f"step {step + 1}; lower model.lr (now {lr}) or change "
-                                        "the optimizer — no model was written")
-                if (step + 1) % 10 == 0:
-                    bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-        bar.close()
-        val_logits = evaluate_logits(model, xv, channels_last=channels_last, amp=amp)
-        metrics = EpochMetrics(
-            step=epoch,
-            train_loss=loss_sum.item() / steps,
-            train_accuracy=correct.item() / (steps * tc.batch_size),
-            val_loss=nn.functional.cross_entropy(val_logits, yv).item(),
-            val_accuracy=(val_logits.argmax(1) == yv).float().mean().item(),
-            lr=opt.param_groups[0]["lr"],
-        )
+        totals = train_epoch(st, xt, yt, batch_size=tc.batch_size, augment=cfg.augment, gen=gen,
+                             epoch=epoch, desc=f"epoch {epoch}/{epochs}", progress=progress)
+        metrics = epoch_metrics(st, epoch, totals, tc.batch_size, xv, yv)
         result.history.append(metrics)
         log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e",
                  epoch, epochs, metrics.train_loss, metrics.train_accuracy, metrics.val_loss,
@@ -288,7 +384,7 @@ def fit(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
         if metrics.val_accuracy > result.best_val_accuracy:
             result.best_val_accuracy = metrics.val_accuracy
             result.best_epoch = epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(st.model.state_dict())
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -297,8 +393,8 @@ def fit(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
                                       f"improve for {tc.patience} epochs")
                 break
     if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
+        st.model.load_state_dict(best_state)
+    st.model.eval()
     return result
 
 
@@ -315,8 +411,6 @@ def fit_logreg(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    from deep_repro.models import linear_classifier
-
     assert isinstance(cfg.model, LogRegConfig)
     seed_everything(cfg.seed, num_threads=cfg.train.num_threads)
     features = normalise(torch.from_numpy(x_train)).flatten(1).numpy()
@@ -328,18 +422,15 @@ def fit_logreg(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
     converged = clf.n_iter_[0] < cfg.model.max_iter
     if not converged:
         log.warning("logreg stopped at model.max_iter = %d before converging", cfg.model.max_iter)
-    model = linear_classifier()
+    model = build_model(cfg.model)
     model.load_state_dict({"1.weight": torch.from_numpy(clf.coef_.astype(np.float32)),
                            "1.bias": torch.from_numpy(clf.intercept_.astype(np.float32))})
-    y_t = torch.from_numpy(y_train.astype(np.int64))
-    y_v = torch.from_numpy(y_val.astype(np.int64))
-    train_logits = evaluate_logits(model, torch.from_numpy(x_train))
-    val_logits = evaluate_logits(model, torch.from_numpy(x_val))
-    metrics = EpochMetrics(
-        step=1, train_loss=nn.functional.cross_entropy(train_logits, y_t).item(),
-        train_accuracy=(train_logits.argmax(1) == y_t).float().mean().item(),
-        val_loss=nn.functional.cross_entropy(val_logits, y_v).item(),
-        val_accuracy=(val_logits.argmax(1) == y_v).float().mean().item(), lr=0.0)
+    train_loss, train_accuracy = logit_metrics(evaluate_logits(model, torch.from_numpy(x_train)),
+                                               torch.from_numpy(y_train.astype(np.int64)))
+    val_loss, val_accuracy = logit_metrics(evaluate_logits(model, torch.from_numpy(x_val)),
+                                           torch.from_numpy(y_val.astype(np.int64)))
+    metrics = EpochMetrics(step=1, train_loss=train_loss, train_accuracy=train_accuracy,
+                           val_loss=val_loss, val_accuracy=val_accuracy, lr=0.0)
     if on_epoch is not None:
         on_epoch(metrics)
     log.info("logreg: %d lbfgs iterations, train acc %.4f, val acc %.4f", clf.n_iter_[0],
@@ -352,6 +443,10 @@ def fit_logreg(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
 
 def train_model(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                 y_val: np.ndarray, *, on_epoch: EpochCallback | None = None) -> TrainResult:
-    """Train whichever architecture `cfg.model` names."""
-    trainer = fit_logreg if cfg.model.name == "logreg" else fit
+    """Train whichever architecture `cfg.model` names, with the trainer its registry entry names."""
+    trainer = TRAINERS[get_spec(cfg.model.name).trainer]
     return trainer(cfg, x_train, y_train, x_val, y_val, on_epoch=on_epoch)
+
+
+# The registry (`models.ModelSpec.trainer`) names one of these.
+TRAINERS: dict[str, Callable[..., TrainResult]] = {"torch": fit, "sklearn": fit_logreg}
