@@ -5,7 +5,7 @@ decompressed content matches `data.sha256`, so the data's identity never depends
 """
 
 from deep_repro import config, data, tracking
-from deep_repro.errors import entrypoint
+from deep_repro.errors import entrypoint, scrub
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import RAW_DIR
 
@@ -18,7 +18,7 @@ def main() -> None:
         sources = {}
         for name in config.DATA_FILES:
             mirror = data.download_file(name, cfg.data.sha256[name], cfg.data.mirrors, raw_dir)
-            sources[f"source.{name}"] = data.redact(mirror)
+            sources[f"source.{name}"] = scrub(mirror)
         run.set_tags(sources)
 
 
