@@ -12,7 +12,7 @@ from deep_repro.pipeline import RAW_DIR
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_config()
+    cfg = config.load_stage_config("download")
     raw_dir = repo_root() / RAW_DIR
     with tracking.stage_run("download", cfg) as run:
         sources = {}

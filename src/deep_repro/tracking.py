@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deep_repro.config import Config, flatten, to_dict
+from deep_repro.config import Config, flatten, to_dict, unrestricted
 from deep_repro.errors import TrackingError, scrub
 from deep_repro.files import file_digest, file_hashes
 from deep_repro.paths import repo_root, store_root
@@ -343,6 +343,7 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     Fails (before the stage does any work) if the store is unreachable. On exit records the
     md5 of every output, so downstream runs, in this invocation or later ones, can link to it.
     """
+    cfg = unrestricted(cfg)  # a stage's view: MLflow still records the whole config
     spec = STAGES[stage]
     uri = tracking_uri(cfg.tracking.uri)
     client, exp_id = connect(uri, cfg.tracking.experiment)
