@@ -4,11 +4,6 @@ tests/helpers.py; this file holds fixtures only."""
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +12,7 @@ import pytest
 from deep_repro import config, data
 
 from .helpers import FIXTURE, REPO, fixture_overrides
+
 
 @pytest.fixture
 def make_cfg() -> Callable[..., config.Config]:

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from deep_repro import config, tracking
 from deep_repro.pipeline import STAGES
 
-from .conftest import make_project, project_env, run
+from .helpers import make_project, project_env, run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
