@@ -216,3 +216,27 @@ def code_dep_problems(root: Path, exempt: dict[str, str]) -> list[str]:
         for dep in sorted(code_deps - used):
             problems.append(f"stage {name!r} lists {dep} in its deps but never imports it")
     return problems
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """An independent copy of a test project (git, DVC cache, MLflow store), so each test can
+    start from a prepared state and change it freely.
+
+    MLflow stores absolute artifact locations; they are moved to the copy so that its runs
+    and artifacts never touch the original.
+    """
+    import sqlite3
+
+    shutil.copytree(src, dest, symlinks=True)
+    db = dest / "mlflow.db"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'table'")]
+            for table in tables:
+                for column in conn.execute(f'PRAGMA table_info("{table}")').fetchall():
+                    if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
+                        conn.execute(f'UPDATE "{table}" SET "{column[1]}" = REPLACE('
+                                     f'"{column[1]}", ?, ?) WHERE instr("{column[1]}", ?) > 0',
+                                     (str(src), str(dest), str(src)))
+    return dest
