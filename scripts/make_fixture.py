@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from deep_repro import data  # noqa: E402
+from deep_repro.files import file_digest  # noqa: E402
 
 N_TRAIN, N_TEST = 2000, 500
 
@@ -31,7 +32,7 @@ def main(source: Path, dest: Path) -> None:
         for kind, array in (("images-idx3", images[keep]), ("labels-idx1", labels[keep])):
             path = dest / f"{prefix}-{kind}-ubyte.gz"
             data.write_idx(path, array)
-            lines.append(f"{data.sha256_file(path, decompress=True)}  {path.stem}")
+            lines.append(f"{file_digest(path, 'sha256', decompress=True)}  {path.stem}")
     (dest / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 

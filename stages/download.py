@@ -5,20 +5,20 @@ decompressed content matches `data.sha256`, so the data's identity never depends
 """
 
 from deep_repro import config, data, tracking
-from deep_repro.errors import entrypoint
+from deep_repro.errors import entrypoint, scrub
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import RAW_DIR
 
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_config()
+    cfg = config.load_stage_config("download")
     raw_dir = repo_root() / RAW_DIR
     with tracking.stage_run("download", cfg) as run:
         sources = {}
         for name in config.DATA_FILES:
             mirror = data.download_file(name, cfg.data.sha256[name], cfg.data.mirrors, raw_dir)
-            sources[f"source.{name}"] = data.redact(mirror)
+            sources[f"source.{name}"] = scrub(mirror)
         run.set_tags(sources)
 
 

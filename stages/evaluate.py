@@ -32,7 +32,7 @@ log = logging.getLogger("evaluate")
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_config()
+    cfg = config.load_stage_config("evaluate")
     root = repo_root()
     splits = data.load_splits(root / SPLIT_TRAIN_VAL, root / SPLIT_TEST)
     model_path = root / INFERENCE_MODEL

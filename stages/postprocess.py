@@ -20,7 +20,7 @@ from deep_repro.pipeline import CHECKPOINT, INFERENCE_MODEL, POSTPROCESS_REPORT,
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_config()
+    cfg = config.load_stage_config("postprocess")
     root = repo_root()
     checkpoint = root / CHECKPOINT
     if not checkpoint.exists():

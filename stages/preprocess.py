@@ -12,7 +12,7 @@ from deep_repro.pipeline import PROCESSED_TEST, PROCESSED_TRAIN, RAW_DIR
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_config()
+    cfg = config.load_stage_config("preprocess")
     root = repo_root()
     with tracking.stage_run("preprocess", cfg) as run:
         for part, prefix, target in (("train", "train", PROCESSED_TRAIN),

@@ -15,7 +15,7 @@ from deep_repro.pipeline import PROCESSED_TEST, PROCESSED_TRAIN, SPLIT_TEST, SPL
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_config()
+    cfg = config.load_stage_config("split")
     root = repo_root()
     with tracking.stage_run("split", cfg) as run:
         train = data.load_arrays(root / PROCESSED_TRAIN)

@@ -17,7 +17,7 @@ from deep_repro.pipeline import CHECKPOINT, SPLIT_TRAIN_VAL, TRAIN_HISTORY, TRAI
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_config()
+    cfg = config.load_stage_config("train")
     root = repo_root()
     tv = data.load_arrays(root / SPLIT_TRAIN_VAL)
     # Reject impossible settings (batch larger than the data, CUDA absent) before any work.

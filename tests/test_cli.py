@@ -68,6 +68,7 @@ def test_pyfunc_model_in_process_and_champion_predict(
         tracking_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
@@ -84,7 +85,7 @@ def test_pyfunc_model_in_process_and_champion_predict(
     direct = inference.predict_logits(inference.load_inference_model(exported), splits.x_test[:8])
     assert np.array_equal(frame["predicted"].to_numpy(), direct.argmax(1).numpy())
     # The logged signature enforces the input contract: uint8 images [N, 28, 28].
-    with pytest.raises(Exception, match=r"28, 28"):
+    with pytest.raises(MlflowException, match=r"28, 28"):
         model.predict(splits.x_test[:3].reshape(3, 784))
     capsys.readouterr()
     assert cli.main(["predict", "--model", "models:/cli-model@champion",

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from deep_repro import data
-from deep_repro.errors import DataError
+from deep_repro.errors import DataError, scrub
+from deep_repro.files import file_digest
 
-from .conftest import FIXTURE, fixture_sha256
+from .helpers import FIXTURE, fixture_sha256
 
 NAME = "train-labels-idx1-ubyte"
 
@@ -117,7 +118,7 @@ def test_failover_to_next_mirror_on_mismatch_and_truncation(
                                FIXTURE.as_uri()], dest)
     assert used == FIXTURE.as_uri()
     assert sorted(p.name for p in dest.iterdir()) == [f"{NAME}.gz"]  # no temp files left
-    assert data.sha256_file(dest / f"{NAME}.gz", decompress=True) == fixture_sha256()[NAME]
+    assert file_digest(dest / f"{NAME}.gz", "sha256", decompress=True) == fixture_sha256()[NAME]
 
 
 def test_all_mirrors_failing_lists_each_and_leaves_nothing(
@@ -174,6 +175,6 @@ def test_npz_is_byte_reproducible_and_pickle_free(tmp_path: Path) -> None:
     assert np.array_equal(data.load_arrays(tmp_path / "a.npz")["x"], x)
 
 
-def test_redact() -> None:
-    assert data.redact("https://u:p@host:8080/x") == "https://***@host:8080/x"
-    assert data.redact("file:///a/b") == "file:///a/b"
+def test_scrub() -> None:
+    assert scrub("https://u:p@host:8080/x") == "https://***@host:8080/x"
+    assert scrub("file:///a/b") == "file:///a/b"

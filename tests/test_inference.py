@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deep_repro import config, data, inference, training
+from deep_repro.errors import DataError
 from deep_repro.files import atomic_path
 
 Make = Callable[..., config.Config]
@@ -98,7 +99,8 @@ def test_export_is_byte_reproducible(make_cfg: Make, splits: data.Splits,
 def test_predict_rejects_float_input(splits: data.Splits) -> None:
     module = inference.build_inference_module(torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.Linear(784, 10)))
-    with pytest.raises(Exception, match="uint8"):
+    with pytest.raises(DataError, match=r"^inference expects uint8 pixel values 0\.\.255, "
+                       r"got torch\.float32$"):
         inference.predict_logits(module, splits.x_val.astype(np.float32))
 
 

@@ -1,9 +1,11 @@
 """End to end with real git, DVC and MLflow on the real-data fixture.
 
-One project is built per module and driven like a user would: `dvc repro`, `dvc exp run -S`,
-a second `dvc repro`, forced reruns, and (slow) the experiment queue. Assertions cover the DVC
-outputs, the MLflow run tree (one pipeline run per invocation, one child per executed stage),
-lineage by content hash through cached stages, and byte-reproducibility.
+A project is driven like a user would: `dvc repro`, `dvc exp run -S`, a second `dvc repro`,
+forced reruns, and (slow) the experiment queue. Each prepared state (after the first
+`dvc repro`; after one `dvc exp run`) is built once per module and every test gets its own copy
+of it, so any test can run alone, in any order, and may change its project freely.
+Assertions cover the DVC outputs, the MLflow run tree (one pipeline run per invocation, one child
+per executed stage), lineage by content hash through cached stages, and byte-reproducibility.
 """
 
 from __future__ import annotations
@@ -21,18 +23,7 @@ from mlflow import MlflowClient
 from deep_repro import config, tracking
 from deep_repro.pipeline import STAGES
 
-from .conftest import make_project, project_env, run
-
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # The test project trains the (fast) logistic regression by default, so that
-    # `dvc exp run -S model.C=...` works there as `-S model.lr=...` does on the real default.
-    return make_project(tmp_path_factory.mktemp("project"), edits={
-        "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
-        "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")]})
+from .helpers import copy_project, make_project, project_env, run
 
 
 def dvc(project: Path, *args: str, check: bool = True) -> Any:
@@ -70,9 +61,35 @@ def assert_links_resolve(client: MlflowClient, run: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def first_repro(project: Path) -> Path:
+def repro_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh project after one `dvc repro` (do not modify: tests use `first_repro`)."""
+    # The test project trains the (fast) logistic regression by default, so that
+    # `dvc exp run -S model.C=...` works there as `-S model.lr=...` does on the real default.
+    project = make_project(tmp_path_factory.mktemp("repro") / "project", edits={
+        "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
+        "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")]})
     dvc(project, "repro")
     return project
+
+
+@pytest.fixture(scope="module")
+def experiment_state(repro_state: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`repro_state` plus `dvc exp run -S model.C=0.5 -n c-half` (do not modify)."""
+    project = copy_project(repro_state, tmp_path_factory.mktemp("experiment") / "project")
+    dvc(project, "exp", "run", "-S", "model.C=0.5", "-n", "c-half")
+    return project
+
+
+@pytest.fixture
+def first_repro(repro_state: Path, tmp_path: Path) -> Path:
+    """This test's own copy of a project after exactly one `dvc repro`."""
+    return copy_project(repro_state, tmp_path / "project")
+
+
+@pytest.fixture
+def experiment(experiment_state: Path, tmp_path: Path) -> Path:
+    """This test's own copy of a project after one `dvc repro` and one `dvc exp run`."""
+    return copy_project(experiment_state, tmp_path / "project")
 
 
 def test_repro_produces_outputs_and_metrics(first_repro: Path) -> None:
@@ -129,12 +146,6 @@ def test_second_repro_runs_nothing(first_repro: Path) -> None:
     out = dvc(first_repro, "repro").stdout
     assert "Running stage" not in out
     assert len(client.search_runs([exp_id], max_results=1000)) == before
-
-
-@pytest.fixture(scope="module")
-def experiment(first_repro: Path) -> Path:
-    dvc(first_repro, "exp", "run", "-S", "model.C=0.5", "-n", "c-half")
-    return first_repro
 
 
 def test_exp_run_reruns_only_downstream_and_keeps_lineage(experiment: Path) -> None:

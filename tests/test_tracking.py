@@ -9,9 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 from deep_repro import config, tracking
-from deep_repro.errors import TrackingError
+from deep_repro.errors import TrackingError, scrub
 from deep_repro.paths import store_root
 
 Make = Callable[..., config.Config]
@@ -38,8 +39,8 @@ def test_store_root_escapes_a_queued_experiments_temp_copy(monkeypatch: pytest.M
 
 
 def test_redaction() -> None:
-    assert tracking.redact_uri("postgresql://me:secret@db:5432/x") == "postgresql://***@db:5432/x"
-    assert tracking.redact_uri("sqlite:////a/b.db") == "sqlite:////a/b.db"
+    assert scrub("postgresql://me:secret@db:5432/x") == "postgresql://***@db:5432/x"
+    assert scrub("sqlite:////a/b.db") == "sqlite:////a/b.db"
 
 
 def test_unreachable_store_is_one_clear_line() -> None:
@@ -112,7 +113,7 @@ def test_champion_moves_only_for_better_validated_models(tracking_env: str) -> N
         assert tags["validation_status"] == status
         assert tags["validation_reason"] == decision.reason
         if champion is None:
-            with pytest.raises(Exception):  # noqa: B017 - no alias yet
+            with pytest.raises(MlflowException, match="champion"):  # no alias yet
                 client.get_model_version_by_alias(name, "champion")
         else:
             assert str(client.get_model_version_by_alias(name, "champion").version) == champion

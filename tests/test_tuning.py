@@ -20,8 +20,9 @@ from mlflow import MlflowClient
 
 from deep_repro import config, data, tracking, tuning
 from deep_repro.errors import ConfigError, DataError, DeepReproError
+from deep_repro.files import file_digest
 
-from .conftest import REPO, fixture_overrides
+from .helpers import REPO, fixture_overrides
 
 EXPERIMENT = "fashion-mnist"
 # A tiny, fast space that still has every kind of parameter: a log-scale float, an architecture
@@ -88,7 +89,7 @@ def test_study_tracks_exports_and_resumes(project: Path, tracking_env: str) -> N
     # experiment file too, and train.epochs (5) must not be confused with tune.epochs (2).
     base = [o for o in fixture_overrides() if not o.startswith(("train.epochs", "tune."))]
     base += [*BASE, "train.epochs=5"]
-    md5 = tracking.md5_file(project / tuning.SPLIT_FILE)
+    md5 = file_digest(project / tuning.SPLIT_FILE)
     client, exp_id = tracking.connect(tracking_env, EXPERIMENT)
     # The split stage's run, as the pipeline would have recorded it: trials must link to it.
     producer = client.create_run(exp_id, tags={

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from deep_repro.errors import DataError, scrub
-from deep_repro.files import atomic_path
+from deep_repro.files import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,6 @@ IDX_LABELS_MAGIC = 2049
 OFFLINE_HINT = ("offline? install the real dataset with `apt-get install dataset-fashion-mnist` "
                 "(mirror file:///usr/share/datasets/fashion-mnist) or set "
                 "data.mirrors to a directory/URL holding the four .gz files")
-
-
-def sha256_file(path: Path, *, decompress: bool = False) -> str:
-    digest = hashlib.sha256()
-    opener = gzip.open if decompress else open
-    with opener(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- download
@@ -77,11 +68,6 @@ def _fetch(url: str, dest: Path, desc: str) -> None:
                 bar.update(len(chunk))
 
 
-def redact(url: str) -> str:
-    """Hide credentials in a URL (`https://user:secret@host` -> `https://***@host`)."""
-    return scrub(url)
-
-
 class _Rejected(Exception):
     """A mirror served a file whose content is not the expected one."""
 
@@ -94,7 +80,7 @@ def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_
     target = dest_dir / f"{name}.gz"
     if target.exists():
         try:
-            if sha256_file(target, decompress=True) == expected_sha256:
+            if file_digest(target, "sha256", decompress=True) == expected_sha256:
                 log.info("%s already present and verified", target.name)
                 return "cache"
         except (OSError, EOFError, gzip.BadGzipFile):
@@ -107,18 +93,18 @@ def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_
             # Only a verified file leaves the atomic block; any exception discards the temp file.
             with atomic_path(target) as tmp:
                 _fetch(url, tmp, desc=name)
-                actual = sha256_file(tmp, decompress=True)
+                actual = file_digest(tmp, "sha256", decompress=True)
                 if actual != expected_sha256:
                     raise _Rejected(f"sha256 mismatch (got {actual[:12]}…, expected "
                                     f"{expected_sha256[:12]}…)")
         except _Rejected as exc:
-            failures.append(MirrorFailure(redact(mirror), str(exc)))
+            failures.append(MirrorFailure(scrub(mirror), str(exc)))
         except (urllib.error.URLError, OSError, EOFError, ValueError) as exc:
             # Truncated gzip streams raise EOFError; bad gzip headers raise BadGzipFile.
             reason = getattr(exc, "reason", None) or exc
-            failures.append(MirrorFailure(redact(mirror), f"{type(exc).__name__}: {reason}"))
+            failures.append(MirrorFailure(scrub(mirror), f"{type(exc).__name__}: {reason}"))
         else:
-            log.info("%s verified from %s", name, redact(mirror))
+            log.info("%s verified from %s", name, scrub(mirror))
             return mirror
         log.info("%s: mirror %s rejected (%s); trying the next one", name, failures[-1].mirror,
                  failures[-1].reason)

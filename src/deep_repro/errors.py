@@ -20,6 +20,10 @@ class ConfigError(DeepReproError):
     """The composed configuration is invalid (unknown key, wrong type, out of range)."""
 
 
+class UndeclaredParamError(ConfigError):
+    """A stage read a config value that its `params` in dvc.yaml do not declare."""
+
+
 class DataError(DeepReproError):
     """Input data is missing, corrupt or does not match its checksum."""
 

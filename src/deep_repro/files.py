@@ -1,4 +1,4 @@
-"""Atomic, byte-reproducible file writing.
+"""Atomic, byte-reproducible file writing, and the one file-hashing loop.
 
 Every output is written under a temporary name and renamed into place only when complete, so a
 crash or a failed check never leaves a half-written file that DVC or a user could mistake for a
@@ -7,6 +7,8 @@ result. Writers never embed timestamps, so rerunning a stage yields byte-identic
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import tempfile
@@ -34,3 +36,22 @@ def atomic_path(target: Path) -> Iterator[Path]:
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def file_digest(path: Path, algorithm: str = "md5", *, decompress: bool = False) -> str:
+    """Hex digest of a file, read in 1 MiB chunks (of its gunzipped content if `decompress`).
+
+    md5 of the raw bytes is the hash DVC writes in dvc.lock (used to link MLflow runs); sha256 of
+    the decompressed content identifies a Fashion-MNIST file independently of its gzip wrapper.
+    """
+    digest = hashlib.new(algorithm, usedforsecurity=False)
+    opener = gzip.open if decompress else open
+    with opener(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_hashes(paths: tuple[str, ...], root: Path) -> dict[str, str]:
+    """`{path: md5}` (the dvc.lock hash) of those of `paths` under `root` that exist."""
+    return {p: file_digest(root / p) for p in paths if (root / p).is_file()}

@@ -51,8 +51,20 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("train", (SPLIT_TRAIN_VAL,), (CHECKPOINT, TRAIN_HISTORY, TRAIN_METRICS),
               ("seed", "model", "optimizer", "scheduler", "augment", "train")),
     StageSpec("postprocess", (CHECKPOINT, SPLIT_TRAIN_VAL), (INFERENCE_MODEL, POSTPROCESS_REPORT),
-              ("seed", "model", "postprocess")),
+              ("seed", "model", "postprocess", "train.num_threads")),
     StageSpec("evaluate", (INFERENCE_MODEL, SPLIT_TRAIN_VAL, SPLIT_TEST),
               (METRICS, CONFUSION, PER_CLASS, RELIABILITY, CONFUSION_PNG, MISCLASSIFIED_PNG,
-               RELIABILITY_PNG), ("evaluate",)),
+               RELIABILITY_PNG), ("evaluate", "model.name", "train.num_threads")),
 )}
+
+# The ONLY package modules a stage may import without listing them in its dvc.yaml deps: their
+# code cannot change any DVC output, so an edit to them must not rerun the pipeline. Everything
+# else a stage imports, directly, transitively or lazily inside a function, is a dep.
+CODE_DEPS_EXEMPT: dict[str, str] = {
+    "deep_repro": "package __init__: only defaults OMP_WAIT_POLICY (how idle threads wait)",
+    "deep_repro.errors": "exception types, one-line messages, exit status, log redaction",
+    "deep_repro.paths": "finds the repository root; output paths themselves are fixed in dvc.yaml",
+    "deep_repro.pipeline": "path constants and STAGES, kept equal to dvc.yaml by a test, so any "
+                           "change that matters changes dvc.yaml itself",
+    "deep_repro.tracking": "writes to MLflow only (runs, tags, registry), never a DVC output",
+}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -31,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deep_repro.config import Config, flatten, to_dict
+from deep_repro.config import Config, flatten, to_dict, unrestricted
 from deep_repro.errors import TrackingError, scrub
+from deep_repro.files import file_digest, file_hashes
 from deep_repro.paths import repo_root, store_root
 from deep_repro.pipeline import STAGES, StageSpec
 
@@ -53,11 +53,6 @@ HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro
 
 
 # --------------------------------------------------------------------------- the store
-def redact_uri(uri: str) -> str:
-    """`postgresql://user:secret@host/db` -> `postgresql://***@host/db` (never log secrets)."""
-    return scrub(uri)
-
-
 def tracking_uri(cfg_uri: str | None) -> str:
     """`MLFLOW_TRACKING_URI` wins, then `tracking.uri`, then the repo's own sqlite store."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -120,24 +115,10 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                 exp_id = exp.experiment_id
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(f"tracking store {redact_uri(uri)} unreachable or unusable "
-                            f"({type(exc).__name__}: {redact_uri(first)[:300]}); set "
+        raise TrackingError(f"tracking store {scrub(uri)} unreachable or unusable "
+                            f"({type(exc).__name__}: {scrub(first)[:300]}); set "
                             "tracking.uri or MLFLOW_TRACKING_URI") from None
     return client, exp_id
-
-
-# --------------------------------------------------------------------------- content hashes
-def md5_file(path: Path) -> str:
-    """The md5 DVC records for a file in dvc.lock."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_hashes(paths: tuple[str, ...], root: Path) -> dict[str, str]:
-    return {p: md5_file(root / p) for p in paths if (root / p).is_file()}
 
 
 # --------------------------------------------------------------------------- provenance
@@ -209,7 +190,7 @@ def environment_tags(cfg: Config) -> dict[str, str]:
         "mlflow.source.git.commit": git["commit"],
         f"{TAG_PREFIX}.git.commit": git["commit"],
         f"{TAG_PREFIX}.git.dirty": git["dirty"],
-        f"{TAG_PREFIX}.uv_lock_sha256": (hashlib.sha256(uv_lock.read_bytes()).hexdigest()
+        f"{TAG_PREFIX}.uv_lock_sha256": (file_digest(uv_lock, "sha256")
                                          if uv_lock.exists() else "missing"),
         f"{TAG_PREFIX}.hostname": socket.gethostname(),
         f"{TAG_PREFIX}.user": user,
@@ -362,6 +343,7 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     Fails (before the stage does any work) if the store is unreachable. On exit records the
     md5 of every output, so downstream runs, in this invocation or later ones, can link to it.
     """
+    cfg = unrestricted(cfg)  # a stage's view: MLflow still records the whole config
     spec = STAGES[stage]
     uri = tracking_uri(cfg.tracking.uri)
     client, exp_id = connect(uri, cfg.tracking.experiment)
@@ -390,7 +372,7 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     handle = StageRun(client, run.info.run_id, parent_id, spec, exp_id)
     handle.log_params(_stage_params(spec, cfg))
     log.info("MLflow: stage run %s (pipeline run %s) in %s", run.info.run_id, parent_id,
-             redact_uri(uri))
+             scrub(uri))
     status = "FAILED"
     try:
         yield handle
@@ -567,7 +549,7 @@ def judge_registered_model(run: StageRun, model_name: str, root: Path, test_accu
     the evaluate and pipeline runs."""
     from deep_repro.pipeline import INFERENCE_MODEL
 
-    md5 = md5_file(root / INFERENCE_MODEL)
+    md5 = file_digest(root / INFERENCE_MODEL)
     producer = find_producer(run.client, run.experiment_id, INFERENCE_MODEL, md5)
     version = model_version_for_run(run.client, model_name, producer) if producer else None
     if version is None:

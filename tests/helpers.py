@@ -1,0 +1,242 @@
+"""Plain helpers shared by the tests (fixtures are in conftest.py): the committed Fashion-MNIST
+fixture, throw-away git+DVC copies of this project, and the static import graph of the stages."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from deep_repro import config
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests/fixtures/fashion-mnist"
+VENV_BIN = Path(sys.executable).parent
+
+
+def fixture_sha256() -> dict[str, str]:
+    pairs = (line.split() for line in (FIXTURE / "SHA256SUMS").read_text().splitlines())
+    return {name: digest for digest, name in pairs}
+
+
+def fixture_overrides(**extra: object) -> list[str]:
+    """Hydra overrides pointing the pipeline at the committed fixture, small and fast."""
+    sums = fixture_sha256()
+    overrides = [f"data.mirrors=[{FIXTURE.as_uri()}]",
+                 *(f"data.sha256.{k}={v}" for k, v in sums.items()),
+                 "train.epochs=2", "train.batch_size=64", "tune.epochs=2", "tune.n_trials=3"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return overrides
+
+
+def project_files() -> list[str]:
+    """Tracked and untracked-but-not-ignored files of this checkout."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [f for f in out.splitlines() if (REPO / f).is_file()]
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True,
+        timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def project_env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "DEEP_REPRO_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
+    return env
+
+
+def make_project(dest: Path, overrides: list[str] | None = None,
+                 edits: dict[str, list[tuple[str, str]]] | None = None) -> Path:
+    """A fresh git+DVC copy of this project whose conf/ points at the fixture data.
+
+    conf/config.yaml itself is edited (not just params.yaml) because `dvc exp run` recomposes
+    params.yaml from conf/.
+    """
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    for rel, replacements in (edits or {}).items():
+        text = (dest / rel).read_text()
+        for old, new in replacements:
+            assert old in text, (rel, old)
+            text = text.replace(old, new)
+        (dest / rel).write_text(text)
+    cfg_path = dest / "conf/config.yaml"
+    text = cfg_path.read_text()
+    for name, digest in fixture_sha256().items():
+        text = re.sub(rf"({name}: )[0-9a-f]{{64}}", rf"\g<1>{digest}", text)
+    text = re.sub(r"  mirrors:\n(    - .*\n)+", f"  mirrors:\n    - {FIXTURE.as_uri()}\n", text)
+    cfg_path.write_text(text)
+    composed = config.compose(overrides or [], dest / "conf")
+    import yaml
+
+    (dest / "params.yaml").write_text(yaml.safe_dump(composed, sort_keys=False))
+    env = project_env(dest)
+    if not (dest / ".git").exists():
+        run(["git", "init", "-q"], dest, env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "fixture project"], dest, env)
+    return dest
+
+
+# --------------------------------------------------------------------------- stage import graph
+PACKAGE = "deep_repro"
+
+
+def module_file(root: Path, module: str) -> Path | None:
+    """`deep_repro.x` -> src/deep_repro/x.py or src/deep_repro/x/__init__.py (None if neither)."""
+    base = root / "src" / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+class _Imports(ast.NodeVisitor):
+    """Every `deep_repro` module a file can import at run time: top-level and lazy (inside
+    functions) imports, `from pkg import submodule`, relative imports and
+    `importlib.import_module("...")`; `if TYPE_CHECKING:` blocks never run and are skipped."""
+
+    def __init__(self, root: Path, module: str, is_package: bool) -> None:
+        self.root = root
+        self.package = module if is_package else module.rpartition(".")[0]
+        self.found: set[str] = set()
+
+    def _add(self, module: str) -> None:
+        if module == PACKAGE or module.startswith(PACKAGE + "."):
+            parts = module.split(".")
+            # Importing a.b.c runs a/__init__ and a/b/__init__ first.
+            self.found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+
+    def visit_If(self, node: ast.If) -> None:
+        if _is_type_checking(node.test):
+            for child in node.orelse:
+                self.visit(child)
+        else:
+            self.generic_visit(node)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self._add(alias.name)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if node.level:
+            base_parts = self.package.split(".")
+            base_parts = base_parts[:len(base_parts) - (node.level - 1)]
+            base = ".".join([*base_parts, *([node.module] if node.module else [])])
+        else:
+            base = node.module or ""
+        if not (base == PACKAGE or base.startswith(PACKAGE + ".")):
+            return
+        self._add(base)
+        for alias in node.names:  # `from deep_repro import data`: data is a module
+            if module_file(self.root, f"{base}.{alias.name}") is not None:
+                self._add(f"{base}.{alias.name}")
+
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if name == "import_module" and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            self._add(node.args[0].value)
+        self.generic_visit(node)
+
+
+def _direct_imports(root: Path, path: Path, module: str) -> set[str]:
+    visitor = _Imports(root, module, path.name == "__init__.py")
+    visitor.visit(ast.parse(path.read_text(), filename=str(path)))
+    return {m for m in visitor.found if module_file(root, m) is not None}
+
+
+def stage_modules(root: Path, script: str) -> set[str]:
+    """The `deep_repro` modules a stage script imports, transitively (static analysis)."""
+    seen: set[str] = set()
+    todo = sorted(_direct_imports(root, root / script, "__main__"))
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = module_file(root, module)
+        assert path is not None
+        todo.extend(_direct_imports(root, path, module) - seen)
+    return seen
+
+
+def code_dep_problems(root: Path, exempt: dict[str, str]) -> list[str]:
+    """Compare each stage's imports with the `src/` deps dvc.yaml lists for it.
+
+    A `src/` dep may be a file or a directory (covering every file under it, e.g. a package).
+    Returns one line per problem: an imported, non-exempt module that is not a dep, or a dep that
+    the stage never imports.
+    """
+    import yaml
+
+    problems = []
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        script = stage["cmd"].split()[-1]
+        deps = [next(iter(d)) if isinstance(d, dict) else str(d) for d in stage.get("deps", [])]
+        code_deps = {d.rstrip("/") for d in deps if d.startswith("src/")}
+        needed = {}
+        for module in stage_modules(root, script):
+            if module not in exempt:
+                path = module_file(root, module)
+                assert path is not None
+                needed[module] = path.relative_to(root).as_posix()
+        used: set[str] = set()
+        for module, path in sorted(needed.items()):
+            cover = next((d for d in code_deps if path == d or path.startswith(d + "/")), None)
+            if cover is None:
+                problems.append(f"stage {name!r} imports {module} but dvc.yaml does not list "
+                                f"{path} in its deps (add it, or exempt the module in "
+                                "deep_repro.pipeline.CODE_DEPS_EXEMPT with the reason)")
+            else:
+                used.add(cover)
+        for dep in sorted(code_deps - used):
+            problems.append(f"stage {name!r} lists {dep} in its deps but never imports it")
+    return problems
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """An independent copy of a test project (git, DVC cache, MLflow store), so each test can
+    start from a prepared state and change it freely.
+
+    MLflow stores absolute artifact locations; they are moved to the copy so that its runs
+    and artifacts never touch the original.
+    """
+    import sqlite3
+
+    shutil.copytree(src, dest, symlinks=True)
+    db = dest / "mlflow.db"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'table'")]
+            for table in tables:
+                for column in conn.execute(f'PRAGMA table_info("{table}")').fetchall():
+                    if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
+                        conn.execute(f'UPDATE "{table}" SET "{column[1]}" = REPLACE('
+                                     f'"{column[1]}", ?, ?) WHERE instr("{column[1]}", ?) > 0',
+                                     (str(src), str(dest), str(src)))
+    return dest
