@@ -244,7 +244,7 @@ def test_stale_running_trials_are_failed_and_retried(project: Path, tracking_env
     silent.set_user_attr(tuning.ATTR_HEARTBEAT, time.time() - 3600)
     # Trial 2: alive (this very process) — must be left alone.
     alive = study.ask()
-    alive.set_user_attr(tuning.ATTR_OWNER, tuning._owner())
+    alive.set_user_attr(tuning.ATTR_OWNER, tuning.owner())
 
     result = tuning.run_study([*BASE, "tune.n_trials=4"])
 
