@@ -223,6 +223,45 @@ def test_logreg_study_reports_once_and_is_never_pruned(project: Path) -> None:
                                                                  *result.best_overrides]))
 
 
+# --------------------------------------------------------------------------- trial runs
+def test_trial_run_shares_the_stage_run_blocks(make_cfg: Any, tracking_env: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_cfg("model=mlp", "data.mirrors=[https://user:s3cret@mirror.example/fm]")
+    client, exp_id = tracking.connect(tracking_env, EXPERIMENT)
+    study_run = client.create_run(exp_id, tags={tracking.TAG_KIND: "study"}).info.run_id
+
+    def open_trial(number: int) -> Any:
+        return tracking.trial_run(client, exp_id, f"t-{number}", cfg, parent_id=study_run,
+                                  tags={tuning.TAG_TRIAL_NUMBER: str(number)})
+
+    with open_trial(0) as run:
+        run.log_metrics({"val_accuracy": 0.5}, step=1)
+        run.state = "COMPLETE"
+    with pytest.raises(optuna.TrialPruned), open_trial(1) as run:
+        run.state = "PRUNED"
+        raise optuna.TrialPruned("pruned at epoch 1")
+    with pytest.raises(RuntimeError, match="boom"), open_trial(2) as run:
+        run.fail_reason = "RuntimeError: boom"
+        raise RuntimeError("boom")
+    ended = {r.data.tags[tuning.TAG_TRIAL_NUMBER]: r for r in runs(tracking_env, "trial")}
+    assert {k: (r.info.status, r.data.tags[tuning.TAG_TRIAL_STATE]) for k, r in ended.items()} \
+        == {"0": ("FINISHED", "COMPLETE"), "1": ("FINISHED", "PRUNED"), "2": ("FAILED", "FAIL")}
+    assert ended["2"].data.tags[tracking.TAG_FAIL_REASON] == "RuntimeError: boom"
+    assert all(r.data.tags[tracking.TAG_PARENT] == study_run for r in ended.values())
+    assert [m.step for m in client.get_metric_history(ended["0"].info.run_id,
+                                                      "val_accuracy")] == [1]
+    # The study run is the trials' parent, not theirs to close.
+    assert client.get_run(study_run).info.status == "RUNNING"
+    # One param helper for every kind of run: credentials never reach MLflow params (the
+    # pipeline run used to log data.mirrors verbatim).
+    monkeypatch.setenv("DEEP_REPRO_INVOCATION", "host:7:1.0")
+    pipeline = tracking.get_or_create_pipeline_run(client, exp_id, tracking_env, cfg, {})
+    for run_id in (ended["0"].info.run_id, pipeline):
+        params = client.get_run(run_id).data.params
+        assert params["data.mirrors"] == '["https://***@mirror.example/fm"]'
+        assert params["model.name"] == "mlp"
+
+
 # --------------------------------------------------------------------------- stale trials
 def test_stale_running_trials_are_failed_and_retried(project: Path, tracking_env: str) -> None:
     (project / "optuna").mkdir()
@@ -245,7 +284,7 @@ def test_stale_running_trials_are_failed_and_retried(project: Path, tracking_env
     silent.set_user_attr(tuning.ATTR_HEARTBEAT, time.time() - 3600)
     # Trial 2: alive (this very process) — must be left alone.
     alive = study.ask()
-    alive.set_user_attr(tuning.ATTR_OWNER, tuning._owner())
+    alive.set_user_attr(tuning.ATTR_OWNER, tuning.owner())
 
     result = tuning.run_study([*BASE, "tune.n_trials=4"])
 
@@ -405,14 +444,41 @@ def test_cli_reports_bad_input_as_one_line(project: Path) -> None:
 @pytest.mark.parametrize("model", ["logreg", "mlp", "cnn", "resnet"])
 def test_shipped_search_spaces_are_valid(model: str) -> None:
     conf = REPO / "conf"
-    space = tuning.load_search_space(conf / "search" / f"{model}.yaml",
-                                     tuning.config_groups(conf))
-    checked, _ = tuning.check_search_space(space, [f"model={model}"], conf, n_train=54_000)
-    assert checked.params
+    groups = tuning.config_groups(conf)
+    space = tuning.load_search_space(conf / "search" / f"{model}.yaml", groups)
+    checked, when_base = tuning.check_search_space(space, [f"model={model}"], conf,
+                                                   n_train=54_000)
+    # Nothing is fixed on the command line, so nothing may be dropped from the search.
+    assert [p.key for p in checked.params] == [p.key for p in space.params] != []
+    base = config.flatten(config.compose([f"model={model}"], conf))
+    assert base["model.name"] == model
+    for p in checked.params:
+        if p.group:
+            assert p.key in groups and set(p.choices) <= set(groups[p.key]), p.key
+            continue
+        # A real key of this model's config (in the group option its `when` selects).
+        context = [f"{k}={v[0]}" for k, v in p.when if k in groups]
+        assert p.key in config.flatten(config.compose([f"model={model}", *context], conf)), p.key
+        if p.type != "categorical":
+            assert p.low is not None and p.high is not None and p.low < p.high, p.key
+            assert not p.log or p.low > 0, p.key
     for sampler in ("tpe", "random"):
         tuning.make_sampler(sampler, 0, checked)
     tuning.make_pruner("median", 8, checked)
     tuning.make_pruner("hyperband", 8, checked)
+    # Points sampled as a trial samples them compose into valid configs holding those values.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(4):
+        trial = study.ask()
+        context, values = dict(when_base), {}
+        for p in checked.params:
+            if p.active(context):
+                values[p.key] = context[p.key] = p.suggest(trial)
+        overrides = [checked.param(k).override(v) for k, v in values.items()]  # type: ignore
+        cfg = config.validate(config.compose([f"model={model}", *overrides], conf))
+        flat = config.flatten(config.to_dict(cfg))
+        for key, value in values.items():
+            assert flat[f"{key}.name" if key in groups else key] == value, (key, overrides)
 
 
 def test_experiment_file_never_holds_credentials(project: Path) -> None:

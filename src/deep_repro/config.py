@@ -415,7 +415,14 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) -> dict[str, Any]:
-    """Compose `conf/` with Hydra overrides exactly as `dvc exp run -S` does.
+    """Compose `conf/` with Hydra overrides exactly as `dvc exp run -S` does."""
+    return compose_with_choices(overrides, conf_dir)[0]
+
+
+def compose_with_choices(overrides: list[str] | None = None, conf_dir: Path | None = None
+                         ) -> tuple[dict[str, Any], dict[str, str]]:
+    """`compose`, also returning the option picked in each config group of conf/
+    (`{"model": "cnn", "optimizer": "adamw", ...}`; unselected optional groups left out).
 
     Hydra's (multi-line) errors, e.g. `model=transformer` with no conf/model/transformer.yaml,
     become one ConfigError line."""
@@ -423,7 +430,7 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides or [])
@@ -431,12 +438,20 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
-            composed = hydra_compose(config_name="config", overrides=overrides)
-        return OmegaConf.to_container(composed, resolve=True)  # type: ignore[return-value]
+            composed = hydra_compose(config_name="config", overrides=overrides,
+                                     return_hydra_config=True)
+        choices = OmegaConf.to_container(composed.hydra.runtime.choices)
+        with open_dict(composed):
+            del composed["hydra"]  # its run/sweep dirs cannot resolve outside a Hydra app
+        raw = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ConfigError(f"config error: cannot compose conf/ with overrides "
                           f"{' '.join(overrides) or '(none)'}: {first}") from None
+    assert isinstance(raw, dict) and isinstance(choices, dict)
+    groups = {str(k): str(v) for k, v in choices.items()
+              if v is not None and not str(k).startswith("hydra/")}
+    return raw, groups  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- per-stage views

@@ -46,6 +46,8 @@ TAG_KIND = f"{TAG_PREFIX}.kind"            # pipeline | stage | study | trial
 TAG_INVOCATION = f"{TAG_PREFIX}.invocation"
 TAG_STAGE = f"{TAG_PREFIX}.stage"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_TRIAL_STATE = f"{TAG_PREFIX}.trial_state"  # Optuna state of a trial run
+TAG_FAIL_REASON = f"{TAG_PREFIX}.fail_reason"
 IN_PREFIX = f"{TAG_PREFIX}.in."           # + file path -> md5
 OUT_PREFIX = f"{TAG_PREFIX}.out."         # + file path -> md5
 UPSTREAM_PREFIX = f"{TAG_PREFIX}.upstream."  # + file path -> producing run id
@@ -235,11 +237,7 @@ def get_or_create_pipeline_run(client: MlflowClient, exp_id: str, uri: str, cfg:
             **tags, TAG_KIND: "pipeline", TAG_INVOCATION: key,
             "mlflow.note.content": pipeline_note(cfg, tags),
         })
-    from mlflow.entities import Param
-
-    params = [Param(k, _param_value(v)) for k, v in flatten(to_dict(cfg)).items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    log_params(client, run.info.run_id, flatten(to_dict(cfg)))
     if tags.get(f"{TAG_PREFIX}.git.dirty") == "true":
         log.warning("working tree has uncommitted code changes (%s): runs are tagged "
                     "deep_repro.git.dirty=true and cannot be reproduced from the commit alone",
@@ -247,9 +245,92 @@ def get_or_create_pipeline_run(client: MlflowClient, exp_id: str, uri: str, cfg:
     return run.info.run_id
 
 
-def _param_value(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
-    return text[:6000]
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """The one way params reach MLflow (pipeline, stage, study and trial runs alike).
+
+    Lists and mappings as JSON; credentials in URLs (tracking.uri, tune.storage, data.mirrors)
+    scrubbed; values cut to MLflow's 6000 characters, in batches of its 100-param limit.
+    """
+    from mlflow.entities import Param
+
+    items = [Param(k, scrub(json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000])
+             for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def end_run(client: MlflowClient, run_id: str, status: str,
+            tags: Mapping[str, str] | None = None, *, missing_ok: bool = False) -> None:
+    """The one close-out of a run: its final tags, then its MLflow status.
+
+    `missing_ok`: a run that cannot be updated (deleted, or in another store) is only warned
+    about; tuning closes runs recorded by other (possibly dead) workers.
+    """
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if tags:
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client.set_terminated(run_id, status)
+    except MlflowException as exc:
+        if not missing_ok:
+            raise
+        log.warning("cannot update MLflow run %s: %s", run_id, _first_line(exc))
+
+
+@dataclass
+class Outcome:
+    """How a run ends (set inside `closing`): its MLflow status and final tags."""
+
+    status: str = "FAILED"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def closing(client: MlflowClient, run_id: str, *, parent_id: str | None = None,
+            missing_ok: bool = False) -> Iterator[Outcome]:
+    """However the body ends, close the run through `end_run` with the outcome's tags and
+    status: FAILED unless the body set another (FINISHED once its work is done), KILLED on
+    Ctrl-C. `parent_id` (a pipeline run) ends too: FINISHED only if this run did.
+
+    A close-out error after the body failed is logged, never raised: the body's error is the
+    one the user has to see.
+    """
+    outcome = Outcome()
+    failed = True
+    try:
+        yield outcome
+        failed = False
+    except KeyboardInterrupt:
+        outcome.status = "KILLED"
+        raise
+    finally:
+        ends = [(run_id, outcome.status, outcome.tags)]
+        if parent_id is not None:
+            ends.append((parent_id, "FINISHED" if outcome.status == "FINISHED" else "FAILED",
+                         {}))
+        for rid, status, tags in ends:
+            try:
+                end_run(client, rid, status, tags, missing_ok=missing_ok)
+            except Exception as exc:
+                if not failed:
+                    raise
+                log.warning("cannot close MLflow run %s: %s", rid, _first_line(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return scrub(text.splitlines()[0])[:300] if text else type(exc).__name__
+
+
+def _metric_batch(metrics: Mapping[str, float], step: int | None) -> list[Any]:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
 
 
 def pipeline_note(cfg: Config, tags: Mapping[str, str]) -> str:
@@ -274,21 +355,12 @@ class StageRun:
     _tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="deep-repro-")))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+        log_params(self.client, self.run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *,
                     pipeline: bool = False) -> None:
         """Log metrics on this stage run (and, for headline numbers, on the pipeline run)."""
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        batch = _metric_batch(metrics, step)
         self.client.log_batch(self.run_id, metrics=batch)
         if pipeline:
             self.client.log_batch(self.pipeline_run_id, metrics=batch)
@@ -373,22 +445,60 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     handle.log_params(_stage_params(spec, cfg))
     log.info("MLflow: stage run %s (pipeline run %s) in %s", run.info.run_id, parent_id,
              scrub(uri))
-    status = "FAILED"
-    try:
-        yield handle
-        outs = file_hashes(spec.outs, root)
-        handle.set_tags({f"{OUT_PREFIX}{p}": h for p, h in outs.items()})
-        handle.log_dict(_lock_entry(spec, cfg, deps, outs), "dvc_lock_entry.json")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        client.set_terminated(run.info.run_id, status)
-        client.set_terminated(parent_id, "FINISHED" if status == "FINISHED" else "FAILED")
-        import shutil
+    import shutil
 
+    try:
+        with closing(client, run.info.run_id, parent_id=parent_id) as outcome:
+            yield handle
+            outs = file_hashes(spec.outs, root)
+            handle.set_tags({f"{OUT_PREFIX}{p}": h for p, h in outs.items()})
+            handle.log_dict(_lock_entry(spec, cfg, deps, outs), "dvc_lock_entry.json")
+            outcome.status = "FINISHED"
+    finally:
         shutil.rmtree(handle._tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- trial runs
+@dataclass
+class TrialRun:
+    """An open MLflow run for one Optuna trial (use via `trial_run`).
+
+    The body sets `state` to the Optuna state the trial ends in (COMPLETE | PRUNED | FAIL,
+    the default) and, for a failure, `fail_reason`; both are tagged when the run closes.
+    """
+
+    client: MlflowClient
+    run_id: str
+    experiment_id: str
+    state: str = "FAIL"
+    fail_reason: str | None = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.client.log_batch(self.run_id, metrics=_metric_batch(metrics, step))
+
+
+@contextlib.contextmanager
+def trial_run(client: MlflowClient, exp_id: str, name: str, cfg: Config, *, parent_id: str,
+              tags: Mapping[str, str]) -> Iterator[TrialRun]:
+    """Open the MLflow run of one tuning trial, a child of the study run `parent_id`.
+
+    The same building blocks as `stage_run`: the full config as params (`log_params`), and
+    one close-out (`closing`): a FAIL trial ends FAILED, a COMPLETE or PRUNED one FINISHED
+    (pruning is a result), with its state in `deep_repro.trial_state`.
+    """
+    run = client.create_run(exp_id, run_name=name, tags={
+        **tags, TAG_KIND: "trial", TAG_PARENT: parent_id, TAG_TRIAL_STATE: "RUNNING"})
+    handle = TrialRun(client, run.info.run_id, exp_id)
+    log_params(client, handle.run_id, flatten(to_dict(cfg)))
+    # missing_ok: a stale-trial sweep of another worker may have closed this run already.
+    with closing(client, handle.run_id, missing_ok=True) as outcome:
+        try:
+            yield handle
+        finally:
+            outcome.status = "FAILED" if handle.state == "FAIL" else "FINISHED"
+            outcome.tags[TAG_TRIAL_STATE] = handle.state
+            if handle.fail_reason:
+                outcome.tags[TAG_FAIL_REASON] = handle.fail_reason[:5000]
 
 
 # --------------------------------------------------------------------------- reading lineage

@@ -442,11 +442,15 @@ def fit_logreg(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
 
 
 def train_model(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                y_val: np.ndarray, *, on_epoch: EpochCallback | None = None) -> TrainResult:
-    """Train whichever architecture `cfg.model` names, with the trainer its registry entry names."""
-    trainer = TRAINERS[get_spec(cfg.model.name).trainer]
-    return trainer(cfg, x_train, y_train, x_val, y_val, on_epoch=on_epoch)
+                y_val: np.ndarray, *, on_epoch: EpochCallback | None = None,
+                epochs: int | None = None, progress: bool = True) -> TrainResult:
+    """Train whichever architecture `cfg.model` names, with the trainer its registry entry names.
 
-
-# The registry (`models.ModelSpec.trainer`) names one of these.
-TRAINERS: dict[str, Callable[..., TrainResult]] = {"torch": fit, "sklearn": fit_logreg}
+    `epochs` replaces train.epochs (a tuning trial trains for tune.epochs); `progress` shows
+    the per-batch bar. Both concern epoch-wise (torch) training only: logreg is one lbfgs fit.
+    `on_epoch` may raise (e.g. `optuna.TrialPruned`) to stop training.
+    """
+    if get_spec(cfg.model.name).trainer == "sklearn":
+        return fit_logreg(cfg, x_train, y_train, x_val, y_val, on_epoch=on_epoch)
+    return fit(cfg, x_train, y_train, x_val, y_val, on_epoch=on_epoch, epochs=epochs,
+               progress=progress)
