@@ -146,7 +146,8 @@ def test_every_training_group_composes(group: str, choice: str) -> None:
     (["model.channels=[]"], "model.channels = []: expected a non-empty list of integers >= 1"),
     (["model.channels=[8,8,8,8]"], "model.channels = [8, 8, 8, 8]: expected at most 3 conv"),
     (["optimizer.betas=[0.9,1.5]"], "optimizer.betas = [0.9, 1.5]: expected two numbers"),
-    (["+optimizer.momentum=0.9"], "unknown key optimizer.momentum"),
+    (["+optimizer.momentun=0.9"], "unknown key optimizer.momentun"),
+    (["+model.channels=[8]", "model=mlp"], "unknown key model.channels"),
 ])
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
     raw = config.compose(overrides, REPO / "conf")
@@ -155,6 +156,13 @@ def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_a_key_of_another_option_of_the_group_is_ignored() -> None:
+    # Search spaces set `optimizer.momentum` while the sampled optimizer may be adamw.
+    cfg = config.validate(config.compose(["+optimizer.momentum=0.5"], REPO / "conf"))
+    assert config.to_dict(cfg.optimizer) == {"name": "adamw", "weight_decay": 0.0005,
+                                             "betas": [0.9, 0.999]}
 
 
 def test_unknown_model_group_is_rejected_by_hydra() -> None:

@@ -239,7 +239,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if all(dataclasses.is_dataclass(a) for a in args):
-            return _build_tagged(key, value, {option_name(a): a for a in args})
+            return _build_tagged(key, value, {option_name(a): a for a in args},
+                                 siblings_keys_ignored=True)
         if value is None:
             if type(None) in args:
                 return None
@@ -331,14 +332,24 @@ def option_name(schema: type) -> str:
     return name
 
 
-def _build_tagged(key: str, raw: Any, options: dict[str, type]) -> Any:
-    """A group with one schema per option (`optimizer`, `model`, ...), picked by `name`."""
+def _build_tagged(key: str, raw: Any, options: dict[str, type], *,
+                  siblings_keys_ignored: bool = False) -> Any:
+    """A group with one schema per option (`optimizer`, `model`, ...), picked by `name`.
+
+    With `siblings_keys_ignored`, a key that only other options of the group use (e.g.
+    `optimizer.momentum` under adamw: the search spaces set it that way) is accepted and
+    dropped, as it is meaningless here; a key no option knows stays an error."""
     if not isinstance(raw, dict):
         raise _fail(key, raw, "a mapping")
     name = raw.get("name")
     if name not in options:
         raise _fail(f"{key}.name", name, "one of " + ", ".join(repr(n) for n in options))
-    return _build(options[name], raw, key)
+    schema = options[name]
+    if siblings_keys_ignored:
+        own = {f.name for f in dataclasses.fields(schema)}
+        others = {f.name for s in options.values() for f in dataclasses.fields(s)} - own
+        raw = {k: v for k, v in raw.items() if k not in others}
+    return _build(schema, raw, key)
 
 
 def _semantic_checks(cfg: Config) -> None:
