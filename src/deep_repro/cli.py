@@ -113,8 +113,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if model_ref is None:
         _, _, cfg = _tracking(args)
         model_ref = f"models:/{cfg.tracking.model_name}@champion"
-    elif not model_ref.startswith(("models:/", "runs:/")):
-        _tracking(args)  # set the tracking URI for registry lookups
+    elif model_ref.startswith(("models:/", "runs:/")):
+        _tracking(args)  # set the tracking URI for registry lookups (a .pt2 file needs none)
     predictor = _load_predictor(model_ref)
     images, names, failed = [], [], 0
     for path in args.images:
