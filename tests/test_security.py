@@ -444,7 +444,7 @@ def silent_server() -> socket.socket:
 
 def test_sigint_in_cli_and_stage_is_one_line_exit_130(silent_server: socket.socket,
                                                       tmp_path: Path) -> None:
-    uri = "http://127.0.0.1:%d" % silent_server.getsockname()[1]
+    uri = f"http://127.0.0.1:{silent_server.getsockname()[1]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_TIMEOUT="120")
     work = _stage_dir(tmp_path)
