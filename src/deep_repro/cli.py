@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -104,6 +105,20 @@ def _load_predictor(model_ref: str) -> Any:
     return predict
 
 
+def _registry_uri(args: argparse.Namespace) -> None:
+    """Point MLflow at the store for a models:/ or runs:/ reference (also outside a project)."""
+    import mlflow
+
+    from deep_repro import config, tracking
+
+    cfg_uri = None
+    with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
+        cfg_uri = config.load_config().tracking.uri
+    uri = args.tracking_uri or tracking.tracking_uri(cfg_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -114,7 +129,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _, _, cfg = _tracking(args)
         model_ref = f"models:/{cfg.tracking.model_name}@champion"
     elif model_ref.startswith(("models:/", "runs:/")):
-        _tracking(args)  # set the tracking URI for registry lookups (a .pt2 file needs none)
+        _registry_uri(args)  # a .pt2 file needs no tracking store at all
     predictor = _load_predictor(model_ref)
     images, names, failed = [], [], 0
     for path in args.images:
