@@ -34,11 +34,11 @@ log = logging.getLogger("evaluate")
 def main() -> None:
     cfg = config.load_stage_config("evaluate")
     root = repo_root()
+    # The model first: a missing or refused (unsafe) file fails before any data or run.
+    model = inference.load_inference_model(root / INFERENCE_MODEL)
     splits = data.load_splits(root / SPLIT_TRAIN_VAL, root / SPLIT_TEST)
-    model_path = root / INFERENCE_MODEL
     with tracking.stage_run("evaluate", cfg) as run:
         torch.set_num_threads(cfg.train.num_threads)
-        model = inference.load_inference_model(model_path)
         metrics, logits, reports = {}, {}, {}
         for part, x, y, source in (("val", splits.x_val, splits.y_val, SPLIT_TRAIN_VAL),
                                    ("test", splits.x_test, splits.y_test, SPLIT_TEST)):

@@ -23,11 +23,10 @@ def main() -> None:
     cfg = config.load_stage_config("postprocess")
     root = repo_root()
     checkpoint = root / CHECKPOINT
-    if not checkpoint.exists():
-        raise DataError(f"{checkpoint} not found: run the train stage first (`dvc repro`)")
+    state = inference.load_checkpoint(checkpoint)
     net = build_model(cfg.model)
     try:
-        net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        net.load_state_dict(state)
     except RuntimeError as exc:
         raise DataError(f"{checkpoint} does not match model = {cfg.model.name} "
                         f"({str(exc).splitlines()[0]}); retrain with `dvc repro train`") from None

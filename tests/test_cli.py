@@ -78,15 +78,16 @@ def test_pyfunc_model_in_process_and_champion_predict(
     assert version == "1"
     tracking.validation_gate(run.client, "cli-model", version, 0.9, baseline=0.842)
     model = mlflow.pyfunc.load_model("models:/cli-model@champion")
-    frame = model.predict(splits.x_test[:8])
+    # The signature takes float64 pixels so JSON reaches the model's own 0..255 integer check.
+    frame = model.predict(splits.x_test[:8].astype(np.float64))
     assert list(frame.columns[:2]) == ["predicted", "class_name"]
     probs = frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     direct = inference.predict_logits(inference.load_inference_model(exported), splits.x_test[:8])
     assert np.array_equal(frame["predicted"].to_numpy(), direct.argmax(1).numpy())
-    # The logged signature enforces the input contract: uint8 images [N, 28, 28].
+    # The logged signature enforces the input contract: pixel values shaped [N, 28, 28].
     with pytest.raises(MlflowException, match=r"28, 28"):
-        model.predict(splits.x_test[:3].reshape(3, 784))
+        model.predict(splits.x_test[:3].reshape(3, 784).astype(np.float64))
     capsys.readouterr()
     assert cli.main(["predict", "--model", "models:/cli-model@champion",
                      str(images["raw"])]) == 0

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -34,22 +35,48 @@ def _tracking(args: argparse.Namespace) -> tuple[Any, str, Any]:
 
 # --------------------------------------------------------------------------- predict
 def load_image(path: Path) -> Any:
-    """Any image file -> uint8 [28, 28] like Fashion-MNIST (grayscale, light garment on dark)."""
+    """Any image file -> uint8 [28, 28] like Fashion-MNIST (grayscale, light garment on dark).
+
+    Files whose header claims more pixels than Pillow's decompression-bomb limit are refused
+    before they are decoded; 16-bit images are scaled to 8 bit (65535 -> 255), not clipped.
+    """
+    import struct
+    import warnings
+
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            gray = img.convert("L").resize((28, 28), Image.Resampling.LANCZOS)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit: refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                gray = _to_gray8(img, np)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DeepReproError(f"refused image: too many pixels ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error,
+            MemoryError) as exc:
         raise DeepReproError(f"cannot read image ({type(exc).__name__}: {exc})") from None
+    gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
     array = np.asarray(gray, dtype=np.uint8)
     # Product photos are dark-on-light; Fashion-MNIST is light-on-dark. Judge by the border.
     border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
     if border.mean() > 127:
         array = 255 - array
     return array
+
+
+def _to_gray8(img: Any, np: Any) -> Any:
+    """An 8-bit grayscale ("L") copy of `img`. Pillow's own conversion of 16-bit modes clips
+    every value above 255 to white; rescale them instead."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+        wide = np.asarray(img).astype(np.float64)
+        scaled = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled)
+    return img.convert("L")
 
 
 def _load_predictor(model_ref: str) -> Any:
@@ -71,10 +98,25 @@ def _load_predictor(model_ref: str) -> Any:
         raise TrackingError(f"cannot load model {model_ref}: {str(exc).splitlines()[0]}") from None
 
     def predict(x: Any) -> Any:
-        frame = model.predict(np.asarray(x, dtype=np.uint8))
+        # The logged signature takes float64 pixel values (see deep_repro/serving.py).
+        frame = model.predict(np.asarray(x, dtype=np.float64))
         return frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy()
 
     return predict
+
+
+def _registry_uri(args: argparse.Namespace) -> None:
+    """Point MLflow at the store for a models:/ or runs:/ reference (also outside a project)."""
+    import mlflow
+
+    from deep_repro import config, tracking
+
+    cfg_uri = None
+    with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
+        cfg_uri = config.load_config().tracking.uri
+    uri = args.tracking_uri or tracking.tracking_uri(cfg_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -86,8 +128,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if model_ref is None:
         _, _, cfg = _tracking(args)
         model_ref = f"models:/{cfg.tracking.model_name}@champion"
-    elif not model_ref.startswith(("models:/", "runs:/")):
-        _tracking(args)  # set the tracking URI for registry lookups
+    elif model_ref.startswith(("models:/", "runs:/")):
+        _registry_uri(args)  # a .pt2 file needs no tracking store at all
     predictor = _load_predictor(model_ref)
     images, names, failed = [], [], 0
     for path in args.images:

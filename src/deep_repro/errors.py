@@ -69,7 +69,8 @@ def setup_logging() -> None:
 
 
 def entrypoint(func: F) -> F:
-    """Run `func` as a program: user errors become `error: <message>` and exit status 2."""
+    """Run `func` as a program: user errors become `error: <message>` and exit status 2;
+    Ctrl-C (SIGINT) becomes `interrupted` and exit status 130 (128 + SIGINT), no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> object:
@@ -79,5 +80,8 @@ def entrypoint(func: F) -> F:
         except DeepReproError as exc:
             print(f"error: {scrub(str(exc))}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper  # type: ignore[return-value]

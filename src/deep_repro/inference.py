@@ -4,7 +4,9 @@ Every model type (logreg, mlp, cnn, resnet) becomes the same kind of thing: a `t
 program (`models/inference.pt2`) that takes raw uint8 images `[N, 28, 28]` and returns logits.
 The training-time normalisation is baked in (no train/serve skew), dropout is removed and
 BatchNorm folded into the preceding conv/linear layer, optionally weights are stored as int8.
-The file loads with `torch.export.load` alone: no training code needed to serve it.
+The file loads with torch alone (no training code needed to serve it), and only through
+`load_inference_model`, which first refuses any archive that would unpickle or evaluate code
+(`deep_repro.safe_archive`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deep_repro import safe_archive
 from deep_repro.errors import DataError, DeepReproError
 from deep_repro.models import PIXEL_MEAN, PIXEL_STD
 
@@ -128,10 +131,39 @@ def export(module: nn.Module, example: torch.Tensor, target: Path) -> None:
 
 
 def load_inference_model(path: Path) -> nn.Module:
-    """Load the exported program as a module (safe: no arbitrary code is unpickled)."""
+    """Load an exported program as a module: the one loader every `.pt2` goes through.
+
+    `torch.export.load` by itself unpickles (weights_only=False) whatever a crafted archive asks
+    it to, so the archive is checked first and refused unless it is a plain tensor-only program.
+    """
     if not path.exists():
         raise DataError(f"{path} not found: run the postprocess stage first (`dvc repro`)")
-    return torch.export.load(str(path)).module()
+    try:
+        return safe_archive.load_pt2(path)
+    except safe_archive.UnsafeArchiveError as exc:
+        raise DataError(f"{path}: refused to load model ({exc}); re-export it with "
+                        "`dvc repro postprocess`") from None
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A training checkpoint (`state_dict`), with torch's restricted unpickler only."""
+    import pickle
+
+    if not path.exists():
+        raise DataError(f"{path} not found: run the train stage first (`dvc repro`)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False: exactly what must not be done here.
+        raise DataError(f"{path}: refused to load checkpoint (it holds objects other than "
+                        "tensors, which could run code); retrain with `dvc repro train`") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: refused to load checkpoint ({first[:200]}); retrain with "
+                        "`dvc repro train`") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: not a state_dict checkpoint; retrain with `dvc repro train`")
+    return state
 
 
 @torch.no_grad()

@@ -125,12 +125,13 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
 
 # --------------------------------------------------------------------------- provenance
 def _git(args: list[str], cwd: Path) -> str | None:
+    """git's stdout verbatim: porcelain lines start with a meaningful space (` M path`)."""
     try:
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20,
                              check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip()
+    return out.stdout
 
 
 # Files DVC itself rewrites (params.yaml is recomposed from conf/ by `dvc exp run`, dvc.lock
@@ -139,12 +140,61 @@ def _git(args: list[str], cwd: Path) -> str | None:
 _GENERATED = {"params.yaml", "dvc.lock"} | {out for s in STAGES.values() for out in s.outs}
 
 
+def changed_paths(porcelain_z: str) -> list[str]:
+    """Paths from `git status --porcelain -z` (`XY path\0`, renames followed by `orig\0`)."""
+    entries = porcelain_z.split("\0")
+    paths, i = [], 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        paths.append(entry[3:])
+        if entry[0] in "RC" or entry[1] in "RC":
+            i += 1  # the rename/copy source path
+    return paths
+
+
 def git_state(root: Path) -> dict[str, str]:
-    commit = _git(["rev-parse", "HEAD"], root) or "unknown"
-    status = _git(["status", "--porcelain", "--untracked-files=no"], root)
-    changed = [line[3:] for line in (status or "").splitlines() if line[3:] not in _GENERATED]
+    commit = (_git(["rev-parse", "HEAD"], root) or "").strip() or "unknown"
+    status = _git(["status", "--porcelain", "-z", "--untracked-files=no"], root)
+    changed = [p for p in changed_paths(status or "") if p not in _GENERATED]
     return {"commit": commit, "dirty": "true" if changed else "false",
             "changed": ",".join(changed)[:4000]}
+
+
+def _without_credentials(url: str) -> str:
+    """`https://user:token@host/x.git` -> `https://host/x.git`; scp-style `git@host:x` is kept
+    (`git` there is the ssh login, not a secret)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def git_remote(root: Path) -> str | None:
+    """The URL of the `origin` remote (else the first remote), without credentials."""
+    names = (_git(["remote"], root) or "").split()
+    if not names:
+        return None
+    name = "origin" if "origin" in names else names[0]
+    url = (_git(["remote", "get-url", name], root) or "").strip()
+    return _without_credentials(url) if url else None
+
+
+def repo_relative(path: str | Path, root: Path | None = None) -> str:
+    """A path inside the repository as a POSIX path relative to its root (tags must not leak
+    or depend on where a clone happens to live); paths outside it are returned unchanged."""
+    root = (root or repo_root()).resolve()
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        return candidate.as_posix()
+    try:
+        return candidate.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def invocation_key() -> str:
@@ -199,8 +249,11 @@ def environment_tags(cfg: Config) -> dict[str, str]:
         "mlflow.user": user,
         f"{TAG_PREFIX}.seed": str(cfg.seed),
         f"{TAG_PREFIX}.model": cfg.model.name,
-        f"{TAG_PREFIX}.workdir": str(root),
     }
+    remote = git_remote(root)
+    if remote:
+        tags["mlflow.source.git.repoURL"] = remote
+        tags[f"{TAG_PREFIX}.git.remote"] = remote
     if git["dirty"] == "true":
         tags[f"{TAG_PREFIX}.git.changed"] = git["changed"]
     for name, version in versions.items():
@@ -561,7 +614,7 @@ def log_dataset(run: StageRun, name: str, images: Any, labels: Any, digest: str,
     with warnings.catch_warnings():  # MLflow warns that a local path has two source readers
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_numpy(images, targets=labels, name=name, digest=digest[:36],
-                                         source=source)
+                                         source=repo_relative(source))
     run.client.log_inputs(run.run_id, datasets=[DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
 
@@ -571,16 +624,20 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
                         ) -> str | None:
     """Log the exported program as a pyfunc model and register a new version.
 
-    Returns the registered version number. The pyfunc wrapper (`deep_repro/serving.py`) is logged
-    as code, so `mlflow models serve -m models:/<name>@champion` needs no project code.
+    Returns the registered version number. The pyfunc wrapper (`deep_repro/serving.py`) and the
+    archive check it loads the program with (`deep_repro/safe_archive.py`) are logged as code,
+    so `mlflow models serve -m models:/<name>@champion` needs no project code.
     """
     import importlib.util
     import warnings
 
     import mlflow
     import mlflow.pyfunc
+    import numpy as np
     import torch
     from mlflow.models import infer_signature
+
+    from deep_repro import inference, safe_archive
 
     # Run the very wrapper that will be logged on the example to derive the output schema.
     code = Path(__file__).with_name("serving.py")
@@ -589,7 +646,9 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
     serving = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serving)
     wrapper = serving.FashionMNISTClassifier()
-    wrapper.program = torch.export.load(str(program_path)).module()
+    wrapper.program = inference.load_inference_model(program_path)
+    # float64, not uint8: see serving.py (JSON input must reach the model's own range check).
+    example = np.asarray(example, dtype=np.float64)
     output = wrapper.predict(None, example)
     # MLflow's advice about type hints / integer columns does not apply: the signature comes
     # from a real example, and the class index can never be missing.
@@ -598,6 +657,7 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
         info = mlflow.pyfunc.log_model(
             name="inference_model", python_model=str(code),
             artifacts={"program": str(program_path)},
+            code_paths=[str(Path(safe_archive.__file__))],
             signature=infer_signature(example, output), input_example=example,
             registered_model_name=model_name,
             pip_requirements=[f"mlflow=={mlflow.__version__}",
