@@ -246,7 +246,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         log.info("%-10s statistic %10.4g  p %9.3g  %s%s", check.name, check.statistic,
                  check.p_value, check.detail, "  <- FIRED" if check in report.fired else "")
     tags = monitoring_report.model_tags(client, exp_id, model_ref, cfg.tracking.model_name)
-    md5s = {m.get("md5") for m in batch.models} - {None}
+    md5s = {str(m["md5"]) for m in batch.models if m.get("md5")}
     if md5s and monitoring_report.TAG_MD5 in tags and md5s != {tags[monitoring_report.TAG_MD5]}:
         log.warning("the prediction log was written by other model(s) (md5 %s) than %s",
                     ", ".join(sorted(md5s)), model_ref)
