@@ -4,6 +4,7 @@
     deep-repro lineage RUN_ID|MODEL_URI    chain from a model back to the raw files
     deep-repro leaderboard                 best pipeline runs of the experiment
     deep-repro tune [OVERRIDES...]         Optuna search on the train/val split
+    deep-repro monitor PATH                drift of a batch or prediction log vs validation
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,10 +90,21 @@ def _load_predictor(model_ref: str) -> Any:
         from deep_repro.inference import load_inference_model, predict_logits
 
         program = load_inference_model(Path(model_ref))
-        return lambda x: torch.softmax(predict_logits(program, x), dim=1).numpy()
+
+        def predict_file(x: Any) -> Any:
+            probs = torch.softmax(predict_logits(program, x), dim=1).numpy()
+            if os.environ.get("DEEP_REPRO_PREDICTION_LOG"):  # opt-in prediction log
+                from deep_repro.serving import _file_md5, log_predictions
+
+                log_predictions(x, probs, {"md5": _file_md5(model_ref), "path": model_ref})
+            return probs
+
+        return predict_file
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
+    # The pyfunc model writes the prediction log itself (it only knows its program's md5).
+    os.environ.setdefault("DEEP_REPRO_PREDICTION_LOG_MODEL", model_ref)
     try:
         model = mlflow.pyfunc.load_model(model_ref)
     except (MlflowException, OSError) as exc:
@@ -253,6 +266,40 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- monitor
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from deep_repro import monitoring, monitoring_report
+    from deep_repro.paths import repo_root
+    from deep_repro.pipeline import SPLIT_TRAIN_VAL
+
+    if not 0 < args.alpha < 1 or args.permutations < 100:
+        raise DeepReproError(f"--alpha = {args.alpha} must lie in (0, 1) and --permutations = "
+                             f"{args.permutations} must be >= 100")
+    os.environ.pop("DEEP_REPRO_PREDICTION_LOG", None)  # monitoring's own predictions
+    client, exp_id, cfg = _tracking(args)
+    model_ref = args.model or f"models:/{cfg.tracking.model_name}@champion"
+    predictor = _load_predictor(model_ref)
+    reference = monitoring.Reference(
+        *monitoring.load_reference(Path(args.reference or repo_root() / SPLIT_TRAIN_VAL)),
+        predictor, seed=args.seed)
+    batch = monitoring.load_batch(Path(args.path), predictor, since=args.since)
+    report = reference.compare(batch, alpha=args.alpha, permutations=args.permutations)
+    for check in report.checks:
+        log.info("%-10s statistic %10.4g  p %9.3g  %s%s", check.name, check.statistic,
+                 check.p_value, check.detail, "  <- FIRED" if check in report.fired else "")
+    tags = monitoring_report.model_tags(client, exp_id, model_ref, cfg.tracking.model_name)
+    md5s = {str(m["md5"]) for m in batch.models if m.get("md5")}
+    if md5s and monitoring_report.TAG_MD5 in tags and md5s != {tags[monitoring_report.TAG_MD5]}:
+        log.warning("the prediction log was written by other model(s) (md5 %s) than %s",
+                    ", ".join(sorted(md5s)), model_ref)
+    if not args.no_log:
+        run_id = monitoring_report.log_monitoring_run(client, exp_id, report, batch, reference,
+                                                      tags, str(args.path))
+        log.info("monitoring run %s", run_id)
+    print(report.verdict())
+    return 3 if report.drift else 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deep-repro", description=__doc__,
@@ -280,6 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)")
     p.add_argument("overrides", nargs="*", help="e.g. model=cnn tune.n_trials=30")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("monitor", help="drift check of a batch vs the validation data "
+                       "(exit 0: no drift, 3: drift)")
+    p.add_argument("path", help="prediction-log dir or .jsonl, .npz with 'images' [N,28,28] "
+                   "uint8 (+ optional 'labels'), or a directory of image files")
+    p.add_argument("--model", help="as for predict (default: models:/<tracking.model_name>"
+                   "@champion)")
+    p.add_argument("--reference", help="reference .npz with x_val/y_val or images/labels "
+                   "(default: the validation part of data/split/train_val.npz)")
+    p.add_argument("--alpha", type=float, default=0.01,
+                   help="false-alarm rate, Bonferroni-split over the checks")
+    p.add_argument("--since", help="prediction logs: only records at/after this ISO time")
+    p.add_argument("--permutations", type=int, default=2000, help="for the MMD test")
+    p.add_argument("--seed", type=int, default=0, help="reference subsample and permutations")
+    p.add_argument("--no-log", action="store_true", help="do not record an MLflow run")
+    p.set_defaults(func=cmd_monitor)
     return parser
 
 

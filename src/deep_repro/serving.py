@@ -12,6 +12,12 @@ column per class.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
+import os
+import uuid
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -53,11 +59,79 @@ def to_pixels(values) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.uint8).reshape(-1, 28, 28)
 
 
+# --------------------------------------------------------------------------- prediction log
+# Self-contained on purpose (this file is all a served model has); `deep-repro predict` and
+# `deep_repro.monitoring` use the same function, so there is one definition of the format.
+LOG_ENV, SAMPLE_ENV, LABEL_ENV = ("DEEP_REPRO_PREDICTION_LOG", "DEEP_REPRO_PREDICTION_LOG_SAMPLE",
+                                  "DEEP_REPRO_PREDICTION_LOG_MODEL")
+DARK = 26  # pixel values below 10 % of full scale count as background
+
+
+def image_stats(images):
+    """Per-image mean, std and dark fraction of uint8 `[N, 28, 28]` images (0..1 scale)."""
+    x = np.asarray(images, dtype=np.float32).reshape(len(images), -1) / 255.0
+    return x.mean(axis=1), x.std(axis=1), (x < DARK / 255.0).mean(axis=1)
+
+
+def log_predictions(images, probs, model):
+    """Append one JSON line per image to `$DEEP_REPRO_PREDICTION_LOG/predictions-<UTC day>.jsonl`
+    (no-op when unset) and keep up to `$DEEP_REPRO_PREDICTION_LOG_SAMPLE` of the images as .npz.
+    One locked O_APPEND write per call, so concurrent server workers never interleave lines."""
+    root = os.environ.get(LOG_ENV)
+    if not root or len(images) == 0:
+        return
+    now = datetime.datetime.now(datetime.UTC)
+    os.makedirs(root, exist_ok=True)
+    model = {**model, "label": os.environ.get(LABEL_ENV)} if os.environ.get(LABEL_ENV) else model
+    images, probs = np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28), np.asarray(probs)
+    sample, sampled, limit = None, set(), int(os.environ.get(SAMPLE_ENV) or 0)
+    if limit > 0:  # a random subset, written under a temporary name and renamed
+        index = np.sort(np.random.default_rng().permutation(len(images))[:limit])
+        sample = f"samples/{now:%Y%m%dT%H%M%S}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
+        tmp = os.path.join(root, sample + ".tmp.npz")
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        np.savez_compressed(tmp, images=images[index], index=index)
+        os.replace(tmp, os.path.join(root, sample))
+        sampled = set(index.tolist())
+    mean, std, dark = image_stats(images)
+    lines = []
+    for i, p in enumerate(probs):
+        record = {"time": now.isoformat(), "model": model, "mean": round(float(mean[i]), 5),
+                  "std": round(float(std[i]), 5), "dark": round(float(dark[i]), 5),
+                  "predicted": int(p.argmax()), "confidence": round(float(p.max()), 5),
+                  "probs": [round(float(v), 5) for v in p]}
+        if i in sampled:
+            record["sample"] = sample
+        lines.append(json.dumps(record, separators=(",", ":")) + "\n")
+    data = "".join(lines).encode()
+    fd = os.open(os.path.join(root, f"predictions-{now:%Y-%m-%d}.jsonl"),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl  # POSIX only; O_APPEND alone already keeps small writes whole
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+def _file_md5(path):
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
     # No type hints on these two methods: MLflow would try to derive a schema from them; the
     # signature is inferred from a real input example when the model is logged instead.
     def load_context(self, context):
         self.program = safe_archive.load_pt2(context.artifacts["program"])
+        self.identity = {"md5": _file_md5(context.artifacts["program"])}
 
     def predict(self, context, model_input, params=None):
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input
@@ -65,6 +139,8 @@ class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
         with torch.no_grad():
             probs = torch.softmax(self.program(images), dim=1).numpy()
         pred = probs.argmax(axis=1)
+        if hasattr(self, "identity"):  # loaded as a model (not the signature probe at logging)
+            log_predictions(images.numpy(), probs, self.identity)
         frame = pd.DataFrame(probs, columns=[f"p_{n}" for n in CLASS_NAMES])
         frame.insert(0, "class_name", [CLASS_NAMES[i] for i in pred])
         frame.insert(0, "predicted", pred.astype(np.int64))

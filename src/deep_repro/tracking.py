@@ -651,8 +651,10 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
     example = np.asarray(example, dtype=np.float64)
     output = wrapper.predict(None, example)
     # MLflow's advice about type hints / integer columns does not apply: the signature comes
-    # from a real example, and the class index can never be missing.
-    with warnings.catch_warnings(), mlflow.start_run(run_id=run.run_id):
+    # from a real example, and the class index can never be missing. MLflow reloads the model to
+    # check the example: that is no prediction to record in the (opt-in) prediction log.
+    with warnings.catch_warnings(), mlflow.start_run(run_id=run.run_id), \
+            _env_unset("DEEP_REPRO_PREDICTION_LOG"):
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
             name="inference_model", python_model=str(code),
@@ -664,6 +666,16 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
                               f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"])
     version = getattr(info, "registered_model_version", None)
     return str(version) if version is not None else None
+
+
+@contextlib.contextmanager
+def _env_unset(name: str) -> Iterator[None]:
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
 
 
 def model_version_for_run(client: MlflowClient, model_name: str, run_id: str) -> Any | None:
