@@ -8,11 +8,12 @@ from deep_repro import config, data, tracking
 from deep_repro.errors import entrypoint, scrub
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import RAW_DIR
+from deep_repro.stage_config import load_stage_config
 
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_stage_config("download")
+    cfg = load_stage_config("download")
     raw_dir = repo_root() / RAW_DIR
     with tracking.stage_run("download", cfg) as run:
         sources = {}

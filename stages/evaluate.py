@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from deep_repro import config, data, evaluation, inference, tracking
+from deep_repro import data, evaluation, inference, tracking
 from deep_repro.errors import ValidationError, entrypoint
 from deep_repro.files import write_json
 from deep_repro.paths import repo_root
@@ -26,13 +26,14 @@ from deep_repro.pipeline import (
     SPLIT_TEST,
     SPLIT_TRAIN_VAL,
 )
+from deep_repro.stage_config import load_stage_config
 
 log = logging.getLogger("evaluate")
 
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_stage_config("evaluate")
+    cfg = load_stage_config("evaluate")
     root = repo_root()
     # The model first: a missing or refused (unsafe) file fails before any data or run.
     model = inference.load_inference_model(root / INFERENCE_MODEL)

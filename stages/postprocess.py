@@ -10,17 +10,18 @@ import os
 
 import torch
 
-from deep_repro import config, data, inference, tracking, training
+from deep_repro import data, inference, tracking, training
 from deep_repro.errors import DataError, entrypoint
 from deep_repro.files import atomic_path, write_json
 from deep_repro.models import build_model, count_parameters
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import CHECKPOINT, INFERENCE_MODEL, POSTPROCESS_REPORT, SPLIT_TRAIN_VAL
+from deep_repro.stage_config import load_stage_config
 
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_stage_config("postprocess")
+    cfg = load_stage_config("postprocess")
     root = repo_root()
     checkpoint = root / CHECKPOINT
     state = inference.load_checkpoint(checkpoint)

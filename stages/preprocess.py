@@ -4,15 +4,16 @@ Checks magic numbers, image dimensions, image/label counts and the label range, 
 data/processed/{train,test}.npz (numpy arrays, no pickle).
 """
 
-from deep_repro import config, data, tracking
+from deep_repro import data, tracking
 from deep_repro.errors import entrypoint
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import PROCESSED_TEST, PROCESSED_TRAIN, RAW_DIR
+from deep_repro.stage_config import load_stage_config
 
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_stage_config("preprocess")
+    cfg = load_stage_config("preprocess")
     root = repo_root()
     with tracking.stage_run("preprocess", cfg) as run:
         for part, prefix, target in (("train", "train", PROCESSED_TRAIN),

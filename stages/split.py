@@ -7,15 +7,16 @@ Validation is carved out of the 60,000 training images (`split.val_size`, `seed`
 
 import numpy as np
 
-from deep_repro import config, data, tracking
+from deep_repro import data, tracking
 from deep_repro.errors import entrypoint
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import PROCESSED_TEST, PROCESSED_TRAIN, SPLIT_TEST, SPLIT_TRAIN_VAL
+from deep_repro.stage_config import load_stage_config
 
 
 @entrypoint
 def main() -> None:
-    cfg = config.load_stage_config("split")
+    cfg = load_stage_config("split")
     root = repo_root()
     with tracking.stage_run("split", cfg) as run:
         train = data.load_arrays(root / PROCESSED_TRAIN)

@@ -41,3 +41,13 @@ def tracking_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return uri
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_prediction_log_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI sets/clears the prediction-log variables of its own process; in-process CLI calls
+    in tests must not leak them into the next test (set-then-delete restores "unset" too)."""
+    for name in ("DEEP_REPRO_PREDICTION_LOG", "DEEP_REPRO_PREDICTION_LOG_SAMPLE",
+                 "DEEP_REPRO_PREDICTION_LOG_MODEL"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)

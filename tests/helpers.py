@@ -168,8 +168,17 @@ def _direct_imports(root: Path, path: Path, module: str) -> set[str]:
     return {m for m in visitor.found if module_file(root, m) is not None}
 
 
-def stage_modules(root: Path, script: str) -> set[str]:
-    """The `deep_repro` modules a stage script imports, transitively (static analysis)."""
+def is_exempt(module: str, exempt: dict[str, str]) -> bool:
+    """An exempt module, or a module inside an exempt package (`deep_repro.tracking.runs`);
+    the root package's own exemption covers only its `__init__`."""
+    return module in exempt or any(module.startswith(e + ".") for e in exempt if e != PACKAGE)
+
+
+def stage_modules(root: Path, script: str, exempt: dict[str, str] | None = None) -> set[str]:
+    """The `deep_repro` modules a stage script imports, transitively (static analysis).
+
+    Exempt modules are listed but not followed: what they import serves only their own
+    output-neutral job (e.g. tracking loads the inference model to log it to MLflow)."""
     seen: set[str] = set()
     todo = sorted(_direct_imports(root, root / script, "__main__"))
     while todo:
@@ -177,6 +186,8 @@ def stage_modules(root: Path, script: str) -> set[str]:
         if module in seen:
             continue
         seen.add(module)
+        if exempt and is_exempt(module, exempt):
+            continue
         path = module_file(root, module)
         assert path is not None
         todo.extend(_direct_imports(root, path, module) - seen)
@@ -199,8 +210,8 @@ def code_dep_problems(root: Path, exempt: dict[str, str]) -> list[str]:
         deps = [next(iter(d)) if isinstance(d, dict) else str(d) for d in stage.get("deps", [])]
         code_deps = {d.rstrip("/") for d in deps if d.startswith("src/")}
         needed = {}
-        for module in stage_modules(root, script):
-            if module not in exempt:
+        for module in stage_modules(root, script, exempt):
+            if not is_exempt(module, exempt):
                 path = module_file(root, module)
                 assert path is not None
                 needed[module] = path.relative_to(root).as_posix()

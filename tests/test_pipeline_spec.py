@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deep_repro import config
+from deep_repro import config, stage_config
 from deep_repro.errors import ConfigError, UndeclaredParamError
 from deep_repro.pipeline import CODE_DEPS_EXEMPT, STAGES
 
@@ -127,7 +127,7 @@ def test_import_graph_follows_packages_relative_imports_and_skips_type_checking(
 # --------------------------------------------------------------------------- stage config views
 def test_stage_view_exposes_only_declared_params(make_cfg: Make) -> None:
     cfg = make_cfg()
-    view = config.stage_view(cfg, "evaluate")
+    view = stage_config.stage_view(cfg, "evaluate")
     assert view.evaluate == cfg.evaluate and view.model.name == cfg.model.name
     assert view.train.num_threads == cfg.train.num_threads  # declared since evaluate uses it
     assert view.tracking == cfg.tracking  # ambient: MLflow only
@@ -139,19 +139,19 @@ def test_stage_view_exposes_only_declared_params(make_cfg: Make) -> None:
         _ = view.seed
     with pytest.raises(UndeclaredParamError, match=r"reads model\.lr"):
         _ = view.model.lr
-    assert config.unrestricted(view) is cfg
+    assert stage_config.unrestricted(view) is cfg
 
 
 def test_stage_view_of_train_passes_real_sections_and_properties(make_cfg: Make) -> None:
     cfg = make_cfg()
-    view = config.stage_view(cfg, "train")
+    view = stage_config.stage_view(cfg, "train")
     assert view.model is cfg.model and view.train is cfg.train and view.seed == cfg.seed
     assert view.is_torch_model is True  # properties evaluate through the view
     with pytest.raises(UndeclaredParamError, match=r"stage 'train' reads postprocess"):
         _ = view.postprocess
     with pytest.raises(Exception, match="cannot assign"):
         view.seed = 1  # type: ignore[misc]
-    preprocess = config.stage_view(cfg, "preprocess")
+    preprocess = stage_config.stage_view(cfg, "preprocess")
     with pytest.raises(UndeclaredParamError, match=r"\(declared: none\)"):
         _ = preprocess.data
 
@@ -161,4 +161,4 @@ def test_load_stage_config_validates_the_whole_config_first(tmp_path: Path) -> N
     raw["train"]["epochs"] = 0  # not a param of preprocess, still rejected there
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"train\.epochs = 0: expected a value >= 1"):
-        config.load_stage_config("preprocess", tmp_path / "params.yaml")
+        stage_config.load_stage_config("preprocess", tmp_path / "params.yaml")

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from deep_repro.config import ModelConfig, TorchModelConfig, check_sizes, option_name, rng
+from deep_repro.config import ModelConfig, TorchModelConfig, check_sizes
+from deep_repro.typecheck import option_name, rng
 from deep_repro.data import NUM_CLASSES
 
 if TYPE_CHECKING:

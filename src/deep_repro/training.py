@@ -18,27 +18,21 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from deep_repro.augment import augment_batch, normalise
 from deep_repro.config import (
-    AdamWConfig,
     AugmentConfig,
     Config,
-    CosineConfig,
-    NoAugmentConfig,
-    OneCycleConfig,
-    OptimizerConfig,
-    SchedulerConfig,
-    SGDConfig,
     TorchModelConfig,
     TrainConfig,
 )
 from deep_repro.errors import TrainingError
-from deep_repro.models import PIXEL_MEAN, PIXEL_STD, LogRegConfig, build_model, get_spec
+from deep_repro.models import LogRegConfig, build_model, get_spec
+from deep_repro.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -81,78 +75,6 @@ def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | No
     """bf16 autocast on CUDA by default (fast, no loss scaling needed); fp32 on CPU."""
     if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
-    return None
-
-
-# --------------------------------------------------------------------------- batches on device
-def normalise(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,28,28] or [N,1,28,28] -> float [N,1,28,28], standardised."""
-    x = images_u8.float().div_(255.0)
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    return x.sub_(PIXEL_MEAN).div_(PIXEL_STD)
-
-
-def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Random translation (crop of a zero-padded image), horizontal flip, random erasing, done
-    on a whole uint8 batch `[N, 28, 28]` at once on its device. Clothing stays clothing when
-    mirrored, so flips are label-preserving here (they would not be for digits)."""
-    if isinstance(cfg, NoAugmentConfig):
-        return x
-    n, h, w = x.shape
-    dev = x.device
-    if cfg.crop_padding > 0:
-        p = cfg.crop_padding
-        padded = torch.nn.functional.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=dev)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=dev)
-        rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, :, None]
-        cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])[:, None, :]
-        x = padded[torch.arange(n, device=dev)[:, None, None], rows, cols]
-    if cfg.hflip:
-        flip = torch.rand(n, generator=gen, device=dev) < 0.5
-        x = torch.where(flip[:, None, None], x.flip(-1), x)
-    if cfg.random_erasing > 0:
-        erase = torch.rand(n, generator=gen, device=dev) < cfg.random_erasing
-        size = torch.randint(4, 13, (n, 2), generator=gen, device=dev)
-        top = (torch.rand(n, generator=gen, device=dev) * (h - size[:, 0] + 1)).long()
-        left = (torch.rand(n, generator=gen, device=dev) * (w - size[:, 1] + 1)).long()
-        r = torch.arange(h, device=dev)[None, :, None]
-        c = torch.arange(w, device=dev)[None, None, :]
-        box = ((r >= top[:, None, None]) & (r < (top + size[:, 0])[:, None, None])
-               & (c >= left[:, None, None]) & (c < (left + size[:, 1])[:, None, None]))
-        x = x.masked_fill(box & erase[:, None, None], 0)
-    return x
-
-
-# --------------------------------------------------------------------------- optimisation
-def build_optimizer(params: Any, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    if isinstance(cfg, AdamWConfig):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay,
-                                 betas=(cfg.betas[0], cfg.betas[1]))
-    if isinstance(cfg, SGDConfig):
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    raise TrainingError(f"optimizer.name = {cfg.name!r} unknown")  # pragma: no cover
-
-
-def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, lr: float, epochs: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Per-step schedulers (stepped after every batch)."""
-    total = epochs * steps_per_epoch
-    if isinstance(cfg, OneCycleConfig):
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
-                                                   pct_start=cfg.pct_start)
-    if isinstance(cfg, CosineConfig):
-        warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = (step - warm) / max(1, total - warm)
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return None
 
 

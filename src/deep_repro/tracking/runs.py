@@ -1,0 +1,342 @@
+"""Pipeline, stage and trial runs: one pipeline run per DVC invocation, a child per stage."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deep_repro.config import Config, flatten, to_dict
+from deep_repro.errors import scrub
+from deep_repro.files import file_hashes
+from deep_repro.paths import repo_root
+from deep_repro.pipeline import STAGES, StageSpec
+from deep_repro.stage_config import unrestricted
+from deep_repro.tracking.lineage import find_producer
+from deep_repro.tracking.provenance import (
+    environment_tags,
+    invocation_key,
+    repo_relative,
+)
+from deep_repro.tracking.store import (
+    IN_PREFIX,
+    OUT_PREFIX,
+    TAG_FAIL_REASON,
+    TAG_INVOCATION,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_PREFIX,
+    TAG_STAGE,
+    TAG_TRIAL_STATE,
+    UPSTREAM_PREFIX,
+    _search_one,
+    _store_lock,
+    connect,
+    tracking_uri,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- pipeline run
+def get_or_create_pipeline_run(client: MlflowClient, exp_id: str, uri: str, cfg: Config,
+                               tags: Mapping[str, str], key: str | None = None) -> str:
+    key = key or invocation_key()
+    with _store_lock(uri):
+        found = _search_one(client, exp_id, f"tags.`{TAG_INVOCATION}` = '{key}' and "
+                                             f"tags.`{TAG_KIND}` = 'pipeline'")
+        if found is not None:
+            client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
+        exp_name = os.environ.get("DVC_EXP_NAME")
+        run_name = f"{exp_name or 'pipeline'}-{cfg.model.name}"
+        run = client.create_run(exp_id, run_name=run_name, tags={
+            **tags, TAG_KIND: "pipeline", TAG_INVOCATION: key,
+            "mlflow.note.content": pipeline_note(cfg, tags),
+        })
+    log_params(client, run.info.run_id, flatten(to_dict(cfg)))
+    if tags.get(f"{TAG_PREFIX}.git.dirty") == "true":
+        log.warning("working tree has uncommitted code changes (%s): runs are tagged "
+                    "deep_repro.git.dirty=true and cannot be reproduced from the commit alone",
+                    tags.get(f"{TAG_PREFIX}.git.changed"))
+    return run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """The one way params reach MLflow (pipeline, stage, study and trial runs alike).
+
+    Lists and mappings as JSON; credentials in URLs (tracking.uri, tune.storage, data.mirrors)
+    scrubbed; values cut to MLflow's 6000 characters, in batches of its 100-param limit.
+    """
+    from mlflow.entities import Param
+
+    items = [Param(k, scrub(json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000])
+             for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def end_run(client: MlflowClient, run_id: str, status: str,
+            tags: Mapping[str, str] | None = None, *, missing_ok: bool = False) -> None:
+    """The one close-out of a run: its final tags, then its MLflow status.
+
+    `missing_ok`: a run that cannot be updated (deleted, or in another store) is only warned
+    about; tuning closes runs recorded by other (possibly dead) workers.
+    """
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if tags:
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client.set_terminated(run_id, status)
+    except MlflowException as exc:
+        if not missing_ok:
+            raise
+        log.warning("cannot update MLflow run %s: %s", run_id, _first_line(exc))
+
+
+@dataclass
+class Outcome:
+    """How a run ends (set inside `closing`): its MLflow status and final tags."""
+
+    status: str = "FAILED"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def closing(client: MlflowClient, run_id: str, *, parent_id: str | None = None,
+            missing_ok: bool = False) -> Iterator[Outcome]:
+    """However the body ends, close the run through `end_run` with the outcome's tags and
+    status: FAILED unless the body set another (FINISHED once its work is done), KILLED on
+    Ctrl-C. `parent_id` (a pipeline run) ends too: FINISHED only if this run did.
+
+    A close-out error after the body failed is logged, never raised: the body's error is the
+    one the user has to see.
+    """
+    outcome = Outcome()
+    failed = True
+    try:
+        yield outcome
+        failed = False
+    except KeyboardInterrupt:
+        outcome.status = "KILLED"
+        raise
+    finally:
+        ends = [(run_id, outcome.status, outcome.tags)]
+        if parent_id is not None:
+            ends.append((parent_id, "FINISHED" if outcome.status == "FINISHED" else "FAILED",
+                         {}))
+        for rid, status, tags in ends:
+            try:
+                end_run(client, rid, status, tags, missing_ok=missing_ok)
+            except Exception as exc:
+                if not failed:
+                    raise
+                log.warning("cannot close MLflow run %s: %s", rid, _first_line(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return scrub(text.splitlines()[0])[:300] if text else type(exc).__name__
+
+
+def _metric_batch(metrics: Mapping[str, float], step: int | None) -> list[Any]:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+
+
+def pipeline_note(cfg: Config, tags: Mapping[str, str]) -> str:
+    commit = tags.get(f"{TAG_PREFIX}.git.commit", "unknown")
+    exp = tags.get(f"{TAG_PREFIX}.dvc_exp_name")
+    apply = f"dvc exp apply {exp} && " if exp else ""
+    return (f"Pipeline run of `{cfg.model.name}`. Reproduce: `git checkout {commit} && "
+            f"{apply}uv run dvc repro`. Per-stage details are in the child runs; "
+            "`uv run deep-repro lineage <run id>` prints the chain back to the raw files.")
+
+
+# --------------------------------------------------------------------------- stage runs
+@dataclass
+class StageRun:
+    """An open MLflow run for one executed stage (use via `stage_run`)."""
+
+    client: MlflowClient
+    run_id: str
+    pipeline_run_id: str
+    spec: StageSpec
+    experiment_id: str
+    _tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="deep-repro-")))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        log_params(self.client, self.run_id, params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *,
+                    pipeline: bool = False) -> None:
+        """Log metrics on this stage run (and, for headline numbers, on the pipeline run)."""
+        batch = _metric_batch(metrics, step)
+        self.client.log_batch(self.run_id, metrics=batch)
+        if pipeline:
+            self.client.log_batch(self.pipeline_run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, str], *, pipeline: bool = False) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self.client.log_batch(self.run_id, tags=batch)
+        if pipeline:
+            self.client.log_batch(self.pipeline_run_id, tags=batch)
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: Any, name: str) -> None:
+        target = self._tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        self.log_artifact(target, os.path.dirname(name) or None)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, fig, name)
+
+
+def _stage_params(spec: StageSpec, cfg: Config) -> dict[str, Any]:
+    flat = flatten(to_dict(cfg))
+    wanted = spec.params or ()
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".")
+                                                 for p in wanted)}
+
+
+def _lock_entry(spec: StageSpec, cfg: Config, deps: dict[str, str], outs: dict[str, str]
+                ) -> dict[str, Any]:
+    """This execution's dvc.lock entry (DVC writes the same md5s once the stage ends)."""
+    return {"cmd": f"python {spec.script}",
+            "deps": [{"path": p, "md5": h} for p, h in sorted(deps.items())],
+            "params": {"params.yaml": _stage_params(spec, cfg)},
+            "outs": [{"path": p, "md5": h} for p, h in sorted(outs.items())]}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
+    """Open the MLflow run of one executed stage, nested under this invocation's pipeline run.
+
+    Fails (before the stage does any work) if the store is unreachable. On exit records the
+    md5 of every output, so downstream runs, in this invocation or later ones, can link to it.
+    """
+    cfg = unrestricted(cfg)  # a stage's view: MLflow still records the whole config
+    spec = STAGES[stage]
+    uri = tracking_uri(cfg.tracking.uri)
+    client, exp_id = connect(uri, cfg.tracking.experiment)
+    root = repo_root()
+    tags = environment_tags(cfg)
+    key = invocation_key()
+    parent_id = get_or_create_pipeline_run(client, exp_id, uri, cfg, tags, key)
+
+    code = file_hashes((spec.script,), root)
+    deps = file_hashes(spec.deps, root)
+    upstream: dict[str, str] = {}
+    for path, md5 in deps.items():
+        producer = find_producer(client, exp_id, path, md5)
+        if producer:
+            upstream[f"{UPSTREAM_PREFIX}{path}"] = producer
+        else:
+            log.warning("no tracked run produced %s (md5 %s): lineage stops here", path, md5)
+    run = client.create_run(exp_id, run_name=stage, tags={
+        **tags, TAG_KIND: "stage", TAG_STAGE: stage, TAG_PARENT: parent_id,
+        TAG_INVOCATION: key, f"{TAG_PREFIX}.dvc_stage": stage,
+        f"{TAG_PREFIX}.command": " ".join(sys.argv),
+        **{f"{IN_PREFIX}{p}": h for p, h in deps.items()},
+        **{f"{TAG_PREFIX}.code.{p}": h for p, h in code.items()},
+        **upstream,
+    })
+    handle = StageRun(client, run.info.run_id, parent_id, spec, exp_id)
+    handle.log_params(_stage_params(spec, cfg))
+    log.info("MLflow: stage run %s (pipeline run %s) in %s", run.info.run_id, parent_id,
+             scrub(uri))
+    import shutil
+
+    try:
+        with closing(client, run.info.run_id, parent_id=parent_id) as outcome:
+            yield handle
+            outs = file_hashes(spec.outs, root)
+            handle.set_tags({f"{OUT_PREFIX}{p}": h for p, h in outs.items()})
+            handle.log_dict(_lock_entry(spec, cfg, deps, outs), "dvc_lock_entry.json")
+            outcome.status = "FINISHED"
+    finally:
+        shutil.rmtree(handle._tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- trial runs
+@dataclass
+class TrialRun:
+    """An open MLflow run for one Optuna trial (use via `trial_run`).
+
+    The body sets `state` to the Optuna state the trial ends in (COMPLETE | PRUNED | FAIL,
+    the default) and, for a failure, `fail_reason`; both are tagged when the run closes.
+    """
+
+    client: MlflowClient
+    run_id: str
+    experiment_id: str
+    state: str = "FAIL"
+    fail_reason: str | None = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.client.log_batch(self.run_id, metrics=_metric_batch(metrics, step))
+
+
+@contextlib.contextmanager
+def trial_run(client: MlflowClient, exp_id: str, name: str, cfg: Config, *, parent_id: str,
+              tags: Mapping[str, str]) -> Iterator[TrialRun]:
+    """Open the MLflow run of one tuning trial, a child of the study run `parent_id`.
+
+    The same building blocks as `stage_run`: the full config as params (`log_params`), and
+    one close-out (`closing`): a FAIL trial ends FAILED, a COMPLETE or PRUNED one FINISHED
+    (pruning is a result), with its state in `deep_repro.trial_state`.
+    """
+    run = client.create_run(exp_id, run_name=name, tags={
+        **tags, TAG_KIND: "trial", TAG_PARENT: parent_id, TAG_TRIAL_STATE: "RUNNING"})
+    handle = TrialRun(client, run.info.run_id, exp_id)
+    log_params(client, handle.run_id, flatten(to_dict(cfg)))
+    # missing_ok: a stale-trial sweep of another worker may have closed this run already.
+    with closing(client, handle.run_id, missing_ok=True) as outcome:
+        try:
+            yield handle
+        finally:
+            outcome.status = "FAILED" if handle.state == "FAIL" else "FINISHED"
+            outcome.tags[TAG_TRIAL_STATE] = handle.state
+            if handle.fail_reason:
+                outcome.tags[TAG_FAIL_REASON] = handle.fail_reason[:5000]
+
+
+# --------------------------------------------------------------------------- datasets
+def log_dataset(run: StageRun, name: str, images: Any, labels: Any, digest: str, source: str,
+                context: str) -> None:
+    """Log a split as an MLflow dataset input whose digest is the file's content hash.
+
+    (MLflow's own numpy digest samples only the first values and collides across subsets.)
+    """
+    import warnings
+
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # MLflow warns that a local path has two source readers
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_numpy(images, targets=labels, name=name, digest=digest[:36],
+                                         source=repo_relative(source))
+    run.client.log_inputs(run.run_id, datasets=[DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])

@@ -1,0 +1,106 @@
+"""The MLflow store: where runs go, how to connect, and the tag vocabulary of all runs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deep_repro.errors import TrackingError, scrub
+from deep_repro.paths import store_root
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+
+TAG_PREFIX = "deep_repro"
+TAG_KIND = f"{TAG_PREFIX}.kind"            # pipeline | stage | study | trial
+TAG_INVOCATION = f"{TAG_PREFIX}.invocation"
+TAG_STAGE = f"{TAG_PREFIX}.stage"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_TRIAL_STATE = f"{TAG_PREFIX}.trial_state"  # Optuna state of a trial run
+TAG_FAIL_REASON = f"{TAG_PREFIX}.fail_reason"
+IN_PREFIX = f"{TAG_PREFIX}.in."           # + file path -> md5
+OUT_PREFIX = f"{TAG_PREFIX}.out."         # + file path -> md5
+UPSTREAM_PREFIX = f"{TAG_PREFIX}.upstream."  # + file path -> producing run id
+HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")
+
+
+
+# --------------------------------------------------------------------------- the store
+def tracking_uri(cfg_uri: str | None) -> str:
+    """`MLFLOW_TRACKING_URI` wins, then `tracking.uri`, then the repo's own sqlite store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg_uri:
+        return cfg_uri
+    return f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    """Fixed, absolute artifact directory (never under a queued experiment's temp copy)."""
+    return store_root() / "mlartifacts"
+
+
+def _is_local_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def _store_lock(uri: str) -> contextlib.AbstractContextManager[Any]:
+    """A file lock serialising first-time creation/migration of a local sqlite store."""
+    if not _is_local_sqlite(uri):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db_path = Path(uri.removeprefix("sqlite:///"))
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db_path) + ".lock", timeout=300)
+
+
+def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+    """Open (creating once, under a lock) the store and the experiment; fail fast if unreachable.
+
+    Returns the client and the experiment id.
+    """
+    os.environ.pop("MLFLOW_RUN_ID", None)  # would hijack parent/child resolution
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        with _store_lock(uri):
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                try:
+                    location = None
+                    if _is_local_sqlite(uri):
+                        location = (artifact_root() / experiment).as_uri()
+                    exp_id = client.create_experiment(experiment, artifact_location=location)
+                except MlflowException as exc:  # created concurrently on a remote server
+                    if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                        raise
+                    exp_id = client.get_experiment_by_name(experiment).experiment_id
+            else:
+                exp_id = exp.experiment_id
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"tracking store {scrub(uri)} unreachable or unusable "
+                            f"({type(exc).__name__}: {scrub(first)[:300]}); set "
+                            "tracking.uri or MLFLOW_TRACKING_URI") from None
+    return client, exp_id
+
+
+def _search_one(client: MlflowClient, exp_id: str, filter_string: str) -> Any | None:
+    runs = client.search_runs([exp_id], filter_string=filter_string,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
