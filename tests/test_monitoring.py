@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from deep_repro import cli, config, data, inference, monitoring, serving, tracking, training
-from deep_repro.files import atomic_path
-from tests.conftest import REPO, fixture_overrides
+from deep_repro.files import atomic_path, file_digest
+from tests.helpers import REPO, fixture_overrides
 
 Scenario = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 FOOTWEAR = (5, 7, 9)
@@ -162,7 +162,7 @@ def test_predict_writes_the_prediction_log_with_a_bounded_sample(
     (log_file,) = logdir.glob("predictions-*.jsonl")
     records = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert len(records) == 5
-    assert {r["model"]["md5"] for r in records} == {tracking.md5_file(model_file)}
+    assert {r["model"]["md5"] for r in records} == {file_digest(model_file)}
     for record, line in zip(records, printed, strict=True):
         assert data.CLASS_NAMES[record["predicted"]] in line
         assert 0 < record["confidence"] <= 1 and len(record["probs"]) == 10
@@ -189,7 +189,7 @@ def test_served_pyfunc_model_logs_its_predictions(
     records = [json.loads(line) for f in (tmp_path / "served").glob("*.jsonl")
                for line in f.read_text().splitlines()]
     assert [r["predicted"] for r in records] == frame["predicted"].tolist()
-    assert records[0]["model"] == {"md5": tracking.md5_file(model_file)}
+    assert records[0]["model"] == {"md5": file_digest(model_file)}
 
 
 def test_monitor_cli_exit_codes_and_mlflow_run(
@@ -216,7 +216,7 @@ def test_monitor_cli_exit_codes_and_mlflow_run(
                               order_by=["attributes.start_time ASC"])
     assert [r.data.metrics["drift"] for r in runs] == [0.0, 1.0]
     assert runs[0].data.metrics["batch_accuracy"] > 0.5 and "p_accuracy" in runs[0].data.metrics
-    assert runs[1].data.tags["deep_repro.monitor.model_md5"] == tracking.md5_file(model_file)
+    assert runs[1].data.tags["deep_repro.monitor.model_md5"] == file_digest(model_file)
     assert runs[1].data.tags["deep_repro.monitor.verdict"] == verdict
     artifacts = {a.path for a in client.list_artifacts(runs[1].info.run_id, "monitor")}
     assert artifacts == {"monitor/drift.png", "monitor/report.json"}

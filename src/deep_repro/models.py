@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from deep_repro.config import ModelConfig, TorchModelConfig, check_sizes
-from deep_repro.typecheck import option_name, rng
 from deep_repro.data import NUM_CLASSES
+from deep_repro.typecheck import option_name, rng
 
 if TYPE_CHECKING:
     from torch import nn

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deep_repro import tracking
+from deep_repro.files import file_digest
 from deep_repro.monitoring import STAT_NAMES, Features, Reference, Report
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def model_tags(client: MlflowClient, exp_id: str, model_ref: str, model_name: st
         elif Path(model_ref).is_file():
             from deep_repro.pipeline import INFERENCE_MODEL
 
-            md5 = tracking.md5_file(Path(model_ref))
+            md5 = file_digest(Path(model_ref))
             tags[TAG_MD5] = md5
             run_id = tracking.find_producer(client, exp_id, INFERENCE_MODEL, md5)
             if run_id:
