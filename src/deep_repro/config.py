@@ -138,6 +138,7 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "fashion-mnist"
     model_name: str = "fashion-mnist-classifier"
+    user: str | None = None
 
 
 @dataclass(frozen=True)
