@@ -158,11 +158,17 @@ def _short(value: str) -> str:
         return value
 
 
-def leaderboard_rows(client: Any, exp_id: str, limit: int) -> list[dict[str, str]]:
+def leaderboard_rows(client: Any, exp_id: str, limit: int, user: str | None = None
+                     ) -> list[dict[str, str]]:
     from deep_repro import tracking
 
+    where = f"tags.`{tracking.TAG_KIND}` = 'pipeline'"
+    if user:
+        if "'" in user:
+            raise DeepReproError(f"--user {user!r}: a user name cannot contain a quote")
+        where += f" and tags.`{tracking.TAG_PREFIX}.user` = '{user}'"
     runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
+        [exp_id], filter_string=where,
         order_by=["metrics.test_accuracy DESC", "attributes.start_time DESC"], max_results=1000)
     rows = []
     for run in runs:
@@ -198,8 +204,11 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    client, exp_id, _ = _tracking(args)
-    print(format_table(leaderboard_rows(client, exp_id, args.limit)))
+    from deep_repro import tracking
+
+    client, exp_id, cfg = _tracking(args)
+    user = tracking.run_user(cfg.tracking.user) if args.mine else args.user
+    print(format_table(leaderboard_rows(client, exp_id, args.limit, user=user)))
     return 0
 
 
@@ -233,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("leaderboard", help="best pipeline runs by test accuracy")
     p.add_argument("--limit", type=int, default=20)
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--user", help="only this user's runs (tag deep_repro.user)")
+    who.add_argument("--mine", action="store_true", help="only my runs (tracking.user, "
+                     "MLFLOW_TRACKING_USERNAME or the OS user)")
+    # SUPPRESS: without the flag, the global `--experiment` (before the command) still applies.
+    p.add_argument("--experiment", default=argparse.SUPPRESS,
+                   help="MLflow experiment, e.g. one per assignment (default: tracking.experiment)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)")
