@@ -158,8 +158,8 @@ def _short(value: str) -> str:
         return value
 
 
-def leaderboard_rows(client: Any, exp_id: str, limit: int, user: str | None = None
-                     ) -> list[dict[str, str]]:
+def leaderboard_rows(client: Any, exp_id: str | list[str], limit: int,
+                     user: str | None = None) -> list[dict[str, str]]:
     from deep_repro import tracking
 
     where = f"tags.`{tracking.TAG_KIND}` = 'pipeline'"
@@ -168,7 +168,7 @@ def leaderboard_rows(client: Any, exp_id: str, limit: int, user: str | None = No
             raise DeepReproError(f"--user {user!r}: a user name cannot contain a quote")
         where += f" and tags.`{tracking.TAG_PREFIX}.user` = '{user}'"
     runs = client.search_runs(
-        [exp_id], filter_string=where,
+        [exp_id] if isinstance(exp_id, str) else exp_id, filter_string=where,
         order_by=["metrics.test_accuracy DESC", "attributes.start_time DESC"], max_results=1000)
     rows = []
     for run in runs:
@@ -206,9 +206,19 @@ def format_table(rows: list[dict[str, str]]) -> str:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from deep_repro import tracking
 
-    client, exp_id, cfg = _tracking(args)
+    pattern = getattr(args, "experiment", None) or ""
+    if "*" in pattern:  # the class: one experiment per student, `fashion-mnist-*`
+        args.experiment = None
+        client, _, cfg = _tracking(args)
+        like = pattern.replace("'", "").replace("*", "%")
+        exp_ids: str | list[str] = [e.experiment_id for e in client.search_experiments(
+            filter_string=f"name LIKE '{like}'", max_results=1000)]
+        if not exp_ids:
+            raise DeepReproError(f"--experiment {pattern}: no MLflow experiment matches")
+    else:
+        client, exp_ids, cfg = _tracking(args)
     user = tracking.run_user(cfg.tracking.user) if args.mine else args.user
-    print(format_table(leaderboard_rows(client, exp_id, args.limit, user=user)))
+    print(format_table(leaderboard_rows(client, exp_ids, args.limit, user=user)))
     return 0
 
 
@@ -248,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "MLFLOW_TRACKING_USERNAME or the OS user)")
     # SUPPRESS: without the flag, the global `--experiment` (before the command) still applies.
     p.add_argument("--experiment", default=argparse.SUPPRESS,
-                   help="MLflow experiment, e.g. one per assignment (default: tracking.experiment)")
+                   help="MLflow experiment; `*` matches several (a class: 'fashion-mnist-*') "
+                   "(default: tracking.experiment)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)")
