@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -327,3 +328,45 @@ def test_a_fresh_clone_pulls_from_the_shared_remote_and_runs_nothing(tmp_path: P
     assert "Running stage" not in repro.stdout + repro.stderr
     status = sh(["dvc", "status"], clone, env)
     assert "up to date" in status.stdout
+
+
+# --------------------------------------------------------------------------- lineage across users
+def test_producer_prefers_same_invocation_then_same_user_and_checkout(tracking_env: str) -> None:
+    client, exp_id = tracking.connect(tracking_env, "lineage-users")
+    out = f"{tracking.OUT_PREFIX}data/split/train_val.npz"
+    made = {}
+    for label, user, workdir, invocation in (("mine-now", "alice", "/a", "inv-1"),
+                                             ("mine-here", "alice", "/a", "inv-0"),
+                                             ("mine-elsewhere", "alice", "/b", "inv-2"),
+                                             ("bobs", "bob", "/c", "inv-3")):
+        made[label] = client.create_run(exp_id, tags={
+            out: "abc", tracking.TAG_INVOCATION: invocation, f"{tracking.TAG_PREFIX}.user": user,
+            f"{tracking.TAG_PREFIX}.workdir": workdir}).info.run_id
+        time.sleep(0.01)  # distinct start times: "bobs" is the most recent
+
+    def find(**kwargs: str) -> str | None:
+        return tracking.find_producer(client, exp_id, "data/split/train_val.npz", "abc", **kwargs)
+
+    assert find(invocation="inv-1", user="alice", workdir="/a") == made["mine-now"]
+    assert find(invocation="inv-9", user="alice", workdir="/a") == made["mine-here"]
+    assert find(invocation="inv-9", user="alice", workdir="/z") == made["mine-elsewhere"]
+    assert find(invocation="inv-9", user="carol", workdir="/a") == made["bobs"]
+    assert find() == made["bobs"]
+
+
+def test_lineage_marks_another_users_run_and_names_commit_and_params(
+        tracking_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    client, exp_id = tracking.connect(tracking_env, "fashion-mnist")
+    p = tracking.TAG_PREFIX
+    bobs = client.create_run(exp_id, tags={
+        tracking.TAG_KIND: "stage", tracking.TAG_STAGE: "split", f"{p}.user": "bob",
+        f"{p}.git.commit": "c0ffee", f"{p}.dvc_exp_name": "bobs-local-exp"}).info.run_id
+    client.log_param(bobs, "split.val_size", "0.1")
+    alices = client.create_run(exp_id, tags={
+        tracking.TAG_KIND: "stage", tracking.TAG_STAGE: "train", f"{p}.user": "alice",
+        f"{tracking.UPSTREAM_PREFIX}data/split/train_val.npz": bobs}).info.run_id
+    assert cli.main(["lineage", alices]) == 0
+    out = capsys.readouterr().out
+    assert "by bob (another user's run)" in out
+    assert "git checkout c0ffee && uv run dvc exp run split -S 'split.val_size=0.1'" in out
+    assert "bobs-local-exp &&" not in out

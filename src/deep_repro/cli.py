@@ -119,6 +119,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     chain = sorted(tracking.lineage_chain(client, run_id), key=lambda r: -order.index(
         r.data.tags.get(tracking.TAG_STAGE, order[0])))
     print(f"Lineage of {args.ref}: {len(chain)} stage runs, from the model back to the raw files")
+    me = chain[0].data.tags.get(f"{tracking.TAG_PREFIX}.user") if chain else None
     for run in chain:
         tags, params = run.data.tags, run.data.params
         stage = tags.get(tracking.TAG_STAGE, "?")
@@ -138,6 +139,13 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         for key in sorted(tags):
             if key.startswith(tracking.OUT_PREFIX):
                 print(f"  output {key[len(tracking.OUT_PREFIX):]}  md5 {tags[key]}")
+        user = tags.get(f"{tracking.TAG_PREFIX}.user")
+        if user and user != me:
+            # Their DVC experiment exists only in their checkout: name the commit + params.
+            print(f"  by {user} (another user's run)")
+            sets = " ".join(f"-S '{k}={v}'" for k, v in sorted(params.items()))
+            print(f"  reproduce: git checkout {commit} && uv run dvc exp run {stage} {sets}")
+            continue
         apply = f"uv run dvc exp apply {exp} && " if exp else ""
         print(f"  reproduce: git checkout {commit} && {apply}uv run dvc repro {stage}")
     return 0

@@ -49,6 +49,7 @@ TAG_PARENT = "mlflow.parentRunId"
 IN_PREFIX = f"{TAG_PREFIX}.in."           # + file path -> md5
 OUT_PREFIX = f"{TAG_PREFIX}.out."         # + file path -> md5
 UPSTREAM_PREFIX = f"{TAG_PREFIX}.upstream."  # + file path -> producing run id
+UPSTREAM_USER_PREFIX = f"{TAG_PREFIX}.upstream_user."  # + file path -> producer's user, if not me
 HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")
 
 
@@ -361,10 +362,39 @@ def _stage_params(spec: StageSpec, cfg: Config) -> dict[str, Any]:
                                                  for p in wanted)}
 
 
-def find_producer(client: MlflowClient, exp_id: str, path: str, md5: str) -> str | None:
-    """The most recent stage run that wrote `path` with exactly this content."""
-    run = _search_one(client, exp_id, f"tags.`{OUT_PREFIX}{path}` = '{md5}'")
-    return run.info.run_id if run else None
+def find_producer(client: MlflowClient, exp_id: str, path: str, md5: str, *,
+                  invocation: str | None = None, user: str | None = None,
+                  workdir: str | None = None) -> str | None:
+    """The id of `producer_run`."""
+    run = producer_run(client, exp_id, path, md5, invocation=invocation, user=user,
+                       workdir=workdir)
+    return str(run.info.run_id) if run is not None else None
+
+
+def producer_run(client: MlflowClient, exp_id: str, path: str, md5: str, *,
+                 invocation: str | None = None, user: str | None = None,
+                 workdir: str | None = None) -> Any | None:
+    """The stage run that wrote `path` with exactly this content.
+
+    On a shared server several users produce the same bytes; prefer, in order, the run of the
+    same DVC invocation, then the same user in the same checkout, then the same user, then the
+    most recent run of anybody (a link to another user's run is marked as such by the caller).
+    """
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{OUT_PREFIX}{path}` = '{md5}'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    if not runs:
+        return None
+
+    def rank(run: Any) -> int:
+        tags = run.data.tags
+        same_user = user is not None and tags.get(f"{TAG_PREFIX}.user") == user
+        if invocation is not None and tags.get(TAG_INVOCATION) == invocation:
+            return 0
+        if same_user and workdir is not None and tags.get(f"{TAG_PREFIX}.workdir") == workdir:
+            return 1
+        return 2 if same_user else 3
+
+    return min(runs, key=rank)  # min is stable: the most recent within a rank
 
 
 def _lock_entry(spec: StageSpec, cfg: Config, deps: dict[str, str], outs: dict[str, str]
@@ -394,10 +424,15 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     code = file_hashes((spec.script,), root)
     deps = file_hashes(spec.deps, root)
     upstream: dict[str, str] = {}
+    user = tags[f"{TAG_PREFIX}.user"]
     for path, md5 in deps.items():
-        producer = find_producer(client, exp_id, path, md5)
-        if producer:
-            upstream[f"{UPSTREAM_PREFIX}{path}"] = producer
+        producer = producer_run(client, exp_id, path, md5, invocation=key, user=user,
+                                workdir=tags[f"{TAG_PREFIX}.workdir"])
+        if producer is not None:
+            upstream[f"{UPSTREAM_PREFIX}{path}"] = producer.info.run_id
+            other = producer.data.tags.get(f"{TAG_PREFIX}.user", user)
+            if other != user:  # reproducible from its commit + params, not from this checkout
+                upstream[f"{UPSTREAM_USER_PREFIX}{path}"] = other
         else:
             log.warning("no tracked run produced %s (md5 %s): lineage stops here", path, md5)
     run = client.create_run(exp_id, run_name=stage, tags={
@@ -628,7 +663,8 @@ def judge_registered_model(run: StageRun, model_name: str, root: Path, test_accu
     from deep_repro.pipeline import INFERENCE_MODEL
 
     md5 = md5_file(root / INFERENCE_MODEL)
-    producer = find_producer(run.client, run.experiment_id, INFERENCE_MODEL, md5)
+    producer = find_producer(run.client, run.experiment_id, INFERENCE_MODEL, md5,
+                             invocation=invocation_key())
     version = model_version_for_run(run.client, model_name, producer) if producer else None
     if version is None:
         decision = GateDecision(False, False, f"no registered version of {model_name} was built "
