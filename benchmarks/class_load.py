@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = os.environ[
             "DEEP_REPRO_TEST_MLFLOW_ADMIN_PASSWORD"]
 
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # 210 "View run" lines
     from mlflow import MlflowClient  # imported once here; forked students inherit it
 
     client = MlflowClient(tracking_uri=args.url, registry_uri=args.url)
