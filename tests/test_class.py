@@ -320,9 +320,11 @@ def test_a_fresh_clone_pulls_from_the_shared_remote_and_runs_nothing(tmp_path: P
 
     clone = tmp_path / "bob"
     sh(["git", "clone", "-q", str(project), str(clone)], tmp_path, env)
-    assert not (clone / "data/split").exists()
+    from deep_repro.pipeline import SPLIT_TRAIN_VAL
+
+    assert not (clone / SPLIT_TRAIN_VAL).exists()
     sh(["dvc", "pull", "--with-deps", "split"], clone, env)
-    assert (clone / "data/split").is_dir()
+    assert (clone / SPLIT_TRAIN_VAL).is_file()
     repro = sh(["dvc", "repro", "split"], clone, env)
     assert "Running stage" not in repro.stdout + repro.stderr
     assert "up to date" in sh(["dvc", "status", "split"], clone, env).stdout
