@@ -4,7 +4,9 @@ tests/helpers.py; this file holds fixtures only."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,52 @@ def _no_leaked_prediction_log_env(monkeypatch: pytest.MonkeyPatch) -> None:
                  "DEEP_REPRO_PREDICTION_LOG_MODEL"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
+
+
+# --------------------------------------------------------------------------- class services
+# `scripts/services.sh start` runs PostgreSQL + a basic-auth `mlflow server`; its env file holds
+# the URLs below. Tests marked `services` skip without them, except in CI, where that is a failure.
+SERVICES_ENV = ("DEEP_REPRO_TEST_PG_URL", "DEEP_REPRO_TEST_MLFLOW_URL",
+                "DEEP_REPRO_TEST_MLFLOW_ADMIN_USER", "DEEP_REPRO_TEST_MLFLOW_ADMIN_PASSWORD")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "services: needs PostgreSQL + MLflow server from "
+                            "scripts/services.sh (skipped without them unless CI=true)")
+
+
+@dataclass(frozen=True)
+class Services:
+    pg_url: str            # postgresql://user:password@127.0.0.1:port/optuna
+    mlflow_url: str        # http://localhost:port (basic-auth app)
+    admin_user: str
+    admin_password: str
+
+    def pg_database(self, name: str) -> str:
+        return self.pg_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="session")
+def services() -> Services:
+    values = [os.environ.get(name) for name in SERVICES_ENV]
+    if not all(values):
+        missing = ", ".join(n for n, v in zip(SERVICES_ENV, values, strict=True) if not v)
+        message = f"class services not running ({missing} unset): scripts/services.sh start"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return Services(*values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def as_user(monkeypatch: pytest.MonkeyPatch, services: Services) -> Callable[[str, str], None]:
+    """Point this process's MLflow client at the class server as one account."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services.mlflow_url)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+
+    def login(user: str, password: str) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+    login(services.admin_user, services.admin_password)
+    return login

@@ -174,6 +174,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     chain = sorted(tracking.lineage_chain(client, run_id), key=lambda r: -order.index(
         r.data.tags.get(tracking.TAG_STAGE, order[0])))
     print(f"Lineage of {args.ref}: {len(chain)} stage runs, from the model back to the raw files")
+    me = chain[0].data.tags.get(f"{tracking.TAG_PREFIX}.user") if chain else None
     for run in chain:
         tags, params = run.data.tags, run.data.params
         stage = tags.get(tracking.TAG_STAGE, "?")
@@ -193,6 +194,13 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         for key in sorted(tags):
             if key.startswith(tracking.OUT_PREFIX):
                 print(f"  output {key[len(tracking.OUT_PREFIX):]}  md5 {tags[key]}")
+        user = tags.get(f"{tracking.TAG_PREFIX}.user")
+        if user and user != me:
+            # Their DVC experiment exists only in their checkout: name the commit + params.
+            print(f"  by {user} (another user's run)")
+            sets = " ".join(f"-S '{k}={v}'" for k, v in sorted(params.items()))
+            print(f"  reproduce: git checkout {commit} && uv run dvc exp run {stage} {sets}")
+            continue
         apply = f"uv run dvc exp apply {exp} && " if exp else ""
         print(f"  reproduce: git checkout {commit} && {apply}uv run dvc repro {stage}")
     return 0
@@ -213,11 +221,17 @@ def _short(value: str) -> str:
         return value
 
 
-def leaderboard_rows(client: Any, exp_id: str, limit: int) -> list[dict[str, str]]:
+def leaderboard_rows(client: Any, exp_id: str | list[str], limit: int,
+                     user: str | None = None) -> list[dict[str, str]]:
     from deep_repro import tracking
 
+    where = f"tags.`{tracking.TAG_KIND}` = 'pipeline'"
+    if user:
+        if "'" in user:
+            raise DeepReproError(f"--user {user!r}: a user name cannot contain a quote")
+        where += f" and tags.`{tracking.TAG_PREFIX}.user` = '{user}'"
     runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'pipeline'",
+        [exp_id] if isinstance(exp_id, str) else exp_id, filter_string=where,
         order_by=["metrics.test_accuracy DESC", "attributes.start_time DESC"], max_results=1000)
     rows = []
     for run in runs:
@@ -253,8 +267,21 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    client, exp_id, _ = _tracking(args)
-    print(format_table(leaderboard_rows(client, exp_id, args.limit)))
+    from deep_repro import tracking
+
+    pattern = getattr(args, "experiment", None) or ""
+    if "*" in pattern:  # the class: one experiment per student, `fashion-mnist-*`
+        args.experiment = None
+        client, _, cfg = _tracking(args)
+        like = pattern.replace("'", "").replace("*", "%")
+        exp_ids: str | list[str] = [e.experiment_id for e in client.search_experiments(
+            filter_string=f"name LIKE '{like}'", max_results=1000)]
+        if not exp_ids:
+            raise DeepReproError(f"--experiment {pattern}: no MLflow experiment matches")
+    else:
+        client, exp_ids, cfg = _tracking(args)
+    user = tracking.run_user(cfg.tracking.user) if args.mine else args.user
+    print(format_table(leaderboard_rows(client, exp_ids, args.limit, user=user)))
     return 0
 
 
@@ -322,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("leaderboard", help="best pipeline runs by test accuracy")
     p.add_argument("--limit", type=int, default=20)
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--user", help="only this user's runs (tag deep_repro.user)")
+    who.add_argument("--mine", action="store_true", help="only my runs (tracking.user, "
+                     "MLFLOW_TRACKING_USERNAME or the OS user)")
+    # SUPPRESS: without the flag, the global `--experiment` (before the command) still applies.
+    p.add_argument("--experiment", default=argparse.SUPPRESS,
+                   help="MLflow experiment; `*` matches several (a class: 'fashion-mnist-*') "
+                   "(default: tracking.experiment)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)")

@@ -165,6 +165,7 @@ class TrackingConfig:
     uri: str | None
     experiment: str
     model_name: str
+    user: str | None
 
 
 @dataclass(frozen=True)

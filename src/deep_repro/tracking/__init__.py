@@ -18,6 +18,7 @@ from __future__ import annotations
 from deep_repro.tracking.lineage import (  # noqa: F401
     find_producer,
     lineage_chain,
+    producer_run,
     resolve_run_id,
 )
 from deep_repro.tracking.provenance import (  # noqa: F401
@@ -29,11 +30,16 @@ from deep_repro.tracking.provenance import (  # noqa: F401
     git_remote,
     git_state,
     invocation_key,
+    pipeline_run_name,
     repo_relative,
+    run_user,
 )
 from deep_repro.tracking.registry import (  # noqa: F401
+    CHAMPION,
+    GATE_MAX_ROUNDS,
     GateDecision,
     _env_unset,
+    best_validated_version,
     judge_registered_model,
     log_inference_model,
     model_version_for_run,
@@ -68,6 +74,7 @@ from deep_repro.tracking.store import (  # noqa: F401
     TAG_STAGE,
     TAG_TRIAL_STATE,
     UPSTREAM_PREFIX,
+    UPSTREAM_USER_PREFIX,
     _is_local_sqlite,
     _search_one,
     _store_lock,

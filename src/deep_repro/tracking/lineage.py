@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 from deep_repro.errors import TrackingError
 from deep_repro.tracking.store import (
     OUT_PREFIX,
+    TAG_INVOCATION,
     TAG_KIND,
     TAG_PARENT,
+    TAG_PREFIX,
     UPSTREAM_PREFIX,
-    _search_one,
 )
 
 if TYPE_CHECKING:
@@ -20,10 +21,39 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def find_producer(client: MlflowClient, exp_id: str, path: str, md5: str) -> str | None:
-    """The most recent stage run that wrote `path` with exactly this content."""
-    run = _search_one(client, exp_id, f"tags.`{OUT_PREFIX}{path}` = '{md5}'")
-    return run.info.run_id if run else None
+def find_producer(client: MlflowClient, exp_id: str, path: str, md5: str, *,
+                  invocation: str | None = None, user: str | None = None,
+                  repo: str | None = None) -> str | None:
+    """The id of `producer_run`."""
+    run = producer_run(client, exp_id, path, md5, invocation=invocation, user=user, repo=repo)
+    return str(run.info.run_id) if run is not None else None
+
+
+def producer_run(client: MlflowClient, exp_id: str, path: str, md5: str, *,
+                 invocation: str | None = None, user: str | None = None,
+                 repo: str | None = None) -> Any | None:
+    """The stage run that wrote `path` with exactly this content.
+
+    On a shared server several users produce the same bytes; prefer, in order, the run of the
+    same DVC invocation, then the same user in the same repository (git remote), then the same
+    user, then the most recent run of anybody (a link to another user's run is marked as such
+    by the caller).
+    """
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{OUT_PREFIX}{path}` = '{md5}'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    if not runs:
+        return None
+
+    def rank(run: Any) -> int:
+        tags = run.data.tags
+        same_user = user is not None and tags.get(f"{TAG_PREFIX}.user") == user
+        if invocation is not None and tags.get(TAG_INVOCATION) == invocation:
+            return 0
+        if same_user and repo is not None and tags.get(f"{TAG_PREFIX}.git.remote") == repo:
+            return 1
+        return 2 if same_user else 3
+
+    return min(runs, key=rank)  # min is stable: the most recent within a rank
 
 
 

@@ -127,6 +127,30 @@ def invocation_key() -> str:
     return f"{host}:{me.pid}:{me.create_time():.3f}"
 
 
+def run_user(configured: str | None = None) -> str:
+    """Who runs this: `tracking.user`, else the MLflow login (`MLFLOW_TRACKING_USERNAME`, one
+    account per student on a shared server), else the OS user."""
+    if configured:
+        return configured
+    login = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if login:
+        return login
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"
+
+
+def pipeline_run_name(user: str, model: str, exp_name: str | None) -> str:
+    """Readable and unique per invocation: `alice-cnn-curly-bear` (the DVC experiment name), or
+    `alice-cnn-1128-171502-3f9a` for a plain `dvc repro`."""
+    import time
+
+    if not exp_name:
+        exp_name = f"{time.strftime('%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+    return f"{user}-{model}-{exp_name}"
+
+
 def environment_tags(cfg: Config) -> dict[str, str]:
     root = repo_root()
     git = git_state(root)
@@ -138,10 +162,7 @@ def environment_tags(cfg: Config) -> dict[str, str]:
                        ("mlflow", "mlflow"), ("dvc", "dvc")):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(dist)
-    try:
-        user = getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        user = "unknown"
+    user = run_user(cfg.tracking.user)
     tags = {
         "mlflow.source.git.commit": git["commit"],
         f"{TAG_PREFIX}.git.commit": git["commit"],

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from deep_repro.files import file_digest
 from deep_repro.tracking.lineage import find_producer
+from deep_repro.tracking.provenance import invocation_key
 from deep_repro.tracking.runs import (
     StageRun,
 )
@@ -93,36 +94,75 @@ class GateDecision:
     reason: str
 
 
-def validation_gate(client: MlflowClient, model_name: str, version: str, test_accuracy: float,
-                    baseline: float) -> GateDecision:
-    """Model validation: a version becomes `@champion` only if it beats the baseline *and* the
-    current champion's test accuracy. Every evaluated version gets a `validation_status` tag."""
+CHAMPION = "champion"
+GATE_MAX_ROUNDS = 20
+
+
+def _champion_version(client: MlflowClient, model_name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
-    champion = None
-    with contextlib.suppress(MlflowException):
-        champion = client.get_model_version_by_alias(model_name, "champion")
-    champ_acc = None
-    if champion is not None:
-        with contextlib.suppress(KeyError, ValueError):
-            champ_acc = float(champion.tags["test_accuracy"])
-    client.set_model_version_tag(model_name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    if test_accuracy <= baseline:
-        decision = GateDecision(False, False, f"test accuracy {test_accuracy:.4f} does not beat "
-                                f"evaluate.baseline {baseline:.4f}")
-    elif champion is not None and str(champion.version) == str(version):
-        decision = GateDecision(True, False, f"version {version} is already the champion")
-    elif champ_acc is not None and test_accuracy <= champ_acc:
-        decision = GateDecision(True, False, f"validated (beats baseline {baseline:.4f}) but "
-                                f"does not beat champion v{champion.version} "  # type: ignore
-                                f"({test_accuracy:.4f} <= {champ_acc:.4f})")
-    else:
-        client.set_registered_model_alias(model_name, "champion", version)
-        prev = f" (previous: v{champion.version}, {champ_acc})" if champion is not None else ""
-        decision = GateDecision(True, True, f"test accuracy {test_accuracy:.4f} beats baseline "
-                                f"{baseline:.4f}: version {version} is now @champion{prev}")
+    try:
+        return str(client.get_model_version_by_alias(model_name, CHAMPION).version)
+    except MlflowException:  # no alias yet
+        return None
+
+
+def best_validated_version(client: MlflowClient, model_name: str, metric: str
+                           ) -> tuple[str, float] | None:
+    """The validated version with the highest `metric` tag (ties: the older version)."""
+    best: tuple[float, int] | None = None
+    for mv in client.search_model_versions(f"name = '{model_name}'"):
+        if mv.tags.get("validation_status") != "validated":
+            continue
+        try:
+            score = float(mv.tags[metric])
+        except (KeyError, ValueError):  # validated under another metric: not comparable
+            continue
+        key = (score, -int(mv.version))
+        if best is None or key > best:
+            best = key
+    return (str(-best[1]), best[0]) if best is not None else None
+
+
+def validation_gate(client: MlflowClient, model_name: str, version: str, score: float,
+                    baseline: float, *, metric: str = "test_accuracy") -> GateDecision:
+    """Model validation: a version is *validated* if its `metric` beats the baseline, and
+    `@champion` always points at the best validated version.
+
+    Race-free without locks: gates of concurrent pipelines (a class on one server) first record
+    their own score and status as version tags, then repeat "read the alias, find the best
+    validated version, move the alias there" until the alias already points at the best. The
+    set of validated versions only grows and every gate checks again after its last write, so
+    whichever gate finishes last leaves the right champion, in any interleaving.
+    """
+    previous = _champion_version(client, model_name)
+    # Score before status: a version counted as validated always has a comparable score.
+    client.set_model_version_tag(model_name, version, metric, f"{score:.6f}")
+    validated = score > baseline
     client.set_model_version_tag(model_name, version, "validation_status",
-                                 "validated" if decision.validated else "rejected")
+                                 "validated" if validated else "rejected")
+    champion = previous
+    for _ in range(GATE_MAX_ROUNDS):
+        champion = _champion_version(client, model_name)  # alias first, then the best
+        best = best_validated_version(client, model_name, metric)
+        if best is None or champion == best[0]:
+            break
+        client.set_registered_model_alias(model_name, CHAMPION, best[0])
+    else:
+        log.warning("@champion of %s still moving after %d rounds; the last gate settles it",
+                    model_name, GATE_MAX_ROUNDS)
+    if not validated:
+        reason = f"{metric} {score:.4f} does not beat evaluate.baseline {baseline:.4f}"
+    elif champion == version and previous == version:
+        reason = f"version {version} is already the champion"
+    elif champion == version:
+        prev = f" (previous: v{previous})" if previous is not None else ""
+        reason = (f"{metric} {score:.4f} beats baseline {baseline:.4f}: version {version} is "
+                  f"now @champion{prev}")
+    else:
+        reason = (f"validated (beats baseline {baseline:.4f}) but does not beat champion "
+                  f"v{champion} ({metric} {score:.4f})")
+    decision = GateDecision(validated, validated and champion == version != previous, reason)
     client.set_model_version_tag(model_name, version, "validation_reason", decision.reason)
     return decision
 
@@ -135,7 +175,8 @@ def judge_registered_model(run: StageRun, model_name: str, root: Path, test_accu
     from deep_repro.pipeline import INFERENCE_MODEL
 
     md5 = file_digest(root / INFERENCE_MODEL)
-    producer = find_producer(run.client, run.experiment_id, INFERENCE_MODEL, md5)
+    producer = find_producer(run.client, run.experiment_id, INFERENCE_MODEL, md5,
+                             invocation=invocation_key())
     version = model_version_for_run(run.client, model_name, producer) if producer else None
     if version is None:
         decision = GateDecision(False, False, f"no registered version of {model_name} was built "

@@ -19,11 +19,13 @@ from deep_repro.files import file_hashes
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import STAGES, StageSpec
 from deep_repro.stage_config import unrestricted
-from deep_repro.tracking.lineage import find_producer
+from deep_repro.tracking.lineage import producer_run
 from deep_repro.tracking.provenance import (
     environment_tags,
     invocation_key,
+    pipeline_run_name,
     repo_relative,
+    run_user,
 )
 from deep_repro.tracking.store import (
     IN_PREFIX,
@@ -36,6 +38,7 @@ from deep_repro.tracking.store import (
     TAG_STAGE,
     TAG_TRIAL_STATE,
     UPSTREAM_PREFIX,
+    UPSTREAM_USER_PREFIX,
     _search_one,
     _store_lock,
     connect,
@@ -58,8 +61,8 @@ def get_or_create_pipeline_run(client: MlflowClient, exp_id: str, uri: str, cfg:
         if found is not None:
             client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
-        exp_name = os.environ.get("DVC_EXP_NAME")
-        run_name = f"{exp_name or 'pipeline'}-{cfg.model.name}"
+        run_name = pipeline_run_name(tags.get(f"{TAG_PREFIX}.user") or run_user(cfg.tracking.user),
+                                     cfg.model.name, os.environ.get("DVC_EXP_NAME"))
         run = client.create_run(exp_id, run_name=run_name, tags={
             **tags, TAG_KIND: "pipeline", TAG_INVOCATION: key,
             "mlflow.note.content": pipeline_note(cfg, tags),
@@ -248,10 +251,15 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     code = file_hashes((spec.script,), root)
     deps = file_hashes(spec.deps, root)
     upstream: dict[str, str] = {}
+    user = tags[f"{TAG_PREFIX}.user"]
     for path, md5 in deps.items():
-        producer = find_producer(client, exp_id, path, md5)
-        if producer:
-            upstream[f"{UPSTREAM_PREFIX}{path}"] = producer
+        producer = producer_run(client, exp_id, path, md5, invocation=key, user=user,
+                                repo=tags.get(f"{TAG_PREFIX}.git.remote"))
+        if producer is not None:
+            upstream[f"{UPSTREAM_PREFIX}{path}"] = producer.info.run_id
+            other = producer.data.tags.get(f"{TAG_PREFIX}.user", user)
+            if other != user:  # reproducible from its commit + params, not from this checkout
+                upstream[f"{UPSTREAM_USER_PREFIX}{path}"] = other
         else:
             log.warning("no tracked run produced %s (md5 %s): lineage stops here", path, md5)
     run = client.create_run(exp_id, run_name=stage, tags={

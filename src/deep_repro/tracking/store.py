@@ -27,6 +27,7 @@ TAG_FAIL_REASON = f"{TAG_PREFIX}.fail_reason"
 IN_PREFIX = f"{TAG_PREFIX}.in."           # + file path -> md5
 OUT_PREFIX = f"{TAG_PREFIX}.out."         # + file path -> md5
 UPSTREAM_PREFIX = f"{TAG_PREFIX}.upstream."  # + file path -> producing run id
+UPSTREAM_USER_PREFIX = f"{TAG_PREFIX}.upstream_user."  # + file path -> producer's user, if not me
 HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")
 
 
