@@ -36,7 +36,7 @@ class SyncReport:
     def summary(self) -> str:
         if not self.files:
             return "nothing to sync"
-        sent = ", ".join(f"{n} {what}" for what, n in self.counts.items()) or "nothing new"
+        sent = ", ".join(f"{n} {what}" for what, n in self.counts.items() if n) or "nothing new"
         return (f"synced {self.completed} of {self.files} spool file(s): sent {sent}"
                 + (f"; {self.files - self.completed} left, rerun `deep-repro sync`"
                    if self.completed < self.files else ""))
