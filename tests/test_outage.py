@@ -23,7 +23,7 @@ from deep_repro import cli, config, tracking
 from deep_repro.tracking import spool
 from deep_repro.tracking.store import TAG_INVOCATION, TAG_KIND, TAG_PARENT
 
-from .helpers import fixture_overrides, make_project, project_env, run
+from .helpers import REPO, fixture_overrides, make_project, project_env, run
 
 Make = Callable[..., config.Config]
 
@@ -55,6 +55,7 @@ class Server:
                 return
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.kill()
                     raise AssertionError(f"mlflow server on {self.uri} did not start") from None
                 time.sleep(0.5)
 
@@ -88,8 +89,8 @@ def _port_open(port: int) -> bool:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     srv = Server(tmp_path)
-    srv.start()
     try:
+        srv.start()
         yield srv
     finally:
         srv.kill()
@@ -100,7 +101,11 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Server) -> 
     root = tmp_path / "work"
     root.mkdir()
     (root / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copytree(REPO / "conf", root / "conf")  # `deep-repro sync` reads tracking.*
     monkeypatch.chdir(root)
+    # A busy machine can take more than the 10 s default to answer: that would already count as
+    # an outage (rightly, but then the test's own kill would not be what it exercises).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.setenv("DEEP_REPRO_INVOCATION", "outage-test")
@@ -109,7 +114,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Server) -> 
 
 
 def _spool_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # urllib3's retry chatter is silenced by the stages' logging setup (errors.setup_logging).
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and not r.name.startswith("urllib3")]
 
 
 def test_runs_spool_through_an_outage_and_sync_completes_them(
@@ -222,7 +229,8 @@ def test_dvc_repro_train_survives_the_server_dying_after_the_first_epoch(
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_KILL_AFTER_FIRST_EPOCH)
-    env = project_env(project) | {"MLFLOW_TRACKING_URI": server.uri}
+    env = project_env(project) | {"MLFLOW_TRACKING_URI": server.uri,
+                                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}  # see `workdir`
     run(["dvc", "repro", "split"], project, env, timeout=600)
     assert server.proc is not None
     proc = run(["dvc", "repro", "train"], project,

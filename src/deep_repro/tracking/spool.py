@@ -91,7 +91,7 @@ class ResilientClient:
         return getattr(self.inner, name)
 
     # ------------------------------------------------------------------ retry / spool
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+    def _call(self, method: str, /, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
         """(True, result) if the store took the call; (False, None) if it is down."""
         if self.offline:
             return False, None
@@ -99,7 +99,7 @@ class ResilientClient:
         delays = list(RETRY_DELAYS_S)
         while True:
             try:
-                return True, getattr(self.inner, name)(*args, **kwargs)
+                return True, getattr(self.inner, method)(*args, **kwargs)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
