@@ -257,3 +257,52 @@ def test_dvc_repro_train_survives_the_server_dying_after_the_first_epoch(
     assert steps == [1, 2]
     assert not list((project / spool.SPOOL_DIR).glob("*.jsonl"))
     shutil.rmtree(hook)
+
+
+def test_offline_writes_replay_into_a_store_without_a_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tracking_env: str) -> None:
+    """The spool/sync round trip alone (quick): a dead port (refused at once) is the outage, a
+    sqlite store the place it is replayed into. Regression: `update_run(name=...)` used to
+    clash with the retry helper's own argument name."""
+    from mlflow.entities import Metric, Param
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setattr(spool, "RETRY_DELAYS_S", (0.01,))
+    store, exp_id = tracking.connect(tracking_env, "replay")
+    offline = spool.ResilientClient(MlflowClient("http://127.0.0.1:9"), "http://127.0.0.1:9")
+    parent = offline.create_run(exp_id, tags={TAG_KIND: "pipeline"})
+    assert offline.offline and parent.info.run_id.startswith(spool.PLACEHOLDER_PREFIX)
+    offline.update_run(parent.info.run_id, status="RUNNING", name="renamed")
+    child = offline.create_run(exp_id, tags={TAG_PARENT: parent.info.run_id})
+    offline.log_batch(child.info.run_id, metrics=[Metric("loss", 0.5, 1000 + s, s)
+                                                  for s in (1, 2)], params=[Param("lr", "0.1")])
+    offline.set_tag(child.info.run_id, "note", "x")
+    (tmp_path / "a.txt").write_text("a")
+    offline.log_artifact(child.info.run_id, str(tmp_path / "a.txt"), "files")
+    for made in (child, parent):
+        offline.set_terminated(made.info.run_id, "FINISHED")
+    assert "2 run creations, 1 run updates, 2 metrics, 1 params, 1 tags, 1 artifacts" \
+        in offline.summary()
+
+    from deep_repro.tracking.sync import sync
+
+    report = sync(store)
+    assert report.completed == 1 and not report.problems
+    runs = {r.data.tags.get(TAG_KIND, "child"): r for r in store.search_runs([exp_id])}
+    assert runs["pipeline"].info.run_name == "renamed"
+    assert runs["child"].data.tags[TAG_PARENT] == runs["pipeline"].info.run_id
+    assert runs["child"].data.params == {"lr": "0.1"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert [a.path for a in store.list_artifacts(runs["child"].info.run_id, "files")] == \
+        ["files/a.txt"]
+    assert sync(store).files == 0
+
+
+def test_refusals_are_not_mistaken_for_an_outage() -> None:
+    from mlflow.exceptions import MlflowException
+
+    assert spool.is_transient(ConnectionRefusedError())
+    assert not spool.is_transient(MlflowException("Run 'x' not found",
+                                                  error_code="RESOURCE_DOES_NOT_EXIST"))

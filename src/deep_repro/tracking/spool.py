@@ -238,7 +238,7 @@ class ResilientClient:
     def report(self) -> None:
         """Warn once (one line) about what went to the spool since the last report."""
         total = sum(self.counts.values())
-        if total > self._reported:
+        if total > self._reported and self.spool_file.exists():  # (not synced meanwhile)
             self._reported = total
             log.warning(self.summary())
 
