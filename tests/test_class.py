@@ -341,16 +341,16 @@ def test_producer_prefers_same_invocation_then_same_user_and_checkout(tracking_e
                                              ("bobs", "bob", "/c", "inv-3")):
         made[label] = client.create_run(exp_id, tags={
             out: "abc", tracking.TAG_INVOCATION: invocation, f"{tracking.TAG_PREFIX}.user": user,
-            f"{tracking.TAG_PREFIX}.workdir": workdir}).info.run_id
+            f"{tracking.TAG_PREFIX}.git.remote": workdir}).info.run_id
         time.sleep(0.01)  # distinct start times: "bobs" is the most recent
 
     def find(**kwargs: str) -> str | None:
         return tracking.find_producer(client, exp_id, "data/split/train_val.npz", "abc", **kwargs)
 
-    assert find(invocation="inv-1", user="alice", workdir="/a") == made["mine-now"]
-    assert find(invocation="inv-9", user="alice", workdir="/a") == made["mine-here"]
-    assert find(invocation="inv-9", user="alice", workdir="/z") == made["mine-elsewhere"]
-    assert find(invocation="inv-9", user="carol", workdir="/a") == made["bobs"]
+    assert find(invocation="inv-1", user="alice", repo="/a") == made["mine-now"]
+    assert find(invocation="inv-9", user="alice", repo="/a") == made["mine-here"]
+    assert find(invocation="inv-9", user="alice", repo="/z") == made["mine-elsewhere"]
+    assert find(invocation="inv-9", user="carol", repo="/a") == made["bobs"]
     assert find() == made["bobs"]
 
 

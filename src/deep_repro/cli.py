@@ -5,6 +5,7 @@
     deep-repro leaderboard                 best pipeline runs of the experiment
     deep-repro tune [OVERRIDES...]         Optuna search on the train/val split
     deep-repro monitor PATH                drift of a batch or prediction log vs validation
+    deep-repro sync                        send what a tracking outage left in the local spool
 """
 
 from __future__ import annotations
@@ -327,6 +328,22 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 3 if report.drift else 0
 
 
+# --------------------------------------------------------------------------- sync
+def cmd_sync(args: argparse.Namespace) -> int:
+    from deep_repro.tracking.spool import spool_dir
+    from deep_repro.tracking.sync import sync
+
+    if not any(spool_dir().glob("*.jsonl")):
+        print(f"nothing to sync ({spool_dir()} holds no spooled runs)")
+        return 0
+    client, _, _ = _tracking(args)  # still down: one line, exit 2, the spool kept
+    report = sync(client)
+    for problem in report.problems:
+        log.warning("not synced: %s", problem)
+    print(report.summary())
+    return 0 if report.completed == report.files else 1
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deep-repro", description=__doc__,
@@ -378,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="reference subsample and permutations")
     p.add_argument("--no-log", action="store_true", help="do not record an MLflow run")
     p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("sync", help="replay runs spooled during a tracking outage (safe to "
+                       "rerun; exit 1 if some are left)")
+    p.set_defaults(func=cmd_sync)
     return parser
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deep_repro.files import file_digest
+from deep_repro.tracking import spool
 from deep_repro.tracking.lineage import find_producer
 from deep_repro.tracking.provenance import invocation_key
 from deep_repro.tracking.runs import (
@@ -43,6 +44,11 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
 
     from deep_repro import inference, safe_archive
 
+    if spool.is_offline(run.client):
+        log.warning("tracking store offline: %s not logged nor registered as %s; rerun "
+                    "`dvc repro -f postprocess` after `deep-repro sync`", program_path.name,
+                    model_name)
+        return None
     # Run the very wrapper that will be logged on the example to derive the output schema.
     code = Path(__file__).parents[1] / "serving.py"  # deep_repro/serving.py
     spec = importlib.util.spec_from_file_location("deep_repro_serving", code)
@@ -57,17 +63,26 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
     # MLflow's advice about type hints / integer columns does not apply: the signature comes
     # from a real example, and the class index can never be missing. MLflow reloads the model to
     # check the example: that is no prediction to record in the (opt-in) prediction log.
-    with warnings.catch_warnings(), mlflow.start_run(run_id=run.run_id), \
-            _env_unset("DEEP_REPRO_PREDICTION_LOG"):
-        warnings.simplefilter("ignore", UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name="inference_model", python_model=str(code),
-            artifacts={"program": str(program_path)},
-            code_paths=[str(Path(safe_archive.__file__))],
-            signature=infer_signature(example, output), input_example=example,
-            registered_model_name=model_name,
-            pip_requirements=[f"mlflow=={mlflow.__version__}",
-                              f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"])
+    try:
+        with warnings.catch_warnings(), mlflow.start_run(run_id=run.run_id), \
+                _env_unset("DEEP_REPRO_PREDICTION_LOG"):
+            warnings.simplefilter("ignore", UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="inference_model", python_model=str(code),
+                artifacts={"program": str(program_path)},
+                code_paths=[str(Path(safe_archive.__file__))],
+                signature=infer_signature(example, output), input_example=example,
+                registered_model_name=model_name,
+                pip_requirements=[f"mlflow=={mlflow.__version__}",
+                                  f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"])
+    except Exception as exc:
+        if not spool.is_transient(exc):
+            raise
+        spool.mark_offline(run.client)  # the close-out goes to the spool without more stalls
+        log.warning("tracking store went down while registering %s: not registered as %s; "
+                    "rerun `dvc repro -f postprocess` after `deep-repro sync`",
+                    program_path.name, model_name)
+        return None
     version = getattr(info, "registered_model_version", None)
     return str(version) if version is not None else None
 
@@ -177,6 +192,11 @@ def judge_registered_model(run: StageRun, model_name: str, root: Path, test_accu
     md5 = file_digest(root / INFERENCE_MODEL)
     producer = find_producer(run.client, run.experiment_id, INFERENCE_MODEL, md5,
                              invocation=invocation_key())
+    if spool.is_offline(run.client):  # (then the search above found nothing)
+        decision = GateDecision(False, False, "tracking store offline: validation gate "
+                                "skipped (rerun `dvc repro -f evaluate` after `deep-repro sync`)")
+        log.warning(decision.reason)
+        return decision
     version = model_version_for_run(run.client, model_name, producer) if producer else None
     if version is None:
         decision = GateDecision(False, False, f"no registered version of {model_name} was built "

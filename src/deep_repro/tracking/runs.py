@@ -19,6 +19,7 @@ from deep_repro.files import file_hashes
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import STAGES, StageSpec
 from deep_repro.stage_config import unrestricted
+from deep_repro.tracking import spool
 from deep_repro.tracking.lineage import producer_run
 from deep_repro.tracking.provenance import (
     environment_tags,
@@ -285,6 +286,7 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
             outcome.status = "FINISHED"
     finally:
         shutil.rmtree(handle._tmp, ignore_errors=True)
+        spool.report(client)  # the one line saying what an outage left to `deep-repro sync`
 
 
 # --------------------------------------------------------------------------- trial runs

@@ -98,7 +98,9 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
         raise TrackingError(f"tracking store {scrub(uri)} unreachable or unusable "
                             f"({type(exc).__name__}: {scrub(first)[:300]}); set "
                             "tracking.uri or MLFLOW_TRACKING_URI") from None
-    return client, exp_id
+    from deep_repro.tracking.spool import ResilientClient  # an outage from here on is spooled
+
+    return ResilientClient(client, uri), exp_id  # type: ignore[return-value]
 
 
 def _search_one(client: MlflowClient, exp_id: str, filter_string: str) -> Any | None:
