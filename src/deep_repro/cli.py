@@ -234,7 +234,7 @@ def leaderboard_rows(client: Any, exp_id: str | list[str], limit: int,
     runs = client.search_runs(
         [exp_id] if isinstance(exp_id, str) else exp_id, filter_string=where,
         order_by=["metrics.test_accuracy DESC", "attributes.start_time DESC"], max_results=1000)
-    rows = []
+    rows: list[dict[str, str]] = []
     for run in runs:
         metrics = run.data.metrics
         if "test_accuracy" not in metrics:

@@ -266,7 +266,9 @@ def load_config(path: Path | None = None) -> Config:
 
 def to_dict(cfg: Any) -> Any:
     """Plain-Python view of a Config (or any part of it)."""
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    return cfg
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:

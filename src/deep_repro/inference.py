@@ -36,6 +36,9 @@ class NormalisedClassifier(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        # Annotated so type checkers see tensors (register_buffer stores them on the module).
+        self.scale: torch.Tensor
+        self.shift: torch.Tensor
         self.register_buffer("scale", torch.tensor(1.0 / (255.0 * PIXEL_STD)))
         self.register_buffer("shift", torch.tensor(PIXEL_MEAN / PIXEL_STD))
 
@@ -52,9 +55,9 @@ def _fold_bn(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d) 
     scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
     fused = type(layer).__new__(type(layer))
     fused.__dict__ = {**layer.__dict__}
-    fused._parameters = {}  # type: ignore[assignment]
-    fused._buffers = {}  # type: ignore[assignment]
-    fused._modules = {}  # type: ignore[assignment]
+    fused._parameters = {}
+    fused._buffers = {}
+    fused._modules = {}
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
     fused.weight = nn.Parameter(layer.weight.detach() * scale.reshape(shape))
     bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bn.running_mean)
@@ -90,6 +93,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.weight_int8: torch.Tensor
+        self.weight_scale: torch.Tensor
+        self.bias: torch.Tensor
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).to(torch.int8))
         self.register_buffer("weight_scale", scale)
         bias = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[0])

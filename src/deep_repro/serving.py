@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc.model import PythonModel
 
 try:  # the logged model: MLflow puts the copy logged alongside this file on sys.path
     import safe_archive
@@ -126,7 +127,7 @@ def _file_md5(path):
     return digest.hexdigest()
 
 
-class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
+class FashionMNISTClassifier(PythonModel):
     # No type hints on these two methods: MLflow would try to derive a schema from them; the
     # signature is inferred from a real input example when the model is logged instead.
     def load_context(self, context):

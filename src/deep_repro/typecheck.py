@@ -81,7 +81,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if "tagged_options" in vars(tp):  # an open union whose options live in a registry
         return _build_tagged(key, value, tp.tagged_options())
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(typing.cast(type, tp), value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise _fail(key, value, "true/false")

@@ -341,12 +341,12 @@ def log_dataset(run: StageRun, name: str, images: Any, labels: Any, digest: str,
     """
     import warnings
 
-    import mlflow.data
+    from mlflow.data.numpy_dataset import from_numpy
     from mlflow.entities import DatasetInput, InputTag
 
     with warnings.catch_warnings():  # MLflow warns that a local path has two source readers
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_numpy(images, targets=labels, name=name, digest=digest[:36],
+        dataset = from_numpy(images, targets=labels, name=name, digest=digest[:36],
                                          source=repo_relative(source))
     run.client.log_inputs(run.run_id, datasets=[DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])

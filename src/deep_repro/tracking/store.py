@@ -90,7 +90,10 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                 except MlflowException as exc:  # created concurrently on a remote server
                     if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                         raise
-                    exp_id = client.get_experiment_by_name(experiment).experiment_id
+                    existing = client.get_experiment_by_name(experiment)
+                    if existing is None:  # deleted again in between: report the first error
+                        raise
+                    exp_id = existing.experiment_id
             else:
                 exp_id = exp.experiment_id
     except Exception as exc:

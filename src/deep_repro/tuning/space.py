@@ -352,7 +352,8 @@ def _parse_pruners(where: str, raw: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise ConfigError(f"search space {where}: pruners must be a mapping like "
                           "{median: {n_startup_trials: 5}}")
-    classes = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
+    classes: dict[str, type[optuna.pruners.BasePruner]] = {
+        "median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
     out: dict[str, dict[str, Any]] = {}
     for name, args in raw.items():
         if name not in classes:

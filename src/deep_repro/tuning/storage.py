@@ -35,6 +35,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from deep_repro.errors import DeepReproError, scrub
@@ -75,10 +76,11 @@ def open_storage(spec: str | None, study_name: str, heartbeat_interval: int,
                  on_stale: StaleCallback) -> StudyStorage:
     """Open the study storage, failing with one line if it is unreachable or unusable."""
     journal = _resolve_journal(spec)
+    storage: optuna.storages.BaseStorage
     if journal is not None:
         try:
             journal.parent.mkdir(parents=True, exist_ok=True)
-            backend = optuna.storages.journal.JournalFileBackend(str(journal))
+            backend = JournalFileBackend(str(journal))
             storage = optuna.storages.JournalStorage(backend)
         except Exception as exc:
             raise DeepReproError(f"tune.storage journal file {journal} is unusable "

@@ -321,8 +321,7 @@ class _Tuner:
         if any(t.state == TrialState.COMPLETE for t in trials):
             best = study.best_trial
             result.best_trial, result.best_value = best.number, best.value
-            result.best_params = {k: (self.space.param(k).decode(v) if self.space.param(k)
-                                      else v) for k, v in best.params.items()}
+            result.best_params = {k: self._decoded(k, v) for k, v in best.params.items()}
             result.best_overrides = list(best.user_attrs.get(ATTR_OVERRIDES, []))
             # Under the gate: another worker of this study may be writing (and verifying) the
             # same file right now, possibly with a newer best trial.
@@ -350,6 +349,11 @@ class _Tuner:
         log.info("wrote %s: train it with `uv run dvc exp run -S +experiment=tuned_%s`",
                  result.experiment_file, self.cfg.model.name)
         return result
+
+    def _decoded(self, key: str, value: Any) -> Any:
+        """A sampled value as the config holds it (the search space may encode choices)."""
+        param = self.space.param(key)
+        return param.decode(value) if param is not None else value
 
     def _log_outcome(self, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
         import time
