@@ -122,9 +122,9 @@ def fail_orphan_runs(client: MlflowClient, exp_id: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- failure reasons
-def first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip()
-    return scrub(text.splitlines()[0])[:300] if text else type(exc).__name__
+    return scrub(text.splitlines()[0])[:limit] if text else type(exc).__name__
 
 
 class LogTail(logging.Handler):
@@ -154,7 +154,7 @@ def record_failure(client: MlflowClient, run_id: str, exc: BaseException, tail: 
                    tmp: Path) -> str:
     """Log the tail of the stage's log (ending with its error) as `logs/stage.log` on the run;
     return the one-line reason for `deep_repro.fail_reason`."""
-    reason = first_line(exc)
+    reason = first_line(exc, limit=2000)
     if isinstance(exc, KeyboardInterrupt):
         reason = "interrupted (Ctrl-C / SIGINT)"
     target = tmp / "logs" / "stage.log"

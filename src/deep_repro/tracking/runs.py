@@ -267,11 +267,11 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     })
     handle = StageRun(client, run.info.run_id, parent_id, spec, exp_id)
     handle.log_params(_stage_params(spec, cfg))
+    tail = faults.LogTail().attach()  # a failed run logs its last lines as logs/stage.log
     log.info("MLflow: stage run %s (pipeline run %s) in %s", run.info.run_id, parent_id,
              scrub(uri))
     import shutil
 
-    tail = faults.LogTail().attach()  # a failed run logs its last lines as logs/stage.log
     try:
         with closing(client, run.info.run_id, parent_id=parent_id) as outcome:
             try:
