@@ -232,7 +232,7 @@ def test_stage_fails_fast_when_store_is_unreachable(experiment: Path) -> None:
     proc = run(["python", "stages/evaluate.py"], experiment, env, check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: tracking store http://***@127.0.0.1:9 unreachable")
+    assert last.startswith("error: tracking store http://127.0.0.1:9 unreachable")
     assert "pw" not in proc.stderr
     assert time.monotonic() - start < 60
 
