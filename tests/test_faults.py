@@ -39,16 +39,17 @@ PROJECT_EDITS = {
 
 
 @pytest.fixture(scope="module")
-def repro_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project after one successful `dvc repro` (do not modify: tests use `project`)."""
+def split_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project after a successful `dvc repro split` (validate, download, preprocess, split:
+    no training, so it is cheap) and its MLflow store (do not modify: tests use `project`)."""
     project = make_project(tmp_path_factory.mktemp("faults") / "project", edits=PROJECT_EDITS)
-    dvc(project, "repro")
+    dvc(project, "repro", "split")
     return project
 
 
 @pytest.fixture
-def project(repro_state: Path, tmp_path: Path) -> Path:
-    return copy_project(repro_state, tmp_path / "project")
+def project(split_state: Path, tmp_path: Path) -> Path:
+    return copy_project(split_state, tmp_path / "project")
 
 
 def outputs(root: Path) -> dict[str, bytes]:
@@ -169,16 +170,15 @@ def test_a_password_in_the_tracking_uri_never_leaks(project: Path,
                                                     mlflow_server: tuple[str, Path]) -> None:
     address, server_home = mlflow_server
     env = project_env(project) | {"MLFLOW_TRACKING_URI": f"http://ana:{SECRET}@{address}"}
-    proc = run(["dvc", "exp", "run", "-S", "evaluate.baseline=0.5", "-n", "on-server"],
-               project, env)
+    proc = run(["dvc", "repro", "-f", "-s", "split"], project, env)
     shown = proc.stdout + proc.stderr
-    assert f"View run evaluate at: http://{address}/" in shown  # MLflow's own console line
+    assert f"View run split at: http://{address}/" in shown  # MLflow's own console line
     assert SECRET not in shown
     client = MlflowClient(tracking_uri=f"http://{address}")
     exp = client.get_experiment_by_name("fashion-mnist")
     assert exp is not None
     found = client.search_runs([exp.experiment_id])
-    assert {r.data.tags.get(tracking.TAG_STAGE) for r in found} >= {"evaluate"}
+    assert {r.data.tags.get(tracking.TAG_STAGE) for r in found} == {None, "split"}
     assert SECRET.encode() not in store_bytes(server_home / "mlflow.db",
                                               server_home / "artifacts")
     assert SECRET not in json.dumps([(r.data.params, r.data.tags) for r in found])
@@ -212,8 +212,8 @@ def test_a_password_given_with_dash_s_is_rejected_and_stored_nowhere(project: Pa
 def test_a_bad_config_fails_in_one_line_and_keeps_every_output(project: Path, override: str,
                                                                error: str) -> None:
     before = outputs(project)
-    assert {"models/checkpoint.pt", "reports/train/metrics.json", "data/raw/"
-            "train-images-idx3-ubyte.gz", "data/split/train_val.npz"} <= set(before)
+    assert {"reports/validate.json", "data/raw/train-images-idx3-ubyte.gz",
+            "data/split/train_val.npz"} <= set(before)
     proc = dvc(project, "exp", "run", "-S", override, check=False)
     assert proc.returncode != 0
     errors = error_lines(proc)
@@ -225,14 +225,21 @@ def test_a_bad_config_fails_in_one_line_and_keeps_every_output(project: Path, ov
 def test_validate_output_is_constant_so_a_param_change_reruns_only_its_readers(
         project: Path) -> None:
     assert json.loads((project / "reports/validate.json").read_text()) == {"config": "valid"}
-    out = dvc(project, "exp", "run", "-S", "evaluate.baseline=0.5").stdout
-    ran = {name for name in STAGES if f"Running stage '{name}'" in out}
-    assert ran == {"validate", "evaluate"}, out
-    # The validate stage records no MLflow run: the invocation has one stage run, evaluate.
     client, exp_id = client_for(project)
-    latest = runs_of(client, exp_id, "pipeline")[-1]
-    stages = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{latest.info.run_id}'")
-    assert [r.data.tags[tracking.TAG_STAGE] for r in stages] == ["evaluate"]
+    before = len(client.search_runs([exp_id]))
+    # tune.n_trials is read by no stage: only validate reruns (and records no MLflow run).
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tune"]["n_trials"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(project, "repro", "split").stdout
+    ran = {name for name in STAGES if f"Running stage '{name}'" in out}
+    assert ran == {"validate"}, out
+    assert len(client.search_runs([exp_id])) == before
+    # split.val_size is read by split: validate and split rerun, nothing upstream.
+    params["split"]["val_size"] = 0.2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(project, "repro", "split").stdout
+    assert {name for name in STAGES if f"Running stage '{name}'" in out} == {"validate", "split"}
 
 
 # --------------------------------------------------------------------------- 3. orphan runs
@@ -268,7 +275,7 @@ def test_a_killed_stage_leaves_no_run_running(project: Path) -> None:
     pipeline_run = next(r for r in orphans if r.data.tags[tracking.TAG_KIND] == "pipeline")
     assert pipeline_run.data.tags[tracking.TAG_OWNER_PID] == str(dvc_proc.pid)
     # The next stage run (here: a stage started by hand) sweeps them.
-    run([sys.executable, "stages/evaluate.py"], project, env)
+    run([sys.executable, "stages/split.py"], project, env)
     assert not _running(client, exp_id)
     for orphan in orphans:
         swept = client.get_run(orphan.info.run_id)
