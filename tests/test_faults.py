@@ -26,7 +26,8 @@ from deep_repro.pipeline import STAGES
 from .helpers import VENV_BIN, copy_project, make_project, project_env, run
 from .test_pipeline import client_for, dvc, runs_of
 
-SECRET = "s3cr3t-pw"
+# Joined at run time: the test projects copy this file into their git history.
+SECRET = "-".join(("s3cr3t", "pw"))
 
 # A small MLP (so `-S model.lr=...` works as on the real default) trained for 2 epochs; conf/
 # itself is edited because `dvc exp run` recomposes params.yaml from it.
@@ -148,7 +149,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
          "--artifacts-destination", str(home / "artifacts")],
         cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # slow to start on a loaded machine
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
