@@ -31,8 +31,9 @@ def _tracking(args: argparse.Namespace) -> tuple[Any, str, Any]:
         cfg = config.load_config()
     except DeepReproError:
         cfg = config.validate(config.compose())
-    uri = args.tracking_uri or tracking.tracking_uri(cfg.tracking.uri)
+    uri = tracking.tracking_uri(cfg.tracking.uri, args.tracking_uri)
     client, exp_id = tracking.connect(uri, args.experiment or cfg.tracking.experiment)
+    tracking.fail_orphan_runs(client, exp_id)  # runs of killed stages/dvc: RUNNING forever
     return client, exp_id, cfg
 
 
@@ -128,7 +129,7 @@ def _registry_uri(args: argparse.Namespace) -> None:
     cfg_uri = None
     with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
         cfg_uri = config.load_config().tracking.uri
-    uri = args.tracking_uri or tracking.tracking_uri(cfg_uri)
+    uri = tracking.tracking_uri(cfg_uri, args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
 

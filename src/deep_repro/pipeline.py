@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+VALIDATED = "reports/validate.json"
 RAW_DIR = "data/raw"
 RAW_FILES = tuple(f"{RAW_DIR}/{name}.gz" for name in (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -37,13 +38,23 @@ class StageSpec:
     deps: tuple[str, ...]
     outs: tuple[str, ...]
     params: tuple[str, ...]
+    tracked: bool = True  # whether the stage records an MLflow stage run
 
     @property
     def script(self) -> str:
         return f"stages/{self.name}.py"
 
 
+# `validate` declares the whole of params.yaml (dvc.yaml: `- params.yaml:` with no keys), so it
+# reruns on ANY param change and rejects a bad config before DVC removes the outputs of a stage
+# it would rerun. Every other stage depends on VALIDATED in dvc.yaml for ORDER only: the file's
+# bytes never change, so it is not a data dep here (no md5 tag, no lineage link) and a param change
+# reruns a stage only through that stage's own params. It records no MLflow run (nothing to
+# track; and it must not need a reachable store).
+ALL_PARAMS = "params.yaml"
+
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("validate", (), (VALIDATED,), (ALL_PARAMS,), tracked=False),
     StageSpec("download", (), RAW_FILES, ("data.mirrors", "data.sha256")),
     StageSpec("preprocess", RAW_FILES, (PROCESSED_TRAIN, PROCESSED_TEST), ()),
     StageSpec("split", (PROCESSED_TRAIN, PROCESSED_TEST), (SPLIT_TRAIN_VAL, SPLIT_TEST),

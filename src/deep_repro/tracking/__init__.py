@@ -15,6 +15,14 @@ Run model
 
 from __future__ import annotations
 
+from deep_repro.tracking.faults import (  # noqa: F401
+    TAG_OWNER_HOST,
+    TAG_OWNER_PID,
+    TAG_OWNER_STARTED,
+    fail_orphan_runs,
+    owner,
+    owner_alive,
+)
 from deep_repro.tracking.lineage import (  # noqa: F401
     find_producer,
     lineage_chain,
@@ -80,5 +88,6 @@ from deep_repro.tracking.store import (  # noqa: F401
     _store_lock,
     artifact_root,
     connect,
+    credentials_to_env,
     tracking_uri,
 )

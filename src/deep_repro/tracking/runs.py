@@ -19,7 +19,7 @@ from deep_repro.files import file_hashes
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import STAGES, StageSpec
 from deep_repro.stage_config import unrestricted
-from deep_repro.tracking import spool
+from deep_repro.tracking import faults, spool
 from deep_repro.tracking.lineage import producer_run
 from deep_repro.tracking.provenance import (
     environment_tags,
@@ -140,7 +140,7 @@ def closing(client: MlflowClient, run_id: str, *, parent_id: str | None = None,
         ends = [(run_id, outcome.status, outcome.tags)]
         if parent_id is not None:
             ends.append((parent_id, "FINISHED" if outcome.status == "FINISHED" else "FAILED",
-                         {}))
+                         {k: v for k, v in outcome.tags.items() if k == TAG_FAIL_REASON}))
         for rid, status, tags in ends:
             try:
                 end_run(client, rid, status, tags, missing_ok=missing_ok)
@@ -247,7 +247,9 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     root = repo_root()
     tags = environment_tags(cfg)
     key = invocation_key()
-    parent_id = get_or_create_pipeline_run(client, exp_id, uri, cfg, tags, key)
+    faults.fail_orphan_runs(client, exp_id)  # left RUNNING by a killed stage or dvc
+    parent_id = get_or_create_pipeline_run(
+        client, exp_id, uri, cfg, {**tags, **faults.owner_tags(faults.invocation_owner(key))}, key)
 
     code = file_hashes((spec.script,), root)
     deps = file_hashes(spec.deps, root)
@@ -265,7 +267,7 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
             log.warning("no tracked run produced %s (md5 %s): lineage stops here", path, md5)
     run = client.create_run(exp_id, run_name=stage, tags={
         **tags, TAG_KIND: "stage", TAG_STAGE: stage, TAG_PARENT: parent_id,
-        TAG_INVOCATION: key, f"{TAG_PREFIX}.dvc_stage": stage,
+        TAG_INVOCATION: key, f"{TAG_PREFIX}.dvc_stage": stage, **faults.owner_tags(faults.owner()),
         f"{TAG_PREFIX}.command": " ".join(sys.argv),
         **{f"{IN_PREFIX}{p}": h for p, h in deps.items()},
         **{f"{TAG_PREFIX}.code.{p}": h for p, h in code.items()},
@@ -273,18 +275,25 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     })
     handle = StageRun(client, run.info.run_id, parent_id, spec, exp_id)
     handle.log_params(_stage_params(spec, cfg))
+    tail = faults.LogTail().attach()  # a failed run logs its last lines as logs/stage.log
     log.info("MLflow: stage run %s (pipeline run %s) in %s", run.info.run_id, parent_id,
              scrub(uri))
     import shutil
 
     try:
         with closing(client, run.info.run_id, parent_id=parent_id) as outcome:
-            yield handle
+            try:
+                yield handle
+            except BaseException as exc:
+                outcome.tags[TAG_FAIL_REASON] = faults.record_failure(
+                    client, handle.run_id, exc, tail, handle._tmp)
+                raise
             outs = file_hashes(spec.outs, root)
             handle.set_tags({f"{OUT_PREFIX}{p}": h for p, h in outs.items()})
             handle.log_dict(_lock_entry(spec, cfg, deps, outs), "dvc_lock_entry.json")
             outcome.status = "FINISHED"
     finally:
+        tail.detach()
         shutil.rmtree(handle._tmp, ignore_errors=True)
         spool.report(client)  # the one line saying what an outage left to `deep-repro sync`
 

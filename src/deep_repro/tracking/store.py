@@ -33,14 +33,42 @@ HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro
 
 
 # --------------------------------------------------------------------------- the store
-def tracking_uri(cfg_uri: str | None) -> str:
-    """`MLFLOW_TRACKING_URI` wins, then `tracking.uri`, then the repo's own sqlite store."""
+def tracking_uri(cfg_uri: str | None, explicit: str | None = None) -> str:
+    """`explicit` (a --tracking-uri flag) wins, then `MLFLOW_TRACKING_URI`, then `tracking.uri`,
+    then the repo's own sqlite store; always without a password (`credentials_to_env`)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if cfg_uri:
-        return cfg_uri
-    return f"sqlite:///{store_root() / 'mlflow.db'}"
+    uri = explicit or env or cfg_uri or f"sqlite:///{store_root() / 'mlflow.db'}"
+    bare = credentials_to_env(uri)
+    if env and not explicit:
+        os.environ["MLFLOW_TRACKING_URI"] = bare  # nothing later (or spawned) sees the password
+    return bare
+
+
+def credentials_to_env(uri: str) -> str:
+    """`http://u:pw@host` -> `http://host`, the user and password moved into
+    MLFLOW_TRACKING_USERNAME/PASSWORD (where MLflow's REST client reads them; values already set
+    there win); a PostgreSQL password into PGPASSWORD (libpq reads it). Otherwise MLflow would
+    print the password in its own console lines ("View run ... at http://u:pw@host/...")."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+        password, user = parts.password, parts.username
+    except ValueError:
+        return uri  # not a URL at all: `connect` reports it
+    scheme = parts.scheme.split("+", 1)[0].lower()
+    if password is None or scheme not in ("http", "https", "postgresql"):
+        return uri
+    from urllib.parse import unquote
+
+    host = parts.netloc.rsplit("@", 1)[1]
+    if scheme == "postgresql":  # the user name is no secret and libpq needs it in the URL
+        os.environ.setdefault("PGPASSWORD", unquote(password))
+        host = f"{user}@{host}" if user else host
+    else:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(user or ""))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(password))
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def artifact_root() -> Path:
@@ -69,6 +97,7 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     Returns the client and the experiment id.
     """
     os.environ.pop("MLFLOW_RUN_ID", None)  # would hijack parent/child resolution
+    uri = credentials_to_env(uri)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from deep_repro.errors import DeepReproError, scrub
 from deep_repro.paths import store_root
+from deep_repro.tracking.faults import owner as owner  # shared with pipeline/stage runs
+from deep_repro.tracking.faults import owner_alive
 from deep_repro.tuning.space import first_line
 
 log = logging.getLogger(__name__)
@@ -143,32 +145,10 @@ class Gate:
 
 
 # --------------------------------------------------------------------------- stale trials
-def owner() -> dict[str, Any]:
-    import psutil
-
-    me = psutil.Process()
-    return {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
-
-
-def _owner_alive(owner: Mapping[str, Any]) -> bool:
-    """Whether the process that owns a trial (on this host) is still running."""
-    import psutil
-
-    try:
-        proc = psutil.Process(int(owner["pid"]))
-        if abs(proc.create_time() - float(owner["started"])) > 1.0:
-            return False  # the pid was reused by another process
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        return True  # cannot tell: leave it to the heartbeat
-
-
 def is_stale(trial: FrozenTrial, grace_s: float, by_heartbeat: bool) -> bool:
-    owner = trial.user_attrs.get(ATTR_OWNER)
-    if isinstance(owner, dict) and owner.get("host") == socket.gethostname():
-        return not _owner_alive(owner)
+    who = trial.user_attrs.get(ATTR_OWNER)
+    if isinstance(who, dict) and who.get("host") == socket.gethostname():
+        return not owner_alive(who)
     if not by_heartbeat:
         return False  # RDB: Optuna's own heartbeat judges other hosts
     last = trial.user_attrs.get(ATTR_HEARTBEAT)
