@@ -28,6 +28,10 @@ IN_PREFIX = f"{TAG_PREFIX}.in."           # + file path -> md5
 OUT_PREFIX = f"{TAG_PREFIX}.out."         # + file path -> md5
 UPSTREAM_PREFIX = f"{TAG_PREFIX}.upstream."  # + file path -> producing run id
 HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")
+# The MLflow UI's experiment kind (set by its "Machine learning" / "GenAI" switch): this is a
+# model-training experiment, not a GenAI one (whose page opens on traces and evaluations).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 
@@ -85,13 +89,17 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                     location = None
                     if _is_local_sqlite(uri):
                         location = (artifact_root() / experiment).as_uri()
-                    exp_id = client.create_experiment(experiment, artifact_location=location)
+                    exp_id = client.create_experiment(
+                        experiment, artifact_location=location,
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 except MlflowException as exc:  # created concurrently on a remote server
                     if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                         raise
                     exp_id = client.get_experiment_by_name(experiment).experiment_id
             else:
                 exp_id = exp.experiment_id
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag, or by hand
+                    client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"tracking store {scrub(uri)} unreachable or unusable "
