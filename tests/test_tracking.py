@@ -3,6 +3,7 @@ run of an invocation, and the model validation gate."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import typing
@@ -270,8 +271,10 @@ def test_connect_marks_existing_experiments_as_model_training(tracking_env: str)
 
     MlflowClient(tracking_uri=tracking_env).create_experiment("older")
     client, exp_id = tracking.connect(tracking_env, "older")
-    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == \
-        "custom_model_development"
+    tags = client.get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.deep-repro"])  # the runs-table view
+    assert "metrics.`test_accuracy`" in view["selectedColumns"]
     # A kind someone chose in the UI is left alone.
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "genai_development")
     tracking.connect(tracking_env, "older")

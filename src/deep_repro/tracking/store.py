@@ -32,6 +32,21 @@ HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro
 # model-training experiment, not a GenAI one (whose page opens on traces and evaluations).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# A saved runs-table view (MLflow's "shared view", an experiment tag) that shows the headline
+# metrics: the UI's default view hides every metric and param column. Opened by
+# `#/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=deep-repro`.
+VIEW_KEY = "deep-repro"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+
+
+def _view_state() -> str:
+    import json
+
+    columns = [f"attributes.`{a}`" for a in ("Source", "Version")]
+    columns += [f"metrics.`{m}`" for m in ("test_accuracy", "test_macro_f1", "val_accuracy")]
+    columns += ["params.`model.name`"]
+    return json.dumps({"selectedColumns": columns, "orderByKey": "attributes.start_time",
+                       "orderByAsc": False})
 
 
 
@@ -91,15 +106,18 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                         location = (artifact_root() / experiment).as_uri()
                     exp_id = client.create_experiment(
                         experiment, artifact_location=location,
-                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: _view_state()})
                 except MlflowException as exc:  # created concurrently on a remote server
                     if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                         raise
                     exp_id = client.get_experiment_by_name(experiment).experiment_id
             else:
                 exp_id = exp.experiment_id
-                if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag, or by hand
+                # Made before these tags, or by hand; a kind chosen in the UI is kept.
+                if EXPERIMENT_KIND_TAG not in exp.tags:
                     client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                if exp.tags.get(VIEW_TAG) != _view_state():
+                    client.set_experiment_tag(exp_id, VIEW_TAG, _view_state())
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"tracking store {scrub(uri)} unreachable or unusable "
