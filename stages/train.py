@@ -45,8 +45,10 @@ def main() -> None:
                    "train_accuracy": round(best.train_accuracy, 6),
                    "parameters": count_parameters(result.model)}
         write_json(root / TRAIN_METRICS, summary)
-        run.log_metrics({"best_epoch": result.best_epoch, "parameters": summary["parameters"]})
-        run.log_metrics({"val_accuracy": best.val_accuracy}, pipeline=True)
+        # The kept weights' score under its own name: a step-less `val_accuracy` would add a
+        # point at step 0 to the per-epoch curve (evaluate logs the pipeline's val_accuracy).
+        run.log_metrics({"best_val_accuracy": best.val_accuracy, "best_epoch": result.best_epoch,
+                         "parameters": summary["parameters"]})
         run.set_tags({"stop_reason": result.stop_reason, "device": str(device)})
         run.log_artifact(root / TRAIN_HISTORY)
 

@@ -129,9 +129,14 @@ def test_one_pipeline_run_with_six_linked_stage_runs(first_repro: Path) -> None:
         assert tags["deep_repro.version.torch"] and tags["deep_repro.hostname"]
         assert tags["deep_repro.dvc_stage"] == name and tags["deep_repro.seed"] == "42"
         assert_links_resolve(client, stage_run)
-    # The pipeline run is the comparison row: full config + headline metrics.
+    # The pipeline run is the comparison row: the config it used + headline metrics (a logreg
+    # has no epochs or optimizer; tune.* configures `deep-repro tune` only).
     assert parent.data.params["model.name"] == "logreg"
-    assert "train.epochs" in parent.data.params and "data.subset" in parent.data.params
+    assert "data.subset" in parent.data.params and "train.num_threads" in parent.data.params
+    assert not [k for k in parent.data.params
+                if k.startswith(("train.epochs", "optimizer.", "tune."))]
+    assert parent.data.tags["mlflow.source.name"] == "dvc repro"
+    assert stages["train"].data.tags["mlflow.source.name"] == "stages/train.py"
     parent = client.get_run(parent.info.run_id)
     assert {"val_accuracy", "test_accuracy", "test_macro_f1"} <= set(parent.data.metrics)
     # Datasets logged with content digests.

@@ -3,10 +3,13 @@ run of an invocation, and the model validation gate."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.exceptions import MlflowException
@@ -169,3 +172,139 @@ def test_stage_runs_and_leaderboard_against_a_shared_mlflow_server(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ------------------------------------------------------------------ what the MLflow UI shows
+def _stage_project(root: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> None:
+    """A bare project root (dvc.yaml + params.yaml) to run stage code in-process."""
+    import yaml
+
+    from .helpers import REPO, fixture_overrides
+
+    monkeypatch.chdir(root)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    composed = config.compose([*fixture_overrides(), *overrides], REPO / "conf")
+    (root / "params.yaml").write_text(yaml.safe_dump(composed, sort_keys=False))
+
+
+def test_train_stage_logs_one_val_accuracy_point_per_epoch(
+        tracking_env: str, splits: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The per-epoch curve has exactly epochs points (no step-0 point from the best value);
+    the runs carry MLflow's source tags and only the params they used."""
+    import runpy
+
+    from mlflow import MlflowClient
+
+    from deep_repro import data
+    from deep_repro.pipeline import SPLIT_TRAIN_VAL
+
+    from .helpers import REPO
+
+    _stage_project(tmp_path, monkeypatch, "model=mlp", "train.epochs=2")
+    data.save_arrays(tmp_path / SPLIT_TRAIN_VAL, x_train=splits.x_train, y_train=splits.y_train,
+                     x_val=splits.x_val, y_val=splits.y_val)
+    monkeypatch.setenv("DEEP_REPRO_INVOCATION", "host:train:1.0")
+    for name in ("DVC_STAGE", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    runpy.run_path(str(REPO / "stages/train.py"), run_name="stage")["main"]()
+
+    client = MlflowClient(tracking_uri=tracking_env)
+    exp = client.get_experiment_by_name("fashion-mnist")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    [stage] = client.search_runs([exp.experiment_id], "tags.`deep_repro.kind` = 'stage'")
+    [pipeline] = client.search_runs([exp.experiment_id], "tags.`deep_repro.kind` = 'pipeline'")
+    history = client.get_metric_history(stage.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+    best = stage.data.metrics["best_val_accuracy"]
+    assert best == max(m.value for m in history)
+    # The pipeline's val_accuracy comes from evaluate (not run here), never from train.
+    assert "val_accuracy" not in pipeline.data.metrics
+    for run, source in ((stage, "stages/train.py"), (pipeline, "stages/train.py")):
+        tags = run.data.tags
+        assert tags["mlflow.source.name"] == source and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.git.commit"] and tags["mlflow.user"]
+    assert stage.data.params["optimizer.name"] == "adamw"  # an mlp uses it
+    assert not any(k.startswith("tune.") for k in pipeline.data.params)
+    assert pipeline.data.params["train.epochs"] == "2"
+
+
+def test_pipeline_source_names_the_dvc_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deep_repro.tracking.provenance import pipeline_source
+
+    for name in ("DVC_STAGE", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert pipeline_source("stages/split.py") == "stages/split.py"  # run by hand
+    monkeypatch.setenv("DVC_STAGE", "split")
+    assert pipeline_source("stages/split.py") == "dvc repro"
+    monkeypatch.setenv("DVC_EXP_NAME", "c-half")
+    assert pipeline_source("stages/split.py") == "dvc exp run"
+
+
+def test_logreg_runs_log_only_the_params_its_trainer_reads(make_cfg: Make, splits: Any) -> None:
+    """A logreg pipeline run logs no optimizer/scheduler/augment/epochs and no tune.*; and
+    training it through a view that allows ONLY the logged keys works (it reads nothing else)."""
+    from deep_repro import training
+    from deep_repro.config import flatten, to_dict
+    from deep_repro.stage_config import StageConfig
+    from deep_repro.tracking.provenance import pipeline_params, used_params
+
+    cfg = make_cfg("model=logreg", "model.max_iter=20")
+    logged = pipeline_params(cfg)
+    assert "model.C" in logged and "seed" in logged and "train.num_threads" in logged
+    assert not [k for k in logged if k.startswith(("optimizer.", "scheduler.", "augment.",
+                                                   "tune.", "train.epochs"))]
+    # Declare whole sections where every key is logged (the trainer gets the typed object).
+    full = flatten(to_dict(cfg))
+    sections = {k.split(".")[0] for k in full}
+    declared = [s for s in sections if all(k in logged for k in full if k.split(".")[0] == s)]
+    declared += [k for k in logged if k.split(".")[0] not in declared]
+    view = typing.cast(config.Config, StageConfig("logreg", cfg, tuple(declared)))
+    result = training.train_model(view, splits.x_train, splits.y_train, splits.x_val,
+                                  splits.y_val)
+    assert result.best_epoch == 1
+    # A torch model keeps them all (tune.* only on trial runs, never on pipeline runs).
+    torch_cfg = make_cfg("model=mlp")
+    assert used_params(torch_cfg) == flatten(to_dict(torch_cfg))
+    assert set(pipeline_params(torch_cfg)) == {k for k in used_params(torch_cfg)
+                                               if not k.startswith("tune.")}
+
+
+def test_connect_marks_existing_experiments_as_model_training(tracking_env: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_env).create_experiment("older")
+    client, exp_id = tracking.connect(tracking_env, "older")
+    tags = client.get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.deep-repro"])  # the runs-table view
+    assert "metrics.`test_accuracy`" in view["selectedColumns"]
+    # A kind someone chose in the UI is left alone.
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "genai_development")
+    tracking.connect(tracking_env, "older")
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_a_failed_stage_says_why_on_its_runs(make_cfg: Make, tracking_env: str,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    """The FAILED runs of a failed download show the reason in the UI (the run description)."""
+    from mlflow import MlflowClient
+
+    from deep_repro.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setenv("DEEP_REPRO_INVOCATION", "host:failed:1.0")
+    cfg = make_cfg()
+    with pytest.raises(DataError), tracking.stage_run("download", cfg):
+        raise DataError("train-images-idx3-ubyte: no mirror worked (https://***@m/x: 404)")
+    client = MlflowClient(tracking_uri=tracking_env)
+    exp_id = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    runs = client.search_runs([exp_id])
+    assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2
+    for run in runs:
+        note = run.data.tags["mlflow.note.content"]
+        assert note.startswith("**FAILED** in stage `download`: DataError: train-images-idx3")
+        assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    [pipeline] = [r for r in runs if r.data.tags["deep_repro.kind"] == "pipeline"]
+    assert "Reproduce:" in pipeline.data.tags["mlflow.note.content"]

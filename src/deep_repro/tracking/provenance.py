@@ -10,10 +10,11 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from deep_repro.config import Config
+from deep_repro.config import Config, flatten, to_dict
 from deep_repro.files import file_digest
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import STAGES
@@ -149,6 +150,52 @@ def pipeline_run_name(user: str, model: str, exp_name: str | None) -> str:
     if not exp_name:
         exp_name = f"{time.strftime('%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     return f"{user}-{model}-{exp_name}"
+
+
+# --------------------------------------------------------------------------- what a run used
+# Config keys a trainer kind never reads (models.ModelSpec.trainer): a run logs what it used, so
+# the runs table does not show a logreg with an optimizer, a schedule or epochs. The sklearn
+# trainer (training.fit_logreg) reads model.*, seed and train.num_threads only.
+_UNUSED_BY_TRAINER: dict[str, tuple[str, ...]] = {
+    "sklearn": ("optimizer", "scheduler", "augment", "train.epochs", "train.batch_size",
+                "train.patience", "train.label_smoothing", "train.device", "train.precision",
+                "train.deterministic", "train.channels_last"),
+}
+
+
+def used_params(cfg: Config, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`params` (default: the whole flattened config) without the keys the model's trainer
+    kind does not read."""
+    flat = flatten(to_dict(cfg)) if params is None else params
+    unused = _UNUSED_BY_TRAINER.get(cfg.model_spec.trainer, ())
+    return {k: v for k, v in flat.items()
+            if not any(k == u or k.startswith(u + ".") for u in unused)}
+
+
+def pipeline_params(cfg: Config) -> dict[str, Any]:
+    """The pipeline run's params: the config its stages used. `tune.*` only configures
+    `deep-repro tune` (the study and trial runs record it), never a pipeline stage."""
+    return {k: v for k, v in used_params(cfg).items() if not k.startswith("tune.")}
+
+
+def source_tags(name: str) -> dict[str, str]:
+    """MLflow's own source tags (the runs table's Source column): what started the run.
+
+    Type LOCAL, as MLflow records any local script (JOB is for Databricks jobs: the UI then
+    looks for job ids).
+    """
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    return {MLFLOW_SOURCE_NAME: name, MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}
+
+
+def pipeline_source(script: str) -> str:
+    """The command a pipeline run stands for: DVC sets DVC_STAGE for every stage it runs (and
+    DVC_EXP_NAME for experiments); a stage script run by hand is a pipeline of its own."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return "dvc exp run"
+    return "dvc repro" if os.environ.get("DVC_STAGE") else script
 
 
 def environment_tags(cfg: Config) -> dict[str, str]:

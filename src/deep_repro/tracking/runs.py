@@ -24,9 +24,13 @@ from deep_repro.tracking.lineage import producer_run
 from deep_repro.tracking.provenance import (
     environment_tags,
     invocation_key,
+    pipeline_params,
     pipeline_run_name,
+    pipeline_source,
     repo_relative,
     run_user,
+    source_tags,
+    used_params,
 )
 from deep_repro.tracking.store import (
     IN_PREFIX,
@@ -54,8 +58,10 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- pipeline run
 def get_or_create_pipeline_run(client: MlflowClient, exp_id: str, uri: str, cfg: Config,
-                               tags: Mapping[str, str], key: str | None = None) -> str:
+                               tags: Mapping[str, str], key: str | None = None,
+                               script: str | None = None) -> str:
     key = key or invocation_key()
+    source = pipeline_source(script or repo_relative(sys.argv[0]))
     with _store_lock(uri):
         found = _search_one(client, exp_id, f"tags.`{TAG_INVOCATION}` = '{key}' and "
                                              f"tags.`{TAG_KIND}` = 'pipeline'")
@@ -65,10 +71,10 @@ def get_or_create_pipeline_run(client: MlflowClient, exp_id: str, uri: str, cfg:
         run_name = pipeline_run_name(tags.get(f"{TAG_PREFIX}.user") or run_user(cfg.tracking.user),
                                      cfg.model.name, os.environ.get("DVC_EXP_NAME"))
         run = client.create_run(exp_id, run_name=run_name, tags={
-            **tags, TAG_KIND: "pipeline", TAG_INVOCATION: key,
+            **tags, **source_tags(source), TAG_KIND: "pipeline", TAG_INVOCATION: key,
             "mlflow.note.content": pipeline_note(cfg, tags),
         })
-    log_params(client, run.info.run_id, flatten(to_dict(cfg)))
+    log_params(client, run.info.run_id, pipeline_params(cfg))
     if tags.get(f"{TAG_PREFIX}.git.dirty") == "true":
         log.warning("working tree has uncommitted code changes (%s): runs are tagged "
                     "deep_repro.git.dirty=true and cannot be reproduced from the commit alone",
@@ -249,7 +255,8 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     key = invocation_key()
     faults.fail_orphan_runs(client, exp_id)  # left RUNNING by a killed stage or dvc
     parent_id = get_or_create_pipeline_run(
-        client, exp_id, uri, cfg, {**tags, **faults.owner_tags(faults.invocation_owner(key))}, key)
+        client, exp_id, uri, cfg, {**tags, **faults.owner_tags(faults.invocation_owner(key))}, key,
+        spec.script)
 
     code = file_hashes((spec.script,), root)
     deps = file_hashes(spec.deps, root)
@@ -266,15 +273,16 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
         else:
             log.warning("no tracked run produced %s (md5 %s): lineage stops here", path, md5)
     run = client.create_run(exp_id, run_name=stage, tags={
-        **tags, TAG_KIND: "stage", TAG_STAGE: stage, TAG_PARENT: parent_id,
-        TAG_INVOCATION: key, f"{TAG_PREFIX}.dvc_stage": stage, **faults.owner_tags(faults.owner()),
+        **tags, **source_tags(spec.script), TAG_KIND: "stage", TAG_STAGE: stage,
+        TAG_PARENT: parent_id, TAG_INVOCATION: key, f"{TAG_PREFIX}.dvc_stage": stage,
+        **faults.owner_tags(faults.owner()),
         f"{TAG_PREFIX}.command": " ".join(sys.argv),
         **{f"{IN_PREFIX}{p}": h for p, h in deps.items()},
         **{f"{TAG_PREFIX}.code.{p}": h for p, h in code.items()},
         **upstream,
     })
     handle = StageRun(client, run.info.run_id, parent_id, spec, exp_id)
-    handle.log_params(_stage_params(spec, cfg))
+    handle.log_params(used_params(cfg, _stage_params(spec, cfg)))
     tail = faults.LogTail().attach()  # a failed run logs its last lines as logs/stage.log
     log.info("MLflow: stage run %s (pipeline run %s) in %s", run.info.run_id, parent_id,
              scrub(uri))
@@ -287,6 +295,8 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
             except BaseException as exc:
                 outcome.tags[TAG_FAIL_REASON] = faults.record_failure(
                     client, handle.run_id, exc, tail, handle._tmp)
+                if isinstance(exc, Exception):
+                    _note_failure(handle, cfg, tags, exc)
                 raise
             outs = file_hashes(spec.outs, root)
             handle.set_tags({f"{OUT_PREFIX}{p}": h for p, h in outs.items()})
@@ -296,6 +306,21 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
         tail.detach()
         shutil.rmtree(handle._tmp, ignore_errors=True)
         spool.report(client)  # the one line saying what an outage left to `deep-repro sync`
+
+
+def _note_failure(run: StageRun, cfg: Config, tags: Mapping[str, str], exc: Exception) -> None:
+    """Put why a stage failed where the MLflow UI shows it: the run page's description
+    (`mlflow.note.content`) of the stage run and, above its usual note, of the pipeline run.
+    Best effort: the stage's own error is the one the user has to see."""
+    reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    head = f"**FAILED** in stage `{run.spec.name}`: {reason}"
+    notes = {run.run_id: head, run.pipeline_run_id: f"{head}\n\n{pipeline_note(cfg, tags)}"}
+    for run_id, note in notes.items():
+        try:
+            run.client.set_tag(run_id, "mlflow.note.content", note)
+        except Exception as note_exc:
+            log.warning("cannot record the failure on MLflow run %s: %s", run_id,
+                        _first_line(note_exc))
 
 
 # --------------------------------------------------------------------------- trial runs
@@ -329,7 +354,7 @@ def trial_run(client: MlflowClient, exp_id: str, name: str, cfg: Config, *, pare
     run = client.create_run(exp_id, run_name=name, tags={
         **tags, TAG_KIND: "trial", TAG_PARENT: parent_id, TAG_TRIAL_STATE: "RUNNING"})
     handle = TrialRun(client, run.info.run_id, exp_id)
-    log_params(client, handle.run_id, flatten(to_dict(cfg)))
+    log_params(client, handle.run_id, used_params(cfg))
     # missing_ok: a stale-trial sweep of another worker may have closed this run already.
     with closing(client, handle.run_id, missing_ok=True) as outcome:
         try:

@@ -29,6 +29,25 @@ OUT_PREFIX = f"{TAG_PREFIX}.out."         # + file path -> md5
 UPSTREAM_PREFIX = f"{TAG_PREFIX}.upstream."  # + file path -> producing run id
 UPSTREAM_USER_PREFIX = f"{TAG_PREFIX}.upstream_user."  # + file path -> producer's user, if not me
 HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")
+# The MLflow UI's experiment kind (set by its "Machine learning" / "GenAI" switch): this is a
+# model-training experiment, not a GenAI one (whose page opens on traces and evaluations).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved runs-table view (MLflow's "shared view", an experiment tag) that shows the headline
+# metrics: the UI's default view hides every metric and param column. Opened by
+# `#/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=deep-repro`.
+VIEW_KEY = "deep-repro"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+
+
+def _view_state() -> str:
+    import json
+
+    columns = [f"attributes.`{a}`" for a in ("Source", "Version")]
+    columns += [f"metrics.`{m}`" for m in ("test_accuracy", "test_macro_f1", "val_accuracy")]
+    columns += ["params.`model.name`"]
+    return json.dumps({"selectedColumns": columns, "orderByKey": "attributes.start_time",
+                       "orderByAsc": False})
 
 
 
@@ -115,7 +134,9 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                     location = None
                     if _is_local_sqlite(uri):
                         location = (artifact_root() / experiment).as_uri()
-                    exp_id = client.create_experiment(experiment, artifact_location=location)
+                    exp_id = client.create_experiment(
+                        experiment, artifact_location=location,
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: _view_state()})
                 except MlflowException as exc:  # created concurrently on a remote server
                     if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                         raise
@@ -125,6 +146,11 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                     exp_id = existing.experiment_id
             else:
                 exp_id = exp.experiment_id
+                # Made before these tags, or by hand; a kind chosen in the UI is kept.
+                if EXPERIMENT_KIND_TAG not in exp.tags:
+                    client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                if exp.tags.get(VIEW_TAG) != _view_state():
+                    client.set_experiment_tag(exp_id, VIEW_TAG, _view_state())
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"tracking store {scrub(uri)} unreachable or unusable "

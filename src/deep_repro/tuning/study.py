@@ -26,6 +26,7 @@ from deep_repro.errors import ConfigError, DataError, DeepReproError, TrainingEr
 from deep_repro.files import file_digest
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import SPLIT_TRAIN_VAL
+from deep_repro.tracking.provenance import source_tags
 from deep_repro.tuning import sampling, storage
 from deep_repro.tuning.check import check_search_space, check_study, comparable_setup
 from deep_repro.tuning.export import write_experiment
@@ -114,7 +115,9 @@ class _Tuner:
     def _connect(self) -> None:
         uri = tracking.tracking_uri(self.cfg.tracking.uri)
         self.client, self.exp_id = tracking.connect(uri, self.cfg.tracking.experiment)
-        self.env_tags = tracking.environment_tags(self.cfg)
+        # Study and trial runs: MLflow's Source column shows what started them.
+        self.env_tags = {**tracking.environment_tags(self.cfg),
+                         **source_tags("deep-repro tune")}
         self.data_tags = {f"{tracking.IN_PREFIX}{SPLIT_FILE}": self.data_md5}
         producer = tracking.find_producer(self.client, self.exp_id, SPLIT_FILE, self.data_md5)
         if producer:
