@@ -81,34 +81,55 @@ def _to_gray8(img: Any, np: Any) -> Any:
     return img.convert("L")
 
 
-def _load_predictor(model_ref: str) -> Any:
-    """A callable images[N,28,28] uint8 -> probabilities [N,10] from a .pt2 or a models:/ URI."""
-    import numpy as np
+def _program_predictor(program_path: Path, identity: dict[str, str]) -> Any:
+    """A callable images[N,28,28] uint8 -> probabilities [N,10] from an exported program, loaded
+    through the safe-archive check; writes the opt-in prediction log like the pyfunc model."""
     import torch
 
+    from deep_repro.inference import load_inference_model, predict_logits
+
+    program = load_inference_model(program_path)
+
+    def predict_program(x: Any) -> Any:
+        probs = torch.softmax(predict_logits(program, x), dim=1).numpy()
+        if os.environ.get("DEEP_REPRO_PREDICTION_LOG"):  # opt-in (imports mlflow: serving.py)
+            from deep_repro.serving import _file_md5, log_predictions
+
+            log_predictions(x, probs, {"md5": identity.get("md5") or _file_md5(program_path),
+                                       **identity})
+        return probs
+
+    return predict_program
+
+
+def _load_predictor(model_ref: str, uri: str | None = None) -> Any:
+    """A callable images[N,28,28] uint8 -> probabilities [N,10] from a .pt2 or a models:/ URI.
+
+    A registered model in a store this CLI can query cheaply (`uri`: local sqlite, http(s)) is
+    served from a local copy of its program (deep_repro.model_cache); anything else goes through
+    MLflow's pyfunc loader."""
     if model_ref.endswith(".pt2") and not model_ref.startswith(("models:/", "runs:/")):
-        from deep_repro.inference import load_inference_model, predict_logits
+        return _program_predictor(Path(model_ref), {"path": model_ref})
+    if uri is not None and model_ref.startswith("models:/"):
+        from deep_repro import model_cache
 
-        program = load_inference_model(Path(model_ref))
-
-        def predict_file(x: Any) -> Any:
-            probs = torch.softmax(predict_logits(program, x), dim=1).numpy()
-            if os.environ.get("DEEP_REPRO_PREDICTION_LOG"):  # opt-in prediction log
-                from deep_repro.serving import _file_md5, log_predictions
-
-                log_predictions(x, probs, {"md5": _file_md5(model_ref), "path": model_ref})
-            return probs
-
-        return predict_file
+        version = model_cache.resolve(uri, model_ref)
+        if version is not None:
+            os.environ.setdefault("DEEP_REPRO_PREDICTION_LOG_MODEL", model_ref)
+            path, md5 = model_cache.cached_program(uri, version)
+            return _program_predictor(path, {"md5": md5})
     import mlflow.pyfunc
+    import numpy as np
     from mlflow.exceptions import MlflowException
 
+    if uri is not None:
+        _registry_uri(uri)
     # The pyfunc model writes the prediction log itself (it only knows its program's md5).
     os.environ.setdefault("DEEP_REPRO_PREDICTION_LOG_MODEL", model_ref)
     try:
         model = mlflow.pyfunc.load_model(model_ref)
     except (MlflowException, OSError) as exc:
-        raise TrackingError(f"cannot load model {model_ref}: {str(exc).splitlines()[0]}") from None
+        raise TrackingError(_model_error(model_ref, exc)) from None
 
     def predict(x: Any) -> Any:
         # The logged signature takes float64 pixel values (see deep_repro/serving.py).
@@ -118,16 +139,35 @@ def _load_predictor(model_ref: str) -> Any:
     return predict
 
 
-def _registry_uri(args: argparse.Namespace) -> None:
+def _model_error(model_ref: str, exc: Exception) -> str:
+    """One line for a model MLflow could not load; a missing alias says what to do."""
+    from mlflow import get_registry_uri
+
+    from deep_repro import model_cache
+
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    parsed = model_cache.parse_models_uri(model_ref)
+    if parsed and parsed[1] and "alias" in first and "not found" in first:
+        return model_cache.missing_alias_message(parsed[0], parsed[1], get_registry_uri())
+    return f"cannot load model {model_ref}: {first}"
+
+
+def _store_uri(args: argparse.Namespace) -> tuple[str, Any]:
+    """The tracking store URI and the project config (None outside a project), without
+    importing MLflow: `predict` must start about as fast as `import torch`."""
+    from deep_repro import config, tracking
+
+    cfg = None
+    with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
+        cfg = config.load_config()
+    uri = args.tracking_uri or tracking.tracking_uri(cfg.tracking.uri if cfg else None)
+    return uri, cfg
+
+
+def _registry_uri(uri: str) -> None:
     """Point MLflow at the store for a models:/ or runs:/ reference (also outside a project)."""
     import mlflow
 
-    from deep_repro import config, tracking
-
-    cfg_uri = None
-    with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
-        cfg_uri = config.load_config().tracking.uri
-    uri = args.tracking_uri or tracking.tracking_uri(cfg_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
 
@@ -137,13 +177,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from deep_repro.data import CLASS_NAMES
 
-    model_ref = args.model
-    if model_ref is None:
-        _, _, cfg = _tracking(args)
-        model_ref = f"models:/{cfg.tracking.model_name}@champion"
-    elif model_ref.startswith(("models:/", "runs:/")):
-        _registry_uri(args)  # a .pt2 file needs no tracking store at all
-    predictor = _load_predictor(model_ref)
+    model_ref, uri = args.model, None
+    if model_ref is None or model_ref.startswith(("models:/", "runs:/")):
+        # a .pt2 file needs no tracking store at all
+        uri, cfg = _store_uri(args)
+        if model_ref is None:
+            if cfg is None:
+                from deep_repro import config
+
+                cfg = config.validate(config.compose())
+            model_ref = f"models:/{cfg.tracking.model_name}@champion"
+    predictor = _load_predictor(model_ref, uri)
     images, names, failed = [], [], 0
     for path in args.images:
         try:

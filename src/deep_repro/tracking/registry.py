@@ -43,7 +43,7 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
     from deep_repro import inference, safe_archive
 
     # Run the very wrapper that will be logged on the example to derive the output schema.
-    code = Path(__file__).with_name("serving.py")
+    code = Path(__file__).parents[1] / "serving.py"  # deep_repro/serving.py
     spec = importlib.util.spec_from_file_location("deep_repro_serving", code)
     assert spec is not None and spec.loader is not None
     serving = importlib.util.module_from_spec(spec)
