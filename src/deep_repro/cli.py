@@ -208,10 +208,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- lineage
 def cmd_lineage(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from deep_repro import tracking
 
     client, _, _ = _tracking(args)
-    run_id = tracking.resolve_run_id(client, args.ref)
+    try:
+        run_id = tracking.resolve_run_id(client, args.ref)
+    except MlflowException as exc:
+        raise TrackingError(_model_error(args.ref, exc)) from None
     from deep_repro.pipeline import STAGES
 
     order = list(STAGES)
@@ -303,6 +308,46 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- tune
+def tune_settings(conf_dir: Path) -> list[tuple[str, str, str]]:
+    """(key, default, comment) of every `tune.*` setting in conf/config.yaml: read as text at
+    `--help` time, so the help shows what the composition really holds, for a few ms."""
+    try:
+        lines = (conf_dir / "config.yaml").read_text().splitlines()
+    except OSError:
+        return []
+    settings, inside = [], False
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            inside = line.split("#")[0].strip() == "tune:"
+            continue
+        if inside and line.startswith("  ") and not line.startswith("   ") and ":" in line:
+            body, _, comment = line.partition("#")
+            key, _, value = body.strip().partition(":")
+            settings.append((f"tune.{key.strip()}", value.strip(), comment.strip()))
+    return settings
+
+
+def tune_epilog() -> str:
+    from deep_repro.paths import repo_root
+
+    conf = repo_root() / "conf"
+    rows = tune_settings(conf)
+    if rows:
+        width = max(len(f"{k}={v}") for k, v, _ in rows)
+        table = "\n".join(f"  {f'{k}={v}':<{width}}  {c}".rstrip() for k, v, c in rows)
+        listing = f"settings (defaults from {conf / 'config.yaml'}):\n{table}"
+    else:
+        listing = "settings: run inside the project to list the tune.* settings of conf/"
+    return (f"{listing}\n\nany other config key is an override too (the search space itself is "
+            "conf/search/<model>.yaml).\n\nexamples:\n"
+            "  deep-repro tune                                  # the default model, 20 trials\n"
+            "  deep-repro tune model=mlp tune.n_trials=50 tune.epochs=5\n"
+            "  deep-repro tune model=cnn tune.sampler=random tune.timeout=3600\n"
+            "  deep-repro tune model=logreg data.subset=5000 tune.study_name=quick-look")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from deep_repro.tuning import run_study
 
@@ -368,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)")
+    p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)",
+                       description="Optuna search on the train/val split; overrides use "
+                       "Hydra syntax (key=value, group=option).", epilog=tune_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="e.g. model=cnn tune.n_trials=30")
     p.set_defaults(func=cmd_tune)
 
