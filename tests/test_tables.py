@@ -69,3 +69,15 @@ def test_exp_diff_still_shows_metric_differences(project: Path, tmp_path: Path) 
     dvc(project, "exp", "run", "-S", "model.C=0.05", "-n", "small-c")
     diff = dvc(project, "exp", "diff", "HEAD", "small-c")
     assert re.search(r"reports/metrics\.json\s+test\.accuracy", diff), diff
+
+
+@pytest.mark.slow
+def test_plots_page_loads_no_script_from_the_network(project: Path) -> None:
+    """`.dvc/config` plots.html_template inlines vega: offline the charts still render."""
+    dvc(project, "plots", "show")
+    page = (project / "dvc_plots/index.html").read_text()
+    assert "vegaEmbed(" in page and "vega-lite" in page
+    sources = re.findall(r"<script[^>]*\bsrc\s*=\s*[\"']?([^\"' >]+)", page, flags=re.I)
+    assert not [s for s in sources if s.lower().startswith(("http:", "https:", "//"))], sources
+    status = run(["git", "status", "--porcelain"], project, project_env(project)).stdout
+    assert "dvc_plots" not in status  # generated output, git-ignored
