@@ -147,7 +147,8 @@ def _model_error(model_ref: str, exc: Exception) -> str:
 
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     parsed = model_cache.parse_models_uri(model_ref)
-    if parsed and parsed[1] and "alias" in first and "not found" in first:
+    # "Registered model alias champion not found", or no such registered model at all
+    if parsed and parsed[1] and "not found" in first.lower():
         return model_cache.missing_alias_message(parsed[0], parsed[1], get_registry_uri())
     return f"cannot load model {model_ref}: {first}"
 

@@ -54,8 +54,9 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("postprocess", (CHECKPOINT, SPLIT_TRAIN_VAL), (INFERENCE_MODEL, POSTPROCESS_REPORT),
               ("seed", "model", "postprocess", "train.num_threads")),
     StageSpec("evaluate", (INFERENCE_MODEL, SPLIT_TRAIN_VAL, SPLIT_TEST),
-              (METRICS, EVAL_DETAILS, CONFUSION, PER_CLASS, RELIABILITY, CONFUSION_PNG, MISCLASSIFIED_PNG,
-               RELIABILITY_PNG), ("evaluate", "model.name", "train.num_threads")),
+              (METRICS, EVAL_DETAILS, CONFUSION, PER_CLASS, RELIABILITY, CONFUSION_PNG,
+               MISCLASSIFIED_PNG, RELIABILITY_PNG),
+              ("evaluate", "model.name", "train.num_threads")),
 )}
 
 # The ONLY package modules a stage may import without listing them in its dvc.yaml deps: their
