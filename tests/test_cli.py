@@ -179,6 +179,7 @@ def test_missing_champion_says_what_to_do(tracking_env: str, images: dict[str, P
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         config.compose(fixture_overrides(), REPO / "conf"), sort_keys=False))
     tracking.connect(tracking_env, "fashion-mnist")  # a store with no registered model
+    capsys.readouterr()  # MLflow's own log lines while it creates the store
     for argv in (["predict", str(images["raw"])],
                  ["lineage", "models:/fashion-mnist-classifier@champion"]):
         with pytest.raises(SystemExit) as exit_:
