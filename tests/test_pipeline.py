@@ -103,7 +103,9 @@ def test_repro_produces_outputs_and_metrics(first_repro: Path) -> None:
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert set(metrics) == {"val", "test"}
     assert 0.6 < metrics["test"]["accuracy"] <= 1
-    assert {"accuracy", "macro_f1", "top2_accuracy", "ece"} <= set(metrics["test"])
+    assert set(metrics["test"]) == {"accuracy", "ci95", "macro_f1"}  # the rest: details.json
+    details = json.loads((root / "reports/eval/details.json").read_text())
+    assert {"accuracy", "macro_f1", "top2_accuracy", "ece"} <= set(details["test"])
     confusion = (root / "reports/eval/confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 501
     shown = dvc(root, "metrics", "show", "--json").stdout

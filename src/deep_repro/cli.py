@@ -83,34 +83,55 @@ def _to_gray8(img: Any, np: Any) -> Any:
     return img.convert("L")
 
 
-def _load_predictor(model_ref: str) -> Any:
-    """A callable images[N,28,28] uint8 -> probabilities [N,10] from a .pt2 or a models:/ URI."""
-    import numpy as np
+def _program_predictor(program_path: Path, identity: dict[str, str]) -> Any:
+    """A callable images[N,28,28] uint8 -> probabilities [N,10] from an exported program, loaded
+    through the safe-archive check; writes the opt-in prediction log like the pyfunc model."""
     import torch
 
+    from deep_repro.inference import load_inference_model, predict_logits
+
+    program = load_inference_model(program_path)
+
+    def predict_program(x: Any) -> Any:
+        probs = torch.softmax(predict_logits(program, x), dim=1).numpy()
+        if os.environ.get("DEEP_REPRO_PREDICTION_LOG"):  # opt-in (imports mlflow: serving.py)
+            from deep_repro.serving import _file_md5, log_predictions
+
+            log_predictions(x, probs, {"md5": identity.get("md5") or _file_md5(program_path),
+                                       **identity})
+        return probs
+
+    return predict_program
+
+
+def _load_predictor(model_ref: str, uri: str | None = None) -> Any:
+    """A callable images[N,28,28] uint8 -> probabilities [N,10] from a .pt2 or a models:/ URI.
+
+    A registered model in a store this CLI can query cheaply (`uri`: local sqlite, http(s)) is
+    served from a local copy of its program (deep_repro.model_cache); anything else goes through
+    MLflow's pyfunc loader."""
     if model_ref.endswith(".pt2") and not model_ref.startswith(("models:/", "runs:/")):
-        from deep_repro.inference import load_inference_model, predict_logits
+        return _program_predictor(Path(model_ref), {"path": model_ref})
+    if uri is not None and model_ref.startswith("models:/"):
+        from deep_repro import model_cache
 
-        program = load_inference_model(Path(model_ref))
-
-        def predict_file(x: Any) -> Any:
-            probs = torch.softmax(predict_logits(program, x), dim=1).numpy()
-            if os.environ.get("DEEP_REPRO_PREDICTION_LOG"):  # opt-in prediction log
-                from deep_repro.serving import _file_md5, log_predictions
-
-                log_predictions(x, probs, {"md5": _file_md5(model_ref), "path": model_ref})
-            return probs
-
-        return predict_file
+        version = model_cache.resolve(uri, model_ref)
+        if version is not None:
+            os.environ.setdefault("DEEP_REPRO_PREDICTION_LOG_MODEL", model_ref)
+            path, md5 = model_cache.cached_program(uri, version)
+            return _program_predictor(path, {"md5": md5})
     import mlflow.pyfunc
+    import numpy as np
     from mlflow.exceptions import MlflowException
 
+    if uri is not None:
+        _registry_uri(uri)
     # The pyfunc model writes the prediction log itself (it only knows its program's md5).
     os.environ.setdefault("DEEP_REPRO_PREDICTION_LOG_MODEL", model_ref)
     try:
         model = mlflow.pyfunc.load_model(model_ref)
     except (MlflowException, OSError) as exc:
-        raise TrackingError(f"cannot load model {model_ref}: {str(exc).splitlines()[0]}") from None
+        raise TrackingError(_model_error(model_ref, exc)) from None
 
     def predict(x: Any) -> Any:
         # The logged signature takes float64 pixel values (see deep_repro/serving.py).
@@ -120,16 +141,36 @@ def _load_predictor(model_ref: str) -> Any:
     return predict
 
 
-def _registry_uri(args: argparse.Namespace) -> None:
+def _model_error(model_ref: str, exc: Exception) -> str:
+    """One line for a model MLflow could not load; a missing alias says what to do."""
+    from mlflow import get_registry_uri
+
+    from deep_repro import model_cache
+
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    parsed = model_cache.parse_models_uri(model_ref)
+    # "Registered model alias champion not found", or no such registered model at all
+    if parsed and parsed[1] and "not found" in first.lower():
+        return model_cache.missing_alias_message(parsed[0], parsed[1], get_registry_uri())
+    return f"cannot load model {model_ref}: {first}"
+
+
+def _store_uri(args: argparse.Namespace) -> tuple[str, Any]:
+    """The tracking store URI and the project config (None outside a project), without
+    importing MLflow: `predict` must start about as fast as `import torch`."""
+    from deep_repro import config, tracking
+
+    cfg = None
+    with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
+        cfg = config.load_config()
+    uri = tracking.tracking_uri(cfg.tracking.uri if cfg else None, args.tracking_uri)
+    return uri, cfg
+
+
+def _registry_uri(uri: str) -> None:
     """Point MLflow at the store for a models:/ or runs:/ reference (also outside a project)."""
     import mlflow
 
-    from deep_repro import config, tracking
-
-    cfg_uri = None
-    with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
-        cfg_uri = config.load_config().tracking.uri
-    uri = tracking.tracking_uri(cfg_uri, args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
 
@@ -139,13 +180,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from deep_repro.data import CLASS_NAMES
 
-    model_ref = args.model
-    if model_ref is None:
-        _, _, cfg = _tracking(args)
-        model_ref = f"models:/{cfg.tracking.model_name}@champion"
-    elif model_ref.startswith(("models:/", "runs:/")):
-        _registry_uri(args)  # a .pt2 file needs no tracking store at all
-    predictor = _load_predictor(model_ref)
+    model_ref, uri = args.model, None
+    if model_ref is None or model_ref.startswith(("models:/", "runs:/")):
+        # a .pt2 file needs no tracking store at all
+        uri, cfg = _store_uri(args)
+        if model_ref is None:
+            if cfg is None:
+                from deep_repro import config
+
+                cfg = config.validate(config.compose())
+            model_ref = f"models:/{cfg.tracking.model_name}@champion"
+    predictor = _load_predictor(model_ref, uri)
     images, names, failed = [], [], 0
     for path in args.images:
         try:
@@ -166,10 +211,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- lineage
 def cmd_lineage(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from deep_repro import tracking
 
     client, _, _ = _tracking(args)
-    run_id = tracking.resolve_run_id(client, args.ref)
+    try:
+        run_id = tracking.resolve_run_id(client, args.ref)
+    except MlflowException as exc:
+        raise TrackingError(_model_error(args.ref, exc)) from None
     from deep_repro.pipeline import STAGES
 
     order = list(STAGES)
@@ -288,6 +338,46 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- tune
+def tune_settings(conf_dir: Path) -> list[tuple[str, str, str]]:
+    """(key, default, comment) of every `tune.*` setting in conf/config.yaml: read as text at
+    `--help` time, so the help shows what the composition really holds, for a few ms."""
+    try:
+        lines = (conf_dir / "config.yaml").read_text().splitlines()
+    except OSError:
+        return []
+    settings, inside = [], False
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            inside = line.split("#")[0].strip() == "tune:"
+            continue
+        if inside and line.startswith("  ") and not line.startswith("   ") and ":" in line:
+            body, _, comment = line.partition("#")
+            key, _, value = body.strip().partition(":")
+            settings.append((f"tune.{key.strip()}", value.strip(), comment.strip()))
+    return settings
+
+
+def tune_epilog() -> str:
+    from deep_repro.paths import repo_root
+
+    conf = repo_root() / "conf"
+    rows = tune_settings(conf)
+    if rows:
+        width = max(len(f"{k}={v}") for k, v, _ in rows)
+        table = "\n".join(f"  {f'{k}={v}':<{width}}  {c}".rstrip() for k, v, c in rows)
+        listing = f"settings (defaults from {conf / 'config.yaml'}):\n{table}"
+    else:
+        listing = "settings: run inside the project to list the tune.* settings of conf/"
+    return (f"{listing}\n\nany other config key is an override too (the search space itself is "
+            "conf/search/<model>.yaml).\n\nexamples:\n"
+            "  deep-repro tune                                  # the default model, 20 trials\n"
+            "  deep-repro tune model=mlp tune.n_trials=50 tune.epochs=5\n"
+            "  deep-repro tune model=cnn tune.sampler=random tune.timeout=3600\n"
+            "  deep-repro tune model=logreg data.subset=5000 tune.study_name=quick-look")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from deep_repro.tuning import run_study
 
@@ -377,7 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: tracking.experiment)")
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)")
+    p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)",
+                       description="Optuna search on the train/val split; overrides use "
+                       "Hydra syntax (key=value, group=option).", epilog=tune_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="e.g. model=cnn tune.n_trials=30")
     p.set_defaults(func=cmd_tune)
 

@@ -23,7 +23,8 @@ INFERENCE_MODEL = "models/inference.pt2"
 TRAIN_HISTORY = "reports/train/history.csv"
 TRAIN_METRICS = "reports/train/metrics.json"
 POSTPROCESS_REPORT = "reports/postprocess.json"
-METRICS = "reports/metrics.json"
+METRICS = "reports/metrics.json"  # DVC metrics: {"val"|"test": accuracy, ci95, macro_f1}
+EVAL_DETAILS = "reports/eval/details.json"  # every number of the evaluation (top2, ece, ...)
 CONFUSION = "reports/eval/confusion.csv"
 PER_CLASS = "reports/eval/per_class.csv"
 RELIABILITY = "reports/eval/reliability.csv"
@@ -64,8 +65,9 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("postprocess", (CHECKPOINT, SPLIT_TRAIN_VAL), (INFERENCE_MODEL, POSTPROCESS_REPORT),
               ("seed", "model", "postprocess", "train.num_threads")),
     StageSpec("evaluate", (INFERENCE_MODEL, SPLIT_TRAIN_VAL, SPLIT_TEST),
-              (METRICS, CONFUSION, PER_CLASS, RELIABILITY, CONFUSION_PNG, MISCLASSIFIED_PNG,
-               RELIABILITY_PNG), ("evaluate", "model.name", "train.num_threads")),
+              (METRICS, EVAL_DETAILS, CONFUSION, PER_CLASS, RELIABILITY, CONFUSION_PNG,
+               MISCLASSIFIED_PNG, RELIABILITY_PNG),
+              ("evaluate", "model.name", "train.num_threads")),
 )}
 
 # The ONLY package modules a stage may import without listing them in its dvc.yaml deps: their
