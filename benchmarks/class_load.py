@@ -38,8 +38,7 @@ def _timed(latencies: list[float], fn: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def student(index: int, url: str, experiment: str, epochs: int, barrier: Any,
-            out_dir: str) -> None:
+def student(index: int, url: str, experiment: str, epochs: int, barrier: Any, out_dir: str) -> None:
     """One simulated `dvc exp run`: pipeline run + six stage runs, like deep_repro.tracking."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
@@ -53,26 +52,42 @@ def student(index: int, url: str, experiment: str, epochs: int, barrier: Any,
         exp = client.get_experiment_by_name(experiment)
         assert exp is not None
         tags = {"deep_repro.kind": "pipeline", "deep_repro.user": user, "mlflow.user": user}
-        parent = _timed(latencies, client.create_run, exp.experiment_id,
-                        run_name=f"{user}-cnn-load", tags=tags).info.run_id
+        parent = _timed(
+            latencies, client.create_run, exp.experiment_id, run_name=f"{user}-cnn-load", tags=tags
+        ).info.run_id
         params = [Param(f"model.p{i}", str(i)) for i in range(40)]
         _timed(latencies, client.log_batch, parent, params=params)
         with tempfile.TemporaryDirectory() as tmp:
             artifact = Path(tmp) / "dvc_lock_entry.json"
             artifact.write_text(json.dumps({"user": user, "deps": ["x" * 32] * 8}))
             for stage in STAGES:
-                run = _timed(latencies, client.create_run, exp.experiment_id, run_name=stage,
-                             tags={**tags, "deep_repro.kind": "stage", "deep_repro.stage": stage,
-                                   "mlflow.parentRunId": parent}).info.run_id
+                run = _timed(
+                    latencies,
+                    client.create_run,
+                    exp.experiment_id,
+                    run_name=stage,
+                    tags={
+                        **tags,
+                        "deep_repro.kind": "stage",
+                        "deep_repro.stage": stage,
+                        "mlflow.parentRunId": parent,
+                    },
+                ).info.run_id
                 _timed(latencies, client.log_batch, run, params=params[:10])
                 for epoch in range(epochs if stage == "train" else 1):
                     now = int(time.time() * 1000)
-                    metrics = [Metric(k, 0.5 + epoch / 100, now, epoch)
-                               for k in ("train_loss", "val_loss", "val_accuracy", "lr")]
+                    metrics = [
+                        Metric(k, 0.5 + epoch / 100, now, epoch)
+                        for k in ("train_loss", "val_loss", "val_accuracy", "lr")
+                    ]
                     _timed(latencies, client.log_batch, run, metrics=metrics)
                 _timed(latencies, client.log_artifact, run, str(artifact))
-                _timed(latencies, client.log_batch, run,
-                       tags=[RunTag(f"deep_repro.out.{stage}", "0" * 32)])
+                _timed(
+                    latencies,
+                    client.log_batch,
+                    run,
+                    tags=[RunTag(f"deep_repro.out.{stage}", "0" * 32)],
+                )
                 _timed(latencies, client.set_terminated, run, "FINISHED")
         _timed(latencies, client.log_metric, parent, "test_accuracy", 0.9)
         _timed(latencies, client.set_terminated, parent, "FINISHED")
@@ -95,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--students", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=15, help="per-epoch metric steps (train)")
-    parser.add_argument("--url", default=os.environ.get("DEEP_REPRO_TEST_MLFLOW_URL")
-                        or os.environ.get("MLFLOW_TRACKING_URI"))
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("DEEP_REPRO_TEST_MLFLOW_URL")
+        or os.environ.get("MLFLOW_TRACKING_URI"),
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds for the whole run")
     args = parser.parse_args(argv)
     if not args.url or urlparse(args.url).hostname not in LOOPBACK:
@@ -104,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.students <= 200:
         parser.error("--students must be within 1..200")
     if not os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get(
-            "DEEP_REPRO_TEST_MLFLOW_ADMIN_USER"):
+        "DEEP_REPRO_TEST_MLFLOW_ADMIN_USER"
+    ):
         os.environ["MLFLOW_TRACKING_USERNAME"] = os.environ["DEEP_REPRO_TEST_MLFLOW_ADMIN_USER"]
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = os.environ[
-            "DEEP_REPRO_TEST_MLFLOW_ADMIN_PASSWORD"]
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = os.environ["DEEP_REPRO_TEST_MLFLOW_ADMIN_PASSWORD"]
 
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # 210 "View run" lines
     from mlflow import MlflowClient  # imported once here; forked students inherit it
@@ -118,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(args.students)
     with tempfile.TemporaryDirectory(prefix="class-load-") as out_dir:
-        procs = [ctx.Process(target=student, args=(i, args.url, experiment, args.epochs, barrier,
-                                                   out_dir)) for i in range(args.students)]
+        procs = [
+            ctx.Process(
+                target=student, args=(i, args.url, experiment, args.epochs, barrier, out_dir)
+            )
+            for i in range(args.students)
+        ]
         for proc in procs:
             proc.start()
         start = time.perf_counter()
@@ -150,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"errors {len(errors)}")
     for err in errors[:3]:
         print("  " + err.strip().splitlines()[-1][:300])
-    print(f"logging calls {len(latencies)}: p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
-          f"p95 {percentile(latencies, 0.95) * 1000:.0f} ms, "
-          f"mean {statistics.fmean(latencies) * 1000 if latencies else float('nan'):.0f} ms")
+    print(
+        f"logging calls {len(latencies)}: p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+        f"p95 {percentile(latencies, 0.95) * 1000:.0f} ms, "
+        f"mean {statistics.fmean(latencies) * 1000 if latencies else float('nan'):.0f} ms"
+    )
     print(f"total {total:.1f} s")
     return 0 if not errors and len(runs) == expected and running == 0 else 1
 

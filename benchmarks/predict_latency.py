@@ -50,8 +50,9 @@ def build_project(root: Path) -> Path:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.chdir(root)
     (root / "dvc.yaml").write_text("stages: {}\n")
-    composed = config.compose([*fixture_overrides(), "model=logreg", "model.max_iter=60"],
-                              REPO / "conf")
+    composed = config.compose(
+        [*fixture_overrides(), "model=logreg", "model.max_iter=60"], REPO / "conf"
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(composed, sort_keys=False))
     cfg = config.validate(composed)
     x, y = data.load_idx_pair(FIXTURE, "train")
@@ -84,8 +85,12 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--before-src", type=Path, help="also time the predict of another "
-                        "checkout's src/ (e.g. a `git worktree` of the previous commit)")
+    parser.add_argument(
+        "--before-src",
+        type=Path,
+        help="also time the predict of another "
+        "checkout's src/ (e.g. a `git worktree` of the previous commit)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="predict-latency-") as tmp:
         root = build_project(Path(tmp))
@@ -115,11 +120,15 @@ def main() -> None:
     cpu = {n: statistics.median(t[1] for t in v) for n, v in times.items()}
     print(f"{'command':<16} {'wall s':>7} {'/ torch':>8} {'cpu s':>7} {'/ torch':>8}  (medians)")
     for name in times:
-        print(f"{name:<16} {wall[name]:7.2f} {wall[name] / wall['torch']:8.2f} "
-              f"{cpu[name]:7.2f} {cpu[name] / cpu['torch']:8.2f}")
+        print(
+            f"{name:<16} {wall[name]:7.2f} {wall[name] / wall['torch']:8.2f} "
+            f"{cpu[name]:7.2f} {cpu[name] / cpu['torch']:8.2f}"
+        )
     ok = all(wall[n] / wall["torch"] <= TARGET for n in ("pt2", "champion"))
-    print(f"target predict <= {TARGET}x import torch (wall): {'met' if ok else 'NOT met'} "
-          f"({args.repeats} repeats, interleaved)")
+    print(
+        f"target predict <= {TARGET}x import torch (wall): {'met' if ok else 'NOT met'} "
+        f"({args.repeats} repeats, interleaved)"
+    )
 
 
 if __name__ == "__main__":

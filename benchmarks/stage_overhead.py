@@ -45,13 +45,20 @@ class Row:
 
     def cells(self) -> list[str]:
         s = self.seconds
-        return [self.label, f"{statistics.median(s):.3f}", f"{min(s):.3f}", f"{max(s):.3f}",
-                str(len(s)), self.note]
+        return [
+            self.label,
+            f"{statistics.median(s):.3f}",
+            f"{min(s):.3f}",
+            f"{max(s):.3f}",
+            str(len(s)),
+            self.note,
+        ]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "DEEP_REPRO_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "DEEP_REPRO_"))
+    }
     env.update(extra)
     return env
 
@@ -62,12 +69,12 @@ def wall(cmd: Sequence[str], cwd: Path, env: dict[str, str]) -> tuple[float, str
     return seconds, proc.stdout
 
 
-def run_timed(cmd: Sequence[str], cwd: Path, env: dict[str, str]
-              ) -> tuple[subprocess.CompletedProcess[str], float, float]:
+def run_timed(
+    cmd: Sequence[str], cwd: Path, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], float, float]:
     """The finished process, its wall seconds, and the `time.time()` at which it had exited."""
     start = time.perf_counter()
-    proc = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     exited = time.time()
     if proc.returncode != 0:
@@ -86,8 +93,12 @@ def make_project(root: Path) -> None:
     processed.mkdir(parents=True)
     for name in ("train.npz", "test.npz"):  # the split stage's inputs (hashed, looked up)
         (processed / name).write_bytes(os.urandom(1 << 16))
-    env = clean_env(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.com",
-                    GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@example.com")
+    env = clean_env(
+        GIT_AUTHOR_NAME="bench",
+        GIT_AUTHOR_EMAIL="bench@example.com",
+        GIT_COMMITTER_NAME="bench",
+        GIT_COMMITTER_EMAIL="bench@example.com",
+    )
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
 
@@ -111,9 +122,20 @@ def child_tracking() -> None:
     with tracking.stage_run(TRACKED_STAGE, cfg):
         t4 = time.perf_counter()
     t5 = time.perf_counter()
-    print(json.dumps({"import": t1 - t0, "load_config": t2 - t1, "connect": t3 - t2,
-                      "enter": t4 - t3, "exit": t5 - t4, "clock_start": clock_start,
-                      "clock_end": time.time()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "import": t1 - t0,
+                "load_config": t2 - t1,
+                "connect": t3 - t2,
+                "enter": t4 - t3,
+                "exit": t5 - t4,
+                "clock_start": clock_start,
+                "clock_end": time.time(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def measure_tracking(repeats: int) -> list[Row]:
@@ -124,13 +146,17 @@ def measure_tracking(repeats: int) -> list[Row]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child-tracking"]
         first, out = wall(cmd, root, env)  # creates the store (schema migrations) + experiment
         created = json.loads(out)
-        rows = {k: Row(label) for k, label in (
-            ("process", "fresh process: connect + stage_run, total"),
-            ("startup", "  of which interpreter start-up"),
-            ("import", "  of which import mlflow + deep_repro.tracking"),
-            ("connect", "  of which tracking.connect (existing store)"),
-            ("stage_run", "  of which stage_run enter + exit"),
-            ("teardown", "  of which interpreter exit (teardown)"))}
+        rows = {
+            k: Row(label)
+            for k, label in (
+                ("process", "fresh process: connect + stage_run, total"),
+                ("startup", "  of which interpreter start-up"),
+                ("import", "  of which import mlflow + deep_repro.tracking"),
+                ("connect", "  of which tracking.connect (existing store)"),
+                ("stage_run", "  of which stage_run enter + exit"),
+                ("teardown", "  of which interpreter exit (teardown)"),
+            )
+        }
         for _ in range(repeats):
             spawned = time.time()
             proc, seconds, exited = run_timed(cmd, root, env)
@@ -144,8 +170,11 @@ def measure_tracking(repeats: int) -> list[Row]:
         rows["connect"].note = "mostly importing mlflow's sqlalchemy store"
         rows["stage_run"].note = f"stage {TRACKED_STAGE!r}: git, hashes, 2 lookups, 2 runs"
         rows["teardown"].note = "module/GC finalisation after main() returned"
-        create = Row("tracking.connect creating the store (once)", [created["connect"]],
-                     f"whole process {first:.2f} s")
+        create = Row(
+            "tracking.connect creating the store (once)",
+            [created["connect"]],
+            f"whole process {first:.2f} s",
+        )
         return [create, *rows.values()]
 
 
@@ -159,12 +188,19 @@ def measure_imports(repeats: int, stages: Sequence[str]) -> list[Row]:
         ("import torch", [py, "-c", "import torch"], "train, postprocess, evaluate"),
         ("import mlflow", [py, "-c", "import mlflow"], "every stage (stage_run)"),
     ]
-    loader = ("import importlib.util, sys; p = sys.argv[1]; "
-              "s = importlib.util.spec_from_file_location('stage', p); "
-              "s.loader.exec_module(importlib.util.module_from_spec(s))")
+    loader = (
+        "import importlib.util, sys; p = sys.argv[1]; "
+        "s = importlib.util.spec_from_file_location('stage', p); "
+        "s.loader.exec_module(importlib.util.module_from_spec(s))"
+    )
     for stage in stages:
-        cases.append((f"import stages/{stage}.py", [py, "-c", loader, f"stages/{stage}.py"],
-                      "module-level imports, main() not run"))
+        cases.append(
+            (
+                f"import stages/{stage}.py",
+                [py, "-c", loader, f"stages/{stage}.py"],
+                "module-level imports, main() not run",
+            )
+        )
     rows = [Row(label, note=note) for label, _, note in cases]
     env = clean_env()
     for _ in range(repeats):  # interleaved: slow drifts of machine load hit every case alike
@@ -175,8 +211,14 @@ def measure_imports(repeats: int, stages: Sequence[str]) -> list[Row]:
 
 def importtime(module: str, top: int) -> str:
     """The `top` slowest direct imports below `module` (python -X importtime, cumulative)."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
-                          capture_output=True, text=True, check=True, cwd=REPO, env=clean_env())
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env=clean_env(),
+    )
     entries = []
     for line in proc.stderr.splitlines():
         parts = line.removeprefix("import time:").split("|")
@@ -204,11 +246,18 @@ def table(rows: Sequence[Row]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median shown)")
-    p.add_argument("--stages", nargs="+", default=["split", "train"],
-                   choices=[*ALL_STAGES, "all"],
-                   help="stage scripts whose imports are timed (default: split train)")
-    p.add_argument("--importtime", action="store_true",
-                   help="also list the slowest direct imports of torch and mlflow")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=["split", "train"],
+        choices=[*ALL_STAGES, "all"],
+        help="stage scripts whose imports are timed (default: split train)",
+    )
+    p.add_argument(
+        "--importtime",
+        action="store_true",
+        help="also list the slowest direct imports of torch and mlflow",
+    )
     p.add_argument("--child-tracking", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_tracking:
@@ -218,8 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--repeats must be >= 1")
     stages = ALL_STAGES if "all" in args.stages else tuple(args.stages)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"# python {sys.version.split()[0]} ({sys.executable}), {os.cpu_count()} CPUs, load "
-          f"average {load}; wall time of fresh processes, {args.repeats} runs each")
+    print(
+        f"# python {sys.version.split()[0]} ({sys.executable}), {os.cpu_count()} CPUs, load "
+        f"average {load}; wall time of fresh processes, {args.repeats} runs each"
+    )
     start = time.perf_counter()
     rows = measure_imports(args.repeats, stages) + measure_tracking(args.repeats)
     print(table(rows))

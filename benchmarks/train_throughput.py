@@ -71,8 +71,14 @@ def load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 def make_config(model: str, args: argparse.Namespace, *extra: str) -> Config:
-    overrides = [f"model={model}", f"augment={args.augment}", f"train.device={args.device}",
-                 f"train.num_threads={args.threads}", *args.override, *extra]
+    overrides = [
+        f"model={model}",
+        f"augment={args.augment}",
+        f"train.device={args.device}",
+        f"train.num_threads={args.threads}",
+        *args.override,
+        *extra,
+    ]
     return config.validate(config.compose(overrides, REPO / "conf"))
 
 
@@ -125,8 +131,9 @@ class Loop:
         marks = [time.perf_counter()]
         xb, yb = self.batch()
         marks.append(time.perf_counter())
-        loss, logits = training.train_step(self.st, xb, yb,
-                                           on_phase=lambda _: marks.append(time.perf_counter()))
+        loss, logits = training.train_step(
+            self.st, xb, yb, on_phase=lambda _: marks.append(time.perf_counter())
+        )
         self.bookkeeping(loss, logits, yb)
         marks.append(time.perf_counter())
         for phase, (t0, t1) in zip(PHASES, itertools.pairwise(marks), strict=True):
@@ -149,8 +156,9 @@ class OursLoop(Loop):
 
     name = "ours"
 
-    def __init__(self, cfg: Config, model: nn.Module, total_steps: int, x: np.ndarray,
-                 y: np.ndarray) -> None:
+    def __init__(
+        self, cfg: Config, model: nn.Module, total_steps: int, x: np.ndarray, y: np.ndarray
+    ) -> None:
         super().__init__(cfg, model, total_steps)
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed)
@@ -168,7 +176,7 @@ class OursLoop(Loop):
             self.perm = torch.randperm(self.n, generator=self.gen, device=self.device)
             self.pos = 0
         bs = self.batch_size
-        idx = self.perm[self.pos * bs:(self.pos + 1) * bs]
+        idx = self.perm[self.pos * bs : (self.pos + 1) * bs]
         self.pos += 1
         return training.device_batch(self.st, self.xt, self.yt, idx, self.cfg.augment, self.gen)
 
@@ -217,16 +225,28 @@ class ReferenceLoop(Loop):
 
     name = "reference"
 
-    def __init__(self, cfg: Config, model: nn.Module, total_steps: int, x: np.ndarray,
-                 y: np.ndarray, workers: int) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        total_steps: int,
+        x: np.ndarray,
+        y: np.ndarray,
+        workers: int,
+    ) -> None:
         super().__init__(cfg, model, total_steps)
         gen = torch.Generator()
         gen.manual_seed(cfg.seed)
         self.loader = DataLoader(
             ArrayFashionMNIST(x, y, reference_transform(cfg.augment)),
-            batch_size=self.batch_size, shuffle=True, num_workers=workers, drop_last=True,
-            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            generator=gen)
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=gen,
+        )
         self.it: Iterator[Any] = iter(self.loader)
         self.running = 0.0
 
@@ -262,8 +282,7 @@ class Measurement:
         return self.rate("ours") / self.rate("reference")
 
 
-def measure(model_name: str, args: argparse.Namespace, x: np.ndarray, y: np.ndarray
-            ) -> Measurement:
+def measure(model_name: str, args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> Measurement:
     cfg = make_config(model_name, args)
     tc = cfg.train
     training.seed_everything(cfg.seed, deterministic=tc.deterministic, num_threads=tc.num_threads)
@@ -284,8 +303,14 @@ def measure(model_name: str, args: argparse.Namespace, x: np.ndarray, y: np.ndar
         "ours": OursLoop(cfg, fresh_model(), total, x, y),
         "reference": ReferenceLoop(cfg, fresh_model(), total, x, y, args.workers),
     }
-    log.info("%s: %d warm-up + %d measured steps of %d images per loop, %d rounds",
-             model_name, args.warmup, steps, tc.batch_size, args.rounds)
+    log.info(
+        "%s: %d warm-up + %d measured steps of %d images per loop, %d rounds",
+        model_name,
+        args.warmup,
+        steps,
+        tc.batch_size,
+        args.rounds,
+    )
     for loop in loops.values():
         loop.run(args.warmup)
         loop.phases.reset()
@@ -297,12 +322,18 @@ def measure(model_name: str, args: argparse.Namespace, x: np.ndarray, y: np.ndar
     if args.profile:
         profile(loops["ours"], args.profile_steps)
     fit_rate = check_fit(cfg, args, x, y, steps) if args.check_fit else None
-    return Measurement(model_name, steps * tc.batch_size, seconds,
-                       {k: v.phases for k, v in loops.items()}, fit_rate)
+    return Measurement(
+        model_name,
+        steps * tc.batch_size,
+        seconds,
+        {k: v.phases for k, v in loops.items()},
+        fit_rate,
+    )
 
 
-def check_fit(cfg: Config, args: argparse.Namespace, x: np.ndarray, y: np.ndarray, steps: int
-              ) -> float:
+def check_fit(
+    cfg: Config, args: argparse.Namespace, x: np.ndarray, y: np.ndarray, steps: int
+) -> float:
     """img/s of `training.fit` itself: one epoch over as many images as the loops measured
     (+ the warm-up), validation on 1,024 images. Setup, warm-up and validation are included,
     so this is a lower bound of the loop's rate; it shows that `OursLoop` is what fit does."""
@@ -347,14 +378,19 @@ def environment(args: argparse.Namespace, source: Path, device: torch.device) ->
         f"# data: {source}; augment={args.augment} (both loops); reference DataLoader "
         f"num_workers={args.workers}; warm-up {args.warmup} steps/loop excluded; "
         f"{args.rounds} interleaved rounds; fill_uninitialized_memory="
-        f"{not args.no_fill_uninitialized_memory}"]
+        f"{not args.no_fill_uninitialized_memory}",
+    ]
     if args.workers > 0 and args.rounds > 1:
-        lines.append("# note: between rounds the reference's workers prefetch up to "
-                     "2 x num_workers batches for free; use --rounds 1 with --workers")
+        lines.append(
+            "# note: between rounds the reference's workers prefetch up to "
+            "2 x num_workers batches for free; use --rounds 1 with --workers"
+        )
     if device.type == "cpu" and loadavg[0] > 0.5 and args.threads > 1:
-        lines.append("# note: other processes already use the CPUs; with OpenMP's default "
-                     "spin-waiting, multi-threaded torch ops then slow down badly "
-                     "(see --omp-wait-policy)")
+        lines.append(
+            "# note: other processes already use the CPUs; with OpenMP's default "
+            "spin-waiting, multi-threaded torch ops then slow down badly "
+            "(see --omp-wait-policy)"
+        )
     return "\n".join(lines)
 
 
@@ -363,29 +399,44 @@ def report(results: Sequence[Measurement], device: torch.device) -> None:
     for m in results:
         target = TARGETS.get(m.model)
         met = "-" if target is None else ("yes" if m.ratio >= target else "NO")
-        rows.append([m.model, str(m.images), f"{m.rate('ours'):.0f}", f"{m.rate('reference'):.0f}",
-                     f"{m.ratio:.2f}x", "-" if target is None else f">= {target:.1f}x", met])
-    print(table(rows, ["model", "images", "ours img/s", "reference img/s", "ours/reference",
-                       "target", "met"]))
+        rows.append(
+            [
+                m.model,
+                str(m.images),
+                f"{m.rate('ours'):.0f}",
+                f"{m.rate('reference'):.0f}",
+                f"{m.ratio:.2f}x",
+                "-" if target is None else f">= {target:.1f}x",
+                met,
+            ]
+        )
+    print(
+        table(
+            rows,
+            ["model", "images", "ours img/s", "reference img/s", "ours/reference", "target", "met"],
+        )
+    )
     note = " (CUDA: host-side time, kernels run asynchronously)" if device.type == "cuda" else ""
     print(f"\n# where a step's time goes, ms per batch{note}")
     rows = []
     for m in results:
         for loop, ph in m.phases.items():
             total = sum(ph.ms_per_step(p) for p in PHASES)
-            rows.append([m.model, loop, *(f"{ph.ms_per_step(p):.1f}" for p in PHASES),
-                         f"{total:.1f}"])
+            rows.append(
+                [m.model, loop, *(f"{ph.ms_per_step(p):.1f}" for p in PHASES), f"{total:.1f}"]
+            )
     print(table(rows, ["model", "loop", *PHASES, "total"]))
     for m in results:
         target = TARGETS.get(m.model)
         if target is not None:
             verdict = "met" if m.ratio >= target else "NOT met"
-            print(f"target {m.model}: ours >= {target:.1f}x reference: {verdict} "
-                  f"({m.ratio:.2f}x)")
+            print(f"target {m.model}: ours >= {target:.1f}x reference: {verdict} ({m.ratio:.2f}x)")
     for m in results:
         if m.fit_rate is not None:
-            print(f"check {m.model}: training.fit end-to-end (1 epoch, setup + validation "
-                  f"included) {m.fit_rate:.0f} img/s vs ours {m.rate('ours'):.0f} img/s")
+            print(
+                f"check {m.model}: training.fit end-to-end (1 epoch, setup + validation "
+                f"included) {m.fit_rate:.0f} img/s vs ours {m.rate('ours'):.0f} img/s"
+            )
 
 
 # --------------------------------------------------------------------------- time to accuracy
@@ -397,98 +448,154 @@ class TargetReached(Exception):
         self.epoch, self.seconds, self.accuracy = epoch, seconds, accuracy
 
 
-def time_to_accuracy(args: argparse.Namespace, x_train: np.ndarray, y_train: np.ndarray,
-                     x_test: np.ndarray, y_test: np.ndarray) -> bool:
+def time_to_accuracy(
+    args: argparse.Namespace,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+) -> bool:
     """Train `--tta-model` with `training.fit` until test accuracy >= target; print wall time.
 
     The test set takes the place of fit's validation set (evaluated after every epoch, as in
     time-to-accuracy benchmarks); early stopping is off. Wall time covers everything `fit` does:
     moving the data to the device, building the model, training and the per-epoch evaluation.
     """
-    extra = ["train.patience=0"] + ([f"train.epochs={args.tta_epochs}"] if args.tta_epochs
-                                    else [])
+    extra = ["train.patience=0"] + ([f"train.epochs={args.tta_epochs}"] if args.tta_epochs else [])
     cfg = make_config(args.tta_model, args, *extra)
     if args.images and args.images < len(y_train):
         keep = data.stratified_subset(y_train, args.images, np.random.default_rng(cfg.seed))
         x_train, y_train = x_train[keep], y_train[keep]
     if args.eval_images and args.eval_images < len(y_test):
-        x_test, y_test = x_test[:args.eval_images], y_test[:args.eval_images]
+        x_test, y_test = x_test[: args.eval_images], y_test[: args.eval_images]
     device = training.resolve_device(cfg.train)
     if device.type == "cuda":  # CUDA context creation is not training time
         torch.zeros(1, device=device)
         sync(device)
     amp = training.autocast_dtype(cfg.train, device)
-    print(f"# time to accuracy: model={cfg.model.name}, target test accuracy "
-          f"{args.time_to_accuracy}, device {device}, precision "
-          f"{'bf16 autocast' if amp else 'fp32'}, channels_last "
-          f"{cfg.train.channels_last and cfg.model_spec.channels_last}, "
-          f"{len(y_train)} train / {len(y_test)} test images, up to {cfg.train.epochs} epochs "
-          f"of batch {cfg.train.batch_size}, deterministic {cfg.train.deterministic}")
+    print(
+        f"# time to accuracy: model={cfg.model.name}, target test accuracy "
+        f"{args.time_to_accuracy}, device {device}, precision "
+        f"{'bf16 autocast' if amp else 'fp32'}, channels_last "
+        f"{cfg.train.channels_last and cfg.model_spec.channels_last}, "
+        f"{len(y_train)} train / {len(y_test)} test images, up to {cfg.train.epochs} epochs "
+        f"of batch {cfg.train.batch_size}, deterministic {cfg.train.deterministic}"
+    )
     start = time.perf_counter()
 
     def on_epoch(m: training.EpochMetrics) -> None:
         sync(device)
         elapsed = time.perf_counter() - start
-        print(f"epoch {m.step:3d}  {elapsed:8.1f} s  train loss {m.train_loss:.4f}  "
-              f"test accuracy {m.val_accuracy:.4f}", flush=True)
+        print(
+            f"epoch {m.step:3d}  {elapsed:8.1f} s  train loss {m.train_loss:.4f}  "
+            f"test accuracy {m.val_accuracy:.4f}",
+            flush=True,
+        )
         if m.val_accuracy >= args.time_to_accuracy:
             raise TargetReached(m.step, elapsed, m.val_accuracy)
 
     try:
-        result = training.fit(cfg, x_train, y_train, x_test, y_test, on_epoch=on_epoch,
-                              progress=False)
+        result = training.fit(
+            cfg, x_train, y_train, x_test, y_test, on_epoch=on_epoch, progress=False
+        )
     except TargetReached as hit:
-        print(f"time to {args.time_to_accuracy:.4f} test accuracy: {hit.seconds:.1f} s "
-              f"(epoch {hit.epoch}, accuracy {hit.accuracy:.4f})")
+        print(
+            f"time to {args.time_to_accuracy:.4f} test accuracy: {hit.seconds:.1f} s "
+            f"(epoch {hit.epoch}, accuracy {hit.accuracy:.4f})"
+        )
         return True
     elapsed = time.perf_counter() - start
-    print(f"target {args.time_to_accuracy:.4f} NOT reached in {len(result.history)} epochs "
-          f"({elapsed:.1f} s); best test accuracy {result.best_val_accuracy:.4f}")
+    print(
+        f"target {args.time_to_accuracy:.4f} NOT reached in {len(result.history)} epochs "
+        f"({elapsed:.1f} s); best test accuracy {result.best_val_accuracy:.4f}"
+    )
     return False
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["mlp", "cnn"],
-                   choices=TORCH_MODELS)
-    p.add_argument("--images", type=int, default=None,
-                   help="training images per loop and model (default: "
-                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGES.items())
-                        + "); with --time-to-accuracy: size of the training subset")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=TORCH_MODELS)
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="training images per loop and model (default: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGES.items())
+        + "); with --time-to-accuracy: size of the training subset",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads, both loops")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--augment", choices=["light", "none"], default="light",
-                   help="augmentation config for both loops (default: light, the pipeline's)")
+    p.add_argument(
+        "--augment",
+        choices=["light", "none"],
+        default="light",
+        help="augmentation config for both loops (default: light, the pipeline's)",
+    )
     p.add_argument("--workers", type=int, default=0, help="reference DataLoader num_workers")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="interleaved measuring rounds per loop (alternating order)")
-    p.add_argument("--profile", action="store_true",
-                   help="also print a torch.profiler operator table of our loop")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="interleaved measuring rounds per loop (alternating order)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print a torch.profiler operator table of our loop",
+    )
     p.add_argument("--profile-steps", type=int, default=10)
-    p.add_argument("--check-fit", action="store_true",
-                   help="also time training.fit itself over the same number of images")
-    p.add_argument("--omp-wait-policy", choices=["inherit", "passive", "active"],
-                   default="inherit",
-                   help="run with OMP_WAIT_POLICY set (re-executes the script: OpenMP reads it "
-                        "when torch is loaded); passive stops idle threads spinning, which "
-                        "matters when other processes compete for the cores")
-    p.add_argument("--no-fill-uninitialized-memory", action="store_true",
-                   help="both loops: torch.utils.deterministic.fill_uninitialized_memory=False "
-                        "(what-if for a proposed change to training.seed_everything)")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra Hydra overrides for every model, e.g. train.batch_size=512 "
-                        "train.channels_last=false")
-    p.add_argument("--time-to-accuracy", type=float, default=None, metavar="ACC",
-                   help="instead of throughput: train --tta-model with fit until test accuracy "
-                        ">= ACC and print the wall time (meant for a GPU, e.g. 0.94)")
+    p.add_argument(
+        "--check-fit",
+        action="store_true",
+        help="also time training.fit itself over the same number of images",
+    )
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=["inherit", "passive", "active"],
+        default="inherit",
+        help="run with OMP_WAIT_POLICY set (re-executes the script: OpenMP reads it "
+        "when torch is loaded); passive stops idle threads spinning, which "
+        "matters when other processes compete for the cores",
+    )
+    p.add_argument(
+        "--no-fill-uninitialized-memory",
+        action="store_true",
+        help="both loops: torch.utils.deterministic.fill_uninitialized_memory=False "
+        "(what-if for a proposed change to training.seed_everything)",
+    )
+    p.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra overrides for every model, e.g. train.batch_size=512 "
+        "train.channels_last=false",
+    )
+    p.add_argument(
+        "--time-to-accuracy",
+        type=float,
+        default=None,
+        metavar="ACC",
+        help="instead of throughput: train --tta-model with fit until test accuracy "
+        ">= ACC and print the wall time (meant for a GPU, e.g. 0.94)",
+    )
     p.add_argument("--tta-model", default="resnet", choices=TORCH_MODELS)
-    p.add_argument("--tta-epochs", type=int, default=None,
-                   help="epoch budget (the one-cycle schedule spans it); default train.epochs")
-    p.add_argument("--eval-images", type=int, default=None,
-                   help="time-to-accuracy: evaluate on only the first N test images (smoke tests)")
+    p.add_argument(
+        "--tta-epochs",
+        type=int,
+        default=None,
+        help="epoch budget (the one-cycle schedule spans it); default train.epochs",
+    )
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        default=None,
+        help="time-to-accuracy: evaluate on only the first N test images (smoke tests)",
+    )
     args = p.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or args.threads < 1 or args.workers < 0:
         p.error("--rounds and --threads must be >= 1, --warmup and --workers >= 0")

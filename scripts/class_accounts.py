@@ -42,8 +42,9 @@ def read_students(path: Path) -> list[tuple[str, str]]:
     return students
 
 
-def setup_student(auth: object, client: object, user: str, password: str, experiment: str,
-                  model: str) -> None:
+def setup_student(
+    auth: object, client: object, user: str, password: str, experiment: str, model: str
+) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -66,12 +67,22 @@ def setup_student(auth: object, client: object, user: str, password: str, experi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", type=Path, help="header username,password")
-    parser.add_argument("--out", type=Path, default=Path("accounts.csv"),
-                        help="where generated passwords go (default: accounts.csv)")
-    parser.add_argument("--experiment", default="fashion-mnist",
-                        help="experiment prefix: <prefix>-<user> (default: fashion-mnist)")
-    parser.add_argument("--model", default="fashion-mnist-classifier",
-                        help="registered model prefix: <prefix>-<user>")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("accounts.csv"),
+        help="where generated passwords go (default: accounts.csv)",
+    )
+    parser.add_argument(
+        "--experiment",
+        default="fashion-mnist",
+        help="experiment prefix: <prefix>-<user> (default: fashion-mnist)",
+    )
+    parser.add_argument(
+        "--model",
+        default="fashion-mnist-classifier",
+        help="registered model prefix: <prefix>-<user>",
+    )
     args = parser.parse_args(argv)
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
@@ -92,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             password = secrets.token_urlsafe(12)
             generated.append((user, password))
         try:
-            setup_student(auth, client, user, password, f"{args.experiment}-{user}",
-                          f"{args.model}-{user}")
+            setup_student(
+                auth, client, user, password, f"{args.experiment}-{user}", f"{args.model}-{user}"
+            )
         except MlflowException as exc:
             fail(f"{user}: {exc.error_code}: {str(exc).splitlines()[0][:200]}")
         print(f"{user}: experiment {args.experiment}-{user}, model {args.model}-{user} (MANAGE)")

@@ -42,10 +42,19 @@ def main() -> None:
     with tracking.stage_run("evaluate", cfg) as run:
         torch.set_num_threads(cfg.train.num_threads)
         metrics, details, logits, reports = {}, {}, {}, {}
-        for part, x, y, source in (("val", splits.x_val, splits.y_val, SPLIT_TRAIN_VAL),
-                                   ("test", splits.x_test, splits.y_test, SPLIT_TEST)):
-            tracking.log_dataset(run, f"fashion-mnist-{part}", x, y, data.array_digest(x, y),
-                                 str(root / source), context=part)
+        for part, x, y, source in (
+            ("val", splits.x_val, splits.y_val, SPLIT_TRAIN_VAL),
+            ("test", splits.x_test, splits.y_test, SPLIT_TEST),
+        ):
+            tracking.log_dataset(
+                run,
+                f"fashion-mnist-{part}",
+                x,
+                y,
+                data.array_digest(x, y),
+                str(root / source),
+                context=part,
+            )
             start = time.perf_counter()
             logits[part] = inference.predict_logits(model, x).numpy()
             seconds = time.perf_counter() - start
@@ -62,13 +71,15 @@ def main() -> None:
         write_json(root / EVAL_DETAILS, details)
 
         test, x_test, y_test = reports["test"], splits.x_test, splits.y_test
-        evaluation.write_csv(root / CONFUSION, evaluation.prediction_rows(
-            y_test, logits["test"].argmax(axis=1)))
+        evaluation.write_csv(
+            root / CONFUSION, evaluation.prediction_rows(y_test, logits["test"].argmax(axis=1))
+        )
         evaluation.write_csv(root / PER_CLASS, evaluation.per_class_rows(test))
         evaluation.write_csv(root / RELIABILITY, evaluation.reliability_rows(test.calibration))
         figures = {
             CONFUSION_PNG: evaluation.confusion_figure(
-                test.confusion, f"{cfg.model.name}: test accuracy {test.accuracy:.4f}"),
+                test.confusion, f"{cfg.model.name}: test accuracy {test.accuracy:.4f}"
+            ),
             MISCLASSIFIED_PNG: evaluation.misclassified_figure(x_test, y_test, logits["test"]),
             RELIABILITY_PNG: evaluation.reliability_figure(test.calibration, test.ece),
         }
@@ -79,14 +90,21 @@ def main() -> None:
         run.log_artifact(root / METRICS)
         run.log_artifact(root / EVAL_DETAILS)
 
-        decision = tracking.judge_registered_model(run, cfg.tracking.model_name, root,
-                                                   test.accuracy, cfg.evaluate.baseline)
+        decision = tracking.judge_registered_model(
+            run, cfg.tracking.model_name, root, test.accuracy, cfg.evaluate.baseline
+        )
         log.info("validation gate: %s", decision.reason)
         if cfg.evaluate.fail_below is not None and test.accuracy < cfg.evaluate.fail_below:
-            raise ValidationError(f"test accuracy {test.accuracy:.4f} is below "
-                                  f"evaluate.fail_below = {cfg.evaluate.fail_below}")
-        log.info("test accuracy %.4f, macro-F1 %.4f (val %.4f)", test.accuracy, test.macro_f1,
-                 metrics["val"]["accuracy"])
+            raise ValidationError(
+                f"test accuracy {test.accuracy:.4f} is below "
+                f"evaluate.fail_below = {cfg.evaluate.fail_below}"
+            )
+        log.info(
+            "test accuracy %.4f, macro-F1 %.4f (val %.4f)",
+            test.accuracy,
+            test.macro_f1,
+            metrics["val"]["accuracy"],
+        )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ def main() -> None:
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
-        raise DataError(f"{checkpoint} does not match model = {cfg.model.name} "
-                        f"({str(exc).splitlines()[0]}); retrain with `dvc repro train`") from None
+        raise DataError(
+            f"{checkpoint} does not match model = {cfg.model.name} "
+            f"({str(exc).splitlines()[0]}); retrain with `dvc repro train`"
+        ) from None
     tv = data.load_arrays(root / SPLIT_TRAIN_VAL)
     x_val, y_val = tv["x_val"], tv["y_val"]
     with tracking.stage_run("postprocess", cfg) as run:
@@ -42,18 +44,27 @@ def main() -> None:
             inference.export(module, torch.from_numpy(x_val[:2]), tmp)
             exported = inference.load_inference_model(tmp)
             eq = inference.check_equivalence(
-                reference, inference.predict_logits(exported, x_val), y_val,
-                quantize=cfg.postprocess.quantize, atol=cfg.postprocess.atol,
-                max_acc_drop=cfg.postprocess.int8_max_acc_drop)
-        report = {"file_bytes": os.path.getsize(target), "parameters": count_parameters(net),
-                  "quantize": cfg.postprocess.quantize,
-                  "max_abs_logit_diff": float(f"{eq.max_abs_diff:.3g}"),
-                  "val_accuracy_trained": round(eq.reference_accuracy, 6),
-                  "val_accuracy_exported": round(eq.exported_accuracy, 6)}
+                reference,
+                inference.predict_logits(exported, x_val),
+                y_val,
+                quantize=cfg.postprocess.quantize,
+                atol=cfg.postprocess.atol,
+                max_acc_drop=cfg.postprocess.int8_max_acc_drop,
+            )
+        report = {
+            "file_bytes": os.path.getsize(target),
+            "parameters": count_parameters(net),
+            "quantize": cfg.postprocess.quantize,
+            "max_abs_logit_diff": float(f"{eq.max_abs_diff:.3g}"),
+            "val_accuracy_trained": round(eq.reference_accuracy, 6),
+            "val_accuracy_exported": round(eq.exported_accuracy, 6),
+        }
         write_json(root / POSTPROCESS_REPORT, report)
         # Latency varies run to run: MLflow only, never in a DVC-tracked file.
-        latency = {f"latency_ms_batch{b}": 1e3 * inference.measure_latency(exported, x_val, b)
-                   for b in (1, 256)}
+        latency = {
+            f"latency_ms_batch{b}": 1e3 * inference.measure_latency(exported, x_val, b)
+            for b in (1, 256)
+        }
         run.log_metrics({k: v for k, v in report.items() if not isinstance(v, str)} | latency)
         version = tracking.log_inference_model(run, target, x_val[:4], cfg.tracking.model_name)
         run.set_tags({"registered_model": f"{cfg.tracking.model_name}/{version}"})

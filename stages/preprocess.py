@@ -16,8 +16,10 @@ def main() -> None:
     cfg = load_stage_config("preprocess")
     root = repo_root()
     with tracking.stage_run("preprocess", cfg) as run:
-        for part, prefix, target in (("train", "train", PROCESSED_TRAIN),
-                                     ("test", "t10k", PROCESSED_TEST)):
+        for part, prefix, target in (
+            ("train", "train", PROCESSED_TRAIN),
+            ("test", "t10k", PROCESSED_TEST),
+        ):
             images, labels = data.load_idx_pair(root / RAW_DIR, prefix)
             data.save_arrays(root / target, images=images, labels=labels)
             run.log_metrics({f"{part}_images": len(labels)})

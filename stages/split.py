@@ -21,18 +21,23 @@ def main() -> None:
     with tracking.stage_run("split", cfg) as run:
         train = data.load_arrays(root / PROCESSED_TRAIN)
         test = data.load_arrays(root / PROCESSED_TEST)
-        parts = data.make_split(train["images"], train["labels"], val_size=cfg.split.val_size,
-                                seed=cfg.seed, subset=cfg.data.subset)
+        parts = data.make_split(
+            train["images"],
+            train["labels"],
+            val_size=cfg.split.val_size,
+            seed=cfg.seed,
+            subset=cfg.data.subset,
+        )
         data.save_arrays(root / SPLIT_TRAIN_VAL, **parts)
-        data.save_arrays(root / SPLIT_TEST, x_test=test["images"],
-                         y_test=test["labels"])
+        data.save_arrays(root / SPLIT_TEST, x_test=test["images"], y_test=test["labels"])
         counts = {f"{k[2:]}_size": len(v) for k, v in parts.items() if k.startswith("y_")}
         counts["test_size"] = len(test["labels"])
         run.log_metrics(counts)
         for name in ("train", "val"):
             hist = np.bincount(parts[f"y_{name}"], minlength=data.NUM_CLASSES)
-            run.log_dict(dict(zip(data.CLASS_NAMES, hist.tolist(), strict=True)),
-                         f"class_counts_{name}.json")
+            run.log_dict(
+                dict(zip(data.CLASS_NAMES, hist.tolist(), strict=True)), f"class_counts_{name}.json"
+            )
 
 
 if __name__ == "__main__":

@@ -27,28 +27,52 @@ def main() -> None:
     with tracking.stage_run("train", cfg) as run:
         for part in ("train", "val"):
             x, y = tv[f"x_{part}"], tv[f"y_{part}"]
-            tracking.log_dataset(run, f"fashion-mnist-{part}", x, y, data.array_digest(x, y),
-                                 str(root / SPLIT_TRAIN_VAL), context=part)
+            tracking.log_dataset(
+                run,
+                f"fashion-mnist-{part}",
+                x,
+                y,
+                data.array_digest(x, y),
+                str(root / SPLIT_TRAIN_VAL),
+                context=part,
+            )
         result = training.train_model(
-            cfg, tv["x_train"], tv["y_train"], tv["x_val"], tv["y_val"],
-            on_epoch=lambda m: run.log_metrics(m.as_dict(), step=m.step))
+            cfg,
+            tv["x_train"],
+            tv["y_train"],
+            tv["x_val"],
+            tv["y_val"],
+            on_epoch=lambda m: run.log_metrics(m.as_dict(), step=m.step),
+        )
         state = result.model.state_dict()
         with atomic_path(root / CHECKPOINT) as tmp:
             torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
-        write_csv(root / TRAIN_HISTORY,
-                  [{"step": m.step, **{k: round(v, 6) for k, v in m.as_dict().items()}}
-                   for m in result.history])
+        write_csv(
+            root / TRAIN_HISTORY,
+            [
+                {"step": m.step, **{k: round(v, 6) for k, v in m.as_dict().items()}}
+                for m in result.history
+            ],
+        )
         best = result.history[result.best_epoch - 1]
-        summary = {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
-                   "val_accuracy": round(best.val_accuracy, 6),
-                   "val_loss": round(best.val_loss, 6),
-                   "train_accuracy": round(best.train_accuracy, 6),
-                   "parameters": count_parameters(result.model)}
+        summary = {
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "val_accuracy": round(best.val_accuracy, 6),
+            "val_loss": round(best.val_loss, 6),
+            "train_accuracy": round(best.train_accuracy, 6),
+            "parameters": count_parameters(result.model),
+        }
         write_json(root / TRAIN_METRICS, summary)
         # The kept weights' score under its own name: a step-less `val_accuracy` would add a
         # point at step 0 to the per-epoch curve (evaluate logs the pipeline's val_accuracy).
-        run.log_metrics({"best_val_accuracy": best.val_accuracy, "best_epoch": result.best_epoch,
-                         "parameters": summary["parameters"]})
+        run.log_metrics(
+            {
+                "best_val_accuracy": best.val_accuracy,
+                "best_epoch": result.best_epoch,
+                "parameters": summary["parameters"],
+            }
+        )
         run.set_tags({"stop_reason": result.stop_reason, "device": str(device)})
         run.log_artifact(root / TRAIN_HISTORY)
 

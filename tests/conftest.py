@@ -32,8 +32,9 @@ def splits() -> data.Splits:
     x_train, y_train = data.load_idx_pair(FIXTURE, "train")
     x_test, y_test = data.load_idx_pair(FIXTURE, "t10k")
     parts = data.make_split(x_train, y_train, val_size=0.1, seed=42, subset=None)
-    return data.Splits(parts["x_train"], parts["y_train"], parts["x_val"], parts["y_val"],
-                       x_test, y_test)
+    return data.Splits(
+        parts["x_train"], parts["y_train"], parts["x_val"], parts["y_val"], x_test, y_test
+    )
 
 
 @pytest.fixture
@@ -49,8 +50,11 @@ def tracking_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def _no_leaked_prediction_log_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI sets/clears the prediction-log variables of its own process; in-process CLI calls
     in tests must not leak them into the next test (set-then-delete restores "unset" too)."""
-    for name in ("DEEP_REPRO_PREDICTION_LOG", "DEEP_REPRO_PREDICTION_LOG_SAMPLE",
-                 "DEEP_REPRO_PREDICTION_LOG_MODEL"):
+    for name in (
+        "DEEP_REPRO_PREDICTION_LOG",
+        "DEEP_REPRO_PREDICTION_LOG_SAMPLE",
+        "DEEP_REPRO_PREDICTION_LOG_MODEL",
+    ):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
 
@@ -58,19 +62,26 @@ def _no_leaked_prediction_log_env(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- class services
 # `scripts/services.sh start` runs PostgreSQL + a basic-auth `mlflow server`; its env file holds
 # the URLs below. Tests marked `services` skip without them, except in CI, where that is a failure.
-SERVICES_ENV = ("DEEP_REPRO_TEST_PG_URL", "DEEP_REPRO_TEST_MLFLOW_URL",
-                "DEEP_REPRO_TEST_MLFLOW_ADMIN_USER", "DEEP_REPRO_TEST_MLFLOW_ADMIN_PASSWORD")
+SERVICES_ENV = (
+    "DEEP_REPRO_TEST_PG_URL",
+    "DEEP_REPRO_TEST_MLFLOW_URL",
+    "DEEP_REPRO_TEST_MLFLOW_ADMIN_USER",
+    "DEEP_REPRO_TEST_MLFLOW_ADMIN_PASSWORD",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "services: needs PostgreSQL + MLflow server from "
-                            "scripts/services.sh (skipped without them unless CI=true)")
+    config.addinivalue_line(
+        "markers",
+        "services: needs PostgreSQL + MLflow server from "
+        "scripts/services.sh (skipped without them unless CI=true)",
+    )
 
 
 @dataclass(frozen=True)
 class Services:
-    pg_url: str            # postgresql://user:password@127.0.0.1:port/optuna
-    mlflow_url: str        # http://localhost:port (basic-auth app)
+    pg_url: str  # postgresql://user:password@127.0.0.1:port/optuna
+    mlflow_url: str  # http://localhost:port (basic-auth app)
     admin_user: str
     admin_password: str
 

@@ -26,41 +26,61 @@ def fixture_sha256() -> dict[str, str]:
 def fixture_overrides(**extra: object) -> list[str]:
     """Hydra overrides pointing the pipeline at the committed fixture, small and fast."""
     sums = fixture_sha256()
-    overrides = [f"data.mirrors=[{FIXTURE.as_uri()}]",
-                 *(f"data.sha256.{k}={v}" for k, v in sums.items()),
-                 "train.epochs=2", "train.batch_size=64", "tune.epochs=2", "tune.n_trials=3"]
+    overrides = [
+        f"data.mirrors=[{FIXTURE.as_uri()}]",
+        *(f"data.sha256.{k}={v}" for k, v in sums.items()),
+        "train.epochs=2",
+        "train.batch_size=64",
+        "tune.epochs=2",
+        "tune.n_trials=3",
+    ]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return overrides
 
 
 def project_files() -> list[str]:
     """Tracked and untracked-but-not-ignored files of this checkout."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [f for f in out.splitlines() if (REPO / f).is_file()]
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True,
-        timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: int = 900,
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def project_env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "DEEP_REPRO_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "DEEP_REPRO_"))
+    }
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
     env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
     return env
 
 
-def make_project(dest: Path, overrides: list[str] | None = None,
-                 edits: dict[str, list[tuple[str, str]]] | None = None) -> Path:
+def make_project(
+    dest: Path,
+    overrides: list[str] | None = None,
+    edits: dict[str, list[tuple[str, str]]] | None = None,
+) -> Path:
     """A fresh git+DVC copy of this project whose conf/ points at the fixture data.
 
     conf/config.yaml itself is edited (not just params.yaml) because `dvc exp run` recomposes
@@ -109,7 +129,8 @@ def module_file(root: Path, module: str) -> Path | None:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 class _Imports(ast.NodeVisitor):
@@ -142,7 +163,7 @@ class _Imports(ast.NodeVisitor):
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         if node.level:
             base_parts = self.package.split(".")
-            base_parts = base_parts[:len(base_parts) - (node.level - 1)]
+            base_parts = base_parts[: len(base_parts) - (node.level - 1)]
             base = ".".join([*base_parts, *([node.module] if node.module else [])])
         else:
             base = node.module or ""
@@ -156,8 +177,12 @@ class _Imports(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-        if name == "import_module" and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        if (
+            name == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             self._add(node.args[0].value)
         self.generic_visit(node)
 
@@ -219,9 +244,11 @@ def code_dep_problems(root: Path, exempt: dict[str, str]) -> list[str]:
         for module, path in sorted(needed.items()):
             cover = next((d for d in code_deps if path == d or path.startswith(d + "/")), None)
             if cover is None:
-                problems.append(f"stage {name!r} imports {module} but dvc.yaml does not list "
-                                f"{path} in its deps (add it, or exempt the module in "
-                                "deep_repro.pipeline.CODE_DEPS_EXEMPT with the reason)")
+                problems.append(
+                    f"stage {name!r} imports {module} but dvc.yaml does not list "
+                    f"{path} in its deps (add it, or exempt the module in "
+                    "deep_repro.pipeline.CODE_DEPS_EXEMPT with the reason)"
+                )
             else:
                 used.add(cover)
         for dep in sorted(code_deps - used):
@@ -242,12 +269,15 @@ def copy_project(src: Path, dest: Path) -> Path:
     db = dest / "mlflow.db"
     if db.exists():
         with sqlite3.connect(db) as conn:
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master "
-                                                 "WHERE type = 'table'")]
+            tables = [
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ]
             for table in tables:
                 for column in conn.execute(f'PRAGMA table_info("{table}")').fetchall():
                     if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
-                        conn.execute(f'UPDATE "{table}" SET "{column[1]}" = REPLACE('
-                                     f'"{column[1]}", ?, ?) WHERE instr("{column[1]}", ?) > 0',
-                                     (str(src), str(dest), str(src)))
+                        conn.execute(
+                            f'UPDATE "{table}" SET "{column[1]}" = REPLACE('
+                            f'"{column[1]}", ?, ?) WHERE instr("{column[1]}", ?) > 0',
+                            (str(src), str(dest), str(src)),
+                        )
     return dest

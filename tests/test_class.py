@@ -32,8 +32,9 @@ def _client(services: Services) -> Any:
 
 
 def _new_version(client: Any, model: str, run_id: str) -> str:
-    return str(client.create_model_version(model, source=f"runs:/{run_id}/model",
-                                           run_id=run_id).version)
+    return str(
+        client.create_model_version(model, source=f"runs:/{run_id}/model", run_id=run_id).version
+    )
 
 
 def _scratch_run(client: Any) -> str:
@@ -51,8 +52,10 @@ def test_server_accepts_its_host_names_and_rejects_others(services: Services) ->
     port = services.mlflow_url.rsplit(":", 1)[1]
 
     def status(host: str) -> int:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/"
-                                         "search?max_results=1", headers={"Host": host})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
+            headers={"Host": host},
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return int(response.status)
@@ -68,8 +71,13 @@ def test_server_accepts_its_host_names_and_rejects_others(services: Services) ->
 
 
 @pytest.mark.services
-def test_stage_run_is_stored_in_postgres(services: Services, as_user: Login, make_cfg: Make,
-                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_run_is_stored_in_postgres(
+    services: Services,
+    as_user: Login,
+    make_cfg: Make,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     experiment = _unique("class-stage")
     cfg = make_cfg(f"tracking.experiment={experiment}", "tracking.user=carol")
     monkeypatch.setenv("DEEP_REPRO_INVOCATION", _unique("invocation"))
@@ -94,8 +102,10 @@ def test_stage_run_is_stored_in_postgres(services: Services, as_user: Login, mak
     engine = sqlalchemy.create_engine(services.pg_database("mlflow"))
     try:
         with engine.connect() as conn:
-            found = conn.execute(sqlalchemy.text("SELECT name FROM runs WHERE run_uuid = :id"),
-                                 {"id": run.pipeline_run_id}).scalar_one()
+            found = conn.execute(
+                sqlalchemy.text("SELECT name FROM runs WHERE run_uuid = :id"),
+                {"id": run.pipeline_run_id},
+            ).scalar_one()
     finally:
         engine.dispose()
     assert found == "carol-cnn-curly-bear"
@@ -112,8 +122,7 @@ def test_optuna_study_on_the_documented_postgresql_url(services: Services) -> No
     assert services.pg_url.startswith("postgresql://")
     first = optuna.create_study(study_name=name, storage=services.pg_url, direction="maximize")
     first.optimize(lambda t: -((t.suggest_float("x", -1, 1)) ** 2), n_trials=3)
-    second = optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(
-        services.pg_url))
+    second = optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(services.pg_url))
     second.optimize(lambda t: -((t.suggest_float("x", -1, 1)) ** 2), n_trials=2)
     assert len(optuna.load_study(study_name=name, storage=services.pg_url).trials) == 5
     optuna.delete_study(study_name=name, storage=services.pg_url)
@@ -122,19 +131,27 @@ def test_optuna_study_on_the_documented_postgresql_url(services: Services) -> No
 # --------------------------------------------------------------------------- access control
 @pytest.mark.services
 def test_students_cannot_touch_each_others_runs_or_champion(
-        services: Services, as_user: Login, tmp_path: Path) -> None:
+    services: Services, as_user: Login, tmp_path: Path
+) -> None:
     from mlflow.exceptions import MlflowException
 
     alice, bob = _unique("alice"), _unique("bob")
     students = tmp_path / "students.csv"
     students.write_text(f"username,password\n{alice},\n{bob},bob-secret-1\n")
     out = tmp_path / "accounts.csv"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": services.mlflow_url,
-           "MLFLOW_TRACKING_USERNAME": services.admin_user,
-           "MLFLOW_TRACKING_PASSWORD": services.admin_password}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/class_accounts.py"), str(students),
-                           "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": services.mlflow_url,
+        "MLFLOW_TRACKING_USERNAME": services.admin_user,
+        "MLFLOW_TRACKING_PASSWORD": services.admin_password,
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts/class_accounts.py"), str(students), "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     alice_pw = out.read_text().splitlines()[1].split(",")[1]
@@ -151,11 +168,13 @@ def test_students_cannot_touch_each_others_runs_or_champion(
     as_user(bob, "bob-secret-1")
     bob_client = _client(services)
     assert bob_client.get_run(run.info.run_id).info.run_name == "alice-run"  # READ for all
-    for attempt in (lambda: bob_client.set_tag(run.info.run_id, "graded", "0"),
-                    lambda: bob_client.log_metric(run.info.run_id, "test_accuracy", 1.0),
-                    lambda: bob_client.delete_run(run.info.run_id),
-                    lambda: bob_client.set_registered_model_alias(model, "champion", second),
-                    lambda: bob_client.delete_registered_model_alias(model, "champion")):
+    for attempt in (
+        lambda: bob_client.set_tag(run.info.run_id, "graded", "0"),
+        lambda: bob_client.log_metric(run.info.run_id, "test_accuracy", 1.0),
+        lambda: bob_client.delete_run(run.info.run_id),
+        lambda: bob_client.set_registered_model_alias(model, "champion", second),
+        lambda: bob_client.delete_registered_model_alias(model, "champion"),
+    ):
         with pytest.raises(MlflowException) as err:
             attempt()
         assert err.value.error_code == "PERMISSION_DENIED"
@@ -192,8 +211,9 @@ class _Paused:
         return call
 
 
-def _gate_pair(client: Any, model: str, order: tuple[float, float], after: int, run_id: str
-               ) -> tuple[str, int]:
+def _gate_pair(
+    client: Any, model: str, order: tuple[float, float], after: int, run_id: str
+) -> tuple[str, int]:
     """Versions 1 and 2 scored `order`; the first gate is paused after `after` calls while the
     second runs to completion. Returns the final champion and the first gate's call count."""
     versions = [_new_version(client, model, run_id) for _ in order]
@@ -223,7 +243,8 @@ def _gate_pair(client: Any, model: str, order: tuple[float, float], after: int, 
 
 @pytest.mark.services
 def test_champion_is_the_best_validated_version_for_every_interleaving(
-        services: Services, as_user: Login) -> None:
+    services: Services, as_user: Login
+) -> None:
     """Pause the first gate before each of its server calls in turn, let a second gate run
     completely, then resume: whichever was better must end as @champion."""
     client = _client(services)
@@ -254,8 +275,9 @@ def test_concurrent_gates_leave_the_best_champion(services: Services, as_user: L
         barrier.wait()
         tracking.validation_gate(_client(services), model, version, score, baseline=0.75)
 
-    threads = [threading.Thread(target=gate, args=pair) for pair in zip(versions, scores,
-                                                                          strict=True)]
+    threads = [
+        threading.Thread(target=gate, args=pair) for pair in zip(versions, scores, strict=True)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -265,7 +287,8 @@ def test_concurrent_gates_leave_the_best_champion(services: Services, as_user: L
 
 # --------------------------------------------------------------------------- identity
 def test_user_defaults_to_the_mlflow_login_then_the_os_user(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     assert tracking.run_user(None) == "alice"
     assert tracking.run_user("teacher") == "teacher"
@@ -279,14 +302,17 @@ def test_user_defaults_to_the_mlflow_login_then_the_os_user(
 
 
 def test_leaderboard_filters_by_user_and_experiment_pattern(
-        tracking_env: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    for user, experiment, acc in (("alice", "fashion-mnist-alice", 0.91),
-                                  ("bob", "fashion-mnist-bob", 0.93),
-                                  ("alice", "other", 0.99)):
+    tracking_env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for user, experiment, acc in (
+        ("alice", "fashion-mnist-alice", 0.91),
+        ("bob", "fashion-mnist-bob", 0.93),
+        ("alice", "other", 0.99),
+    ):
         client, exp_id = tracking.connect(tracking_env, experiment)
-        run = client.create_run(exp_id, tags={tracking.TAG_KIND: "pipeline",
-                                              f"{tracking.TAG_PREFIX}.user": user})
+        run = client.create_run(
+            exp_id, tags={tracking.TAG_KIND: "pipeline", f"{tracking.TAG_PREFIX}.user": user}
+        )
         client.log_metric(run.info.run_id, "test_accuracy", acc)
 
     def board(*args: str) -> list[str]:
@@ -335,13 +361,21 @@ def test_producer_prefers_same_invocation_then_same_user_and_checkout(tracking_e
     client, exp_id = tracking.connect(tracking_env, "lineage-users")
     out = f"{tracking.OUT_PREFIX}data/split/train_val.npz"
     made = {}
-    for label, user, workdir, invocation in (("mine-now", "alice", "/a", "inv-1"),
-                                             ("mine-here", "alice", "/a", "inv-0"),
-                                             ("mine-elsewhere", "alice", "/b", "inv-2"),
-                                             ("bobs", "bob", "/c", "inv-3")):
-        made[label] = client.create_run(exp_id, tags={
-            out: "abc", tracking.TAG_INVOCATION: invocation, f"{tracking.TAG_PREFIX}.user": user,
-            f"{tracking.TAG_PREFIX}.git.remote": workdir}).info.run_id
+    for label, user, workdir, invocation in (
+        ("mine-now", "alice", "/a", "inv-1"),
+        ("mine-here", "alice", "/a", "inv-0"),
+        ("mine-elsewhere", "alice", "/b", "inv-2"),
+        ("bobs", "bob", "/c", "inv-3"),
+    ):
+        made[label] = client.create_run(
+            exp_id,
+            tags={
+                out: "abc",
+                tracking.TAG_INVOCATION: invocation,
+                f"{tracking.TAG_PREFIX}.user": user,
+                f"{tracking.TAG_PREFIX}.git.remote": workdir,
+            },
+        ).info.run_id
         time.sleep(0.01)  # distinct start times: "bobs" is the most recent
 
     def find(**kwargs: str) -> str | None:
@@ -355,16 +389,30 @@ def test_producer_prefers_same_invocation_then_same_user_and_checkout(tracking_e
 
 
 def test_lineage_marks_another_users_run_and_names_commit_and_params(
-        tracking_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    tracking_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     client, exp_id = tracking.connect(tracking_env, "fashion-mnist")
     p = tracking.TAG_PREFIX
-    bobs = client.create_run(exp_id, tags={
-        tracking.TAG_KIND: "stage", tracking.TAG_STAGE: "split", f"{p}.user": "bob",
-        f"{p}.git.commit": "c0ffee", f"{p}.dvc_exp_name": "bobs-local-exp"}).info.run_id
+    bobs = client.create_run(
+        exp_id,
+        tags={
+            tracking.TAG_KIND: "stage",
+            tracking.TAG_STAGE: "split",
+            f"{p}.user": "bob",
+            f"{p}.git.commit": "c0ffee",
+            f"{p}.dvc_exp_name": "bobs-local-exp",
+        },
+    ).info.run_id
     client.log_param(bobs, "split.val_size", "0.1")
-    alices = client.create_run(exp_id, tags={
-        tracking.TAG_KIND: "stage", tracking.TAG_STAGE: "train", f"{p}.user": "alice",
-        f"{tracking.UPSTREAM_PREFIX}data/split/train_val.npz": bobs}).info.run_id
+    alices = client.create_run(
+        exp_id,
+        tags={
+            tracking.TAG_KIND: "stage",
+            tracking.TAG_STAGE: "train",
+            f"{p}.user": "alice",
+            f"{tracking.UPSTREAM_PREFIX}data/split/train_val.npz": bobs,
+        },
+    ).info.run_id
     assert cli.main(["lineage", alices]) == 0
     out = capsys.readouterr().out
     assert "by bob (another user's run)" in out

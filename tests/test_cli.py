@@ -19,12 +19,14 @@ Make = Callable[..., config.Config]
 @pytest.fixture
 def exported(make_cfg: Make, splits: data.Splits, tmp_path: Path) -> Path:
     cfg = make_cfg("model=logreg", "model.max_iter=60")
-    net = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val,
-                               splits.y_val).model
+    net = training.train_model(
+        cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val
+    ).model
     target = tmp_path / "models/inference.pt2"
     with atomic_path(target) as tmp:
-        inference.export(inference.build_inference_module(net),
-                         torch.from_numpy(splits.x_val[:2]), tmp)
+        inference.export(
+            inference.build_inference_module(net), torch.from_numpy(splits.x_val[:2]), tmp
+        )
     return target
 
 
@@ -33,16 +35,20 @@ def images(splits: data.Splits, tmp_path: Path) -> dict[str, Path]:
     """A real test image saved as a large RGB product-style photo, a raw one, and a corrupt."""
     trouser = int(np.flatnonzero(splits.y_test == 1)[0])
     photo = Image.fromarray(255 - splits.x_test[trouser]).convert("RGB").resize((112, 112))
-    paths = {"photo": tmp_path / "trouser_photo.png", "raw": tmp_path / "raw.png",
-             "corrupt": tmp_path / "corrupt.png"}
+    paths = {
+        "photo": tmp_path / "trouser_photo.png",
+        "raw": tmp_path / "raw.png",
+        "corrupt": tmp_path / "corrupt.png",
+    }
     photo.save(paths["photo"])
     Image.fromarray(splits.x_test[trouser]).save(paths["raw"])
     paths["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     return paths
 
 
-def test_load_image_matches_fashion_mnist_format(images: dict[str, Path],
-                                                 splits: data.Splits) -> None:
+def test_load_image_matches_fashion_mnist_format(
+    images: dict[str, Path], splits: data.Splits
+) -> None:
     raw = cli.load_image(images["raw"])
     assert raw.shape == (28, 28) and raw.dtype == np.uint8
     photo = cli.load_image(images["photo"])  # dark-on-light photo is inverted back
@@ -50,10 +56,18 @@ def test_load_image_matches_fashion_mnist_format(images: dict[str, Path],
 
 
 def test_predict_file_model_handles_good_and_corrupt_files(
-        exported: Path, images: dict[str, Path], capsys: pytest.CaptureFixture[str],
-        tracking_env: str) -> None:
-    code = cli.main(["predict", "--model", str(exported), str(images["photo"]),
-                     str(images["corrupt"]), str(images["raw"])])
+    exported: Path, images: dict[str, Path], capsys: pytest.CaptureFixture[str], tracking_env: str
+) -> None:
+    code = cli.main(
+        [
+            "predict",
+            "--model",
+            str(exported),
+            str(images["photo"]),
+            str(images["corrupt"]),
+            str(images["raw"]),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 1  # one file failed, the others were still classified
     lines = out.strip().splitlines()
@@ -64,9 +78,15 @@ def test_predict_file_model_handles_good_and_corrupt_files(
 
 
 def test_pyfunc_model_in_process_and_champion_predict(
-        exported: Path, images: dict[str, Path], splits: data.Splits, make_cfg: Make,
-        tracking_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    exported: Path,
+    images: dict[str, Path],
+    splits: data.Splits,
+    make_cfg: Make,
+    tracking_env: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
@@ -89,14 +109,18 @@ def test_pyfunc_model_in_process_and_champion_predict(
     with pytest.raises(MlflowException, match=r"28, 28"):
         model.predict(splits.x_test[:3].reshape(3, 784).astype(np.float64))
     capsys.readouterr()
-    assert cli.main(["predict", "--model", "models:/cli-model@champion",
-                     str(images["raw"])]) == 0
+    assert cli.main(["predict", "--model", "models:/cli-model@champion", str(images["raw"])]) == 0
     assert "Trouser" in capsys.readouterr().out
 
 
 @pytest.fixture
-def two_versions(make_cfg: Make, splits: data.Splits, tmp_path: Path,
-                 monkeypatch: pytest.MonkeyPatch, tracking_env: str) -> dict[str, Path]:
+def two_versions(
+    make_cfg: Make,
+    splits: data.Splits,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tracking_env: str,
+) -> dict[str, Path]:
     """A project dir whose sqlite MLflow store holds two registered versions that predict
     differently (v1: always class 0 "T-shirt/top", v2: always class 1 "Trouser"), v1 champion."""
     import yaml
@@ -105,8 +129,9 @@ def two_versions(make_cfg: Make, splits: data.Splits, tmp_path: Path,
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        config.compose(fixture_overrides(), REPO / "conf"), sort_keys=False))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(config.compose(fixture_overrides(), REPO / "conf"), sort_keys=False)
+    )
     cfg = make_cfg()
     programs = {}
     for cls in (0, 1):
@@ -117,21 +142,30 @@ def two_versions(make_cfg: Make, splits: data.Splits, tmp_path: Path,
             net[1].bias[cls] = 10.0
         programs[cls] = tmp_path / f"always{cls}.pt2"
         with atomic_path(programs[cls]) as tmp:
-            inference.export(inference.build_inference_module(net),
-                             torch.from_numpy(splits.x_val[:2]), tmp)
+            inference.export(
+                inference.build_inference_module(net), torch.from_numpy(splits.x_val[:2]), tmp
+            )
     versions = []
     for cls in (0, 1):
         with tracking.stage_run("postprocess", cfg) as run:
-            versions.append(tracking.log_inference_model(run, programs[cls], splits.x_val[:4],
-                                                         cfg.tracking.model_name))
+            versions.append(
+                tracking.log_inference_model(
+                    run, programs[cls], splits.x_val[:4], cfg.tracking.model_name
+                )
+            )
     assert versions == ["1", "2"]
     tracking.validation_gate(run.client, cfg.tracking.model_name, "1", 0.9, baseline=0.5)
     return programs
 
 
 def test_champion_predict_uses_a_local_copy_and_notices_the_alias_moving(
-        two_versions: dict[str, Path], images: dict[str, Path], make_cfg: Make,
-        tracking_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    two_versions: dict[str, Path],
+    images: dict[str, Path],
+    make_cfg: Make,
+    tracking_env: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from mlflow import MlflowClient
 
     name = make_cfg().tracking.model_name
@@ -152,36 +186,51 @@ def test_champion_predict_uses_a_local_copy_and_notices_the_alias_moving(
     assert ": Trouser 1.000" in capsys.readouterr().out
 
 
-def test_predict_fast_path_imports_no_mlflow(two_versions: dict[str, Path],
-                                             images: dict[str, Path], tmp_path: Path) -> None:
+def test_predict_fast_path_imports_no_mlflow(
+    two_versions: dict[str, Path], images: dict[str, Path], tmp_path: Path
+) -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from deep_repro import cli; rc = cli.main(['predict', {!r}{}]); "
-            "heavy = sorted({{m.split('.')[0] for m in sys.modules}} & "
-            "{{'mlflow', 'hydra', 'optuna', 'matplotlib', 'sqlalchemy'}}); "
-            "print('HEAVY', heavy); sys.exit(rc)")
+    code = (
+        "import sys; from deep_repro import cli; rc = cli.main(['predict', {!r}{}]); "
+        "heavy = sorted({{m.split('.')[0] for m in sys.modules}} & "
+        "{{'mlflow', 'hydra', 'optuna', 'matplotlib', 'sqlalchemy'}}); "
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
     for extra in (f", '--model', {str(two_versions[0])!r}", ""):  # .pt2, champion
-        proc = subprocess.run([sys.executable, "-c", code.format(str(images["raw"]), extra)],
-                              cwd=tmp_path, capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code.format(str(images["raw"]), extra)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_missing_champion_says_what_to_do(tracking_env: str, images: dict[str, Path],
-                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_champion_says_what_to_do(
+    tracking_env: str,
+    images: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import yaml
 
     from .helpers import REPO, fixture_overrides
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        config.compose(fixture_overrides(), REPO / "conf"), sort_keys=False))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(config.compose(fixture_overrides(), REPO / "conf"), sort_keys=False)
+    )
     tracking.connect(tracking_env, "fashion-mnist")  # a store with no registered model
     capsys.readouterr()  # MLflow's own log lines while it creates the store
-    for argv in (["predict", str(images["raw"])],
-                 ["lineage", "models:/fashion-mnist-classifier@champion"]):
+    for argv in (
+        ["predict", str(images["raw"])],
+        ["lineage", "models:/fashion-mnist-classifier@champion"],
+    ):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         assert exit_.value.code == 2
@@ -192,7 +241,8 @@ def test_missing_champion_says_what_to_do(tracking_env: str, images: dict[str, P
 
 
 def test_tune_help_lists_every_tune_setting_with_its_default(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from .helpers import REPO
 
     with pytest.raises(SystemExit) as exit_:

@@ -24,8 +24,9 @@ def test_params_yaml_is_the_composition_of_conf() -> None:
     # config. Fix a failure with `uv run python scripts/compose_params.py`.
     # The committed composition, not the working file: `dvc exp run -S ...` rewrites params.yaml
     # in the workspace, and a user's experiment must not fail the test suite.
-    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True,
-                           text=True, check=False)
+    shown = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True, check=False
+    )
     text = shown.stdout if shown.returncode == 0 else (REPO / "params.yaml").read_text()
     committed = yaml.safe_load(text)
     assert committed == config.compose([], REPO / "conf")
@@ -73,10 +74,14 @@ def test_schemas_hold_no_default_values() -> None:
     # silently disagrees (it once said train.epochs 12 and label_smoothing 0.0; conf/ 15, 0.05).
     schemas = _schemas()
     assert {"Config", "TrainConfig", "SGDConfig", "CNNConfig", "MobileNetConfig"} <= {
-        s.__name__ for s in schemas}
-    defaults = [f"{s.__name__}.{f.name}" for s in schemas for f in dataclasses.fields(s)
-                if f.default is not dataclasses.MISSING
-                or f.default_factory is not dataclasses.MISSING]
+        s.__name__ for s in schemas
+    }
+    defaults = [
+        f"{s.__name__}.{f.name}"
+        for s in schemas
+        for f in dataclasses.fields(s)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
     assert defaults == []
 
 
@@ -97,11 +102,19 @@ def test_every_model_in_conf_is_registered_with_a_search_space() -> None:
 
 def test_validation_imports_no_torch() -> None:
     # Every stage and CLI command validates its config first: that must stay cheap.
-    code = ("import sys; from deep_repro import config; "
-            "cfg = config.load_config(); assert cfg.is_torch_model; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, check=True)
+    code = (
+        "import sys; from deep_repro import config; "
+        "cfg = config.load_config(); assert cfg.is_torch_model; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert proc.stdout.strip() == "[]"
 
 
@@ -113,42 +126,50 @@ def test_every_model_group_composes(name: str) -> None:
     assert cfg.is_torch_model == (MODELS[name].trainer == "torch")
 
 
-@pytest.mark.parametrize("group,choice", [("optimizer", "sgd"), ("scheduler", "cosine"),
-                                          ("scheduler", "none"), ("augment", "none")])
+@pytest.mark.parametrize(
+    "group,choice",
+    [("optimizer", "sgd"), ("scheduler", "cosine"), ("scheduler", "none"), ("augment", "none")],
+)
 def test_every_training_group_composes(group: str, choice: str) -> None:
     cfg = config.validate(config.compose([f"{group}={choice}"], REPO / "conf"))
     assert getattr(cfg, group).name == choice
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.lr=-0.1"], "model.lr = -0.1: expected a value > 0"),
-    (["model.lr=0"], "model.lr = 0.0: expected a value > 0"),
-    (["train.epochs=0"], "train.epochs = 0: expected a value >= 1"),
-    (["split.val_size=1.5"], "split.val_size = 1.5: expected a value < 1"),
-    (["split.val_size=0"], "split.val_size = 0.0: expected a value > 0"),
-    (["train.batch_size=abc"], "train.batch_size = 'abc': expected an integer"),
-    (["+train.epochz=3"], "unknown key train.epochz"),
-    (["+colour=blue"], "unknown key colour"),
-    (["model.name=transformer"], "model.name = 'transformer': expected one of"),
-    (["optimizer.name=rmsprop"], "optimizer.name = 'rmsprop': expected one of 'adamw', 'sgd'"),
-    (["scheduler.name=step"], "scheduler.name = 'step'"),
-    (["train.device=tpu"], "train.device = 'tpu'"),
-    (["data.subset=-5"], "data.subset = -5: expected a value >= 20"),
-    (["data.mirrors=[ftp://x]"], "data.mirrors[0] = 'ftp://x'"),
-    (["data.sha256.train-images-idx3-ubyte=abc"], "data.sha256.train-images-idx3-ubyte"),
-    (["tune.n_trials=0"], "tune.n_trials = 0: expected a value >= 1"),
-    (["tune.sampler=annealing"], "tune.sampler = 'annealing'"),
-    (["model.dropout=1.0"], "model.dropout = 1.0: expected a value < 1"),
-    (["model.lr=inf"], "model.lr = inf: expected a finite number"),
-    (["model.lr=nan"], "model.lr = nan: expected a finite number"),
-    (["optimizer.weight_decay=-inf"], "optimizer.weight_decay = -inf: expected a finite number"),
-    (["evaluate.fail_below=nan"], "evaluate.fail_below = nan: expected a finite number"),
-    (["model.channels=[]"], "model.channels = []: expected a non-empty list of integers >= 1"),
-    (["model.channels=[8,8,8,8]"], "model.channels = [8, 8, 8, 8]: expected at most 3 conv"),
-    (["optimizer.betas=[0.9,1.5]"], "optimizer.betas = [0.9, 1.5]: expected two numbers"),
-    (["+optimizer.momentun=0.9"], "unknown key optimizer.momentun"),
-    (["+model.channels=[8]", "model=mlp"], "unknown key model.channels"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.lr=-0.1"], "model.lr = -0.1: expected a value > 0"),
+        (["model.lr=0"], "model.lr = 0.0: expected a value > 0"),
+        (["train.epochs=0"], "train.epochs = 0: expected a value >= 1"),
+        (["split.val_size=1.5"], "split.val_size = 1.5: expected a value < 1"),
+        (["split.val_size=0"], "split.val_size = 0.0: expected a value > 0"),
+        (["train.batch_size=abc"], "train.batch_size = 'abc': expected an integer"),
+        (["+train.epochz=3"], "unknown key train.epochz"),
+        (["+colour=blue"], "unknown key colour"),
+        (["model.name=transformer"], "model.name = 'transformer': expected one of"),
+        (["optimizer.name=rmsprop"], "optimizer.name = 'rmsprop': expected one of 'adamw', 'sgd'"),
+        (["scheduler.name=step"], "scheduler.name = 'step'"),
+        (["train.device=tpu"], "train.device = 'tpu'"),
+        (["data.subset=-5"], "data.subset = -5: expected a value >= 20"),
+        (["data.mirrors=[ftp://x]"], "data.mirrors[0] = 'ftp://x'"),
+        (["data.sha256.train-images-idx3-ubyte=abc"], "data.sha256.train-images-idx3-ubyte"),
+        (["tune.n_trials=0"], "tune.n_trials = 0: expected a value >= 1"),
+        (["tune.sampler=annealing"], "tune.sampler = 'annealing'"),
+        (["model.dropout=1.0"], "model.dropout = 1.0: expected a value < 1"),
+        (["model.lr=inf"], "model.lr = inf: expected a finite number"),
+        (["model.lr=nan"], "model.lr = nan: expected a finite number"),
+        (
+            ["optimizer.weight_decay=-inf"],
+            "optimizer.weight_decay = -inf: expected a finite number",
+        ),
+        (["evaluate.fail_below=nan"], "evaluate.fail_below = nan: expected a finite number"),
+        (["model.channels=[]"], "model.channels = []: expected a non-empty list of integers >= 1"),
+        (["model.channels=[8,8,8,8]"], "model.channels = [8, 8, 8, 8]: expected at most 3 conv"),
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas = [0.9, 1.5]: expected two numbers"),
+        (["+optimizer.momentun=0.9"], "unknown key optimizer.momentun"),
+        (["+model.channels=[8]", "model=mlp"], "unknown key model.channels"),
+    ],
+)
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
     raw = config.compose(overrides, REPO / "conf")
     with pytest.raises(ConfigError) as info:
@@ -161,13 +182,19 @@ def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
 def test_a_key_of_another_option_of_the_group_is_ignored() -> None:
     # Search spaces set `optimizer.momentum` while the sampled optimizer may be adamw.
     cfg = config.validate(config.compose(["+optimizer.momentum=0.5"], REPO / "conf"))
-    assert config.to_dict(cfg.optimizer) == {"name": "adamw", "weight_decay": 0.0005,
-                                             "betas": [0.9, 0.999]}
+    assert config.to_dict(cfg.optimizer) == {
+        "name": "adamw",
+        "weight_decay": 0.0005,
+        "betas": [0.9, 0.999],
+    }
 
 
 def test_unknown_model_group_is_rejected_by_hydra() -> None:
-    with pytest.raises(ConfigError, match=r"^config error: cannot compose conf/ with overrides "
-                       r"model=transformer: .*Could not find 'model/transformer'$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config error: cannot compose conf/ with overrides "
+        r"model=transformer: .*Could not find 'model/transformer'$",
+    ):
         config.compose(["model=transformer"], REPO / "conf")
 
 
@@ -175,11 +202,17 @@ def test_stage_exits_nonzero_with_one_line_before_any_work(tmp_path: Path) -> No
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     raw = config.compose(["train.epochs=0"], REPO / "conf")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, str(REPO / "stages/train.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages/train.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: config error: train.epochs = 0: expected a value >= 1")
+        "error: config error: train.epochs = 0: expected a value >= 1"
+    )
     assert not (tmp_path / "models").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -190,4 +223,7 @@ def test_missing_params_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_flatten() -> None:
     assert config.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
-        "a.b": 1, "a.c.d": [1, 2], "e": None}
+        "a.b": 1,
+        "a.c.d": [1, 2],
+        "e": None,
+    }

@@ -33,8 +33,9 @@ def test_write_parse_roundtrip_is_byte_reproducible(tmp_path: Path) -> None:
     data.write_idx(tmp_path / "a.gz", array)
     data.write_idx(tmp_path / "b.gz", array)
     assert (tmp_path / "a.gz").read_bytes() == (tmp_path / "b.gz").read_bytes()
-    parsed = data.parse_idx(tmp_path / "a.gz", expect_magic=data.IDX_IMAGES_MAGIC,
-                            expect_shape=(28, 28))
+    parsed = data.parse_idx(
+        tmp_path / "a.gz", expect_magic=data.IDX_IMAGES_MAGIC, expect_shape=(28, 28)
+    )
     assert np.array_equal(parsed, array)
 
 
@@ -74,8 +75,7 @@ def test_label_out_of_range_and_count_mismatch(tmp_path: Path) -> None:
 def test_wrong_image_size_is_rejected(tmp_path: Path) -> None:
     data.write_idx(tmp_path / "x.gz", np.zeros((2, 32, 32), dtype=np.uint8))
     with pytest.raises(DataError, match=r"images are \(32, 32\), expected \(28, 28\)"):
-        data.parse_idx(tmp_path / "x.gz", expect_magic=data.IDX_IMAGES_MAGIC,
-                       expect_shape=(28, 28))
+        data.parse_idx(tmp_path / "x.gz", expect_magic=data.IDX_IMAGES_MAGIC, expect_shape=(28, 28))
 
 
 # --------------------------------------------------------------------------- mirrors
@@ -111,22 +111,26 @@ def http_mirror() -> Iterator[str]:
 
 
 def test_failover_to_next_mirror_on_mismatch_and_truncation(
-        tmp_path: Path, bad_mirror: Path, http_mirror: str) -> None:
+    tmp_path: Path, bad_mirror: Path, http_mirror: str
+) -> None:
     dest = tmp_path / "raw"
-    used = data.download_file(NAME, fixture_sha256()[NAME],
-                              [bad_mirror.as_uri(), http_mirror, (tmp_path / "nope").as_uri(),
-                               FIXTURE.as_uri()], dest)
+    used = data.download_file(
+        NAME,
+        fixture_sha256()[NAME],
+        [bad_mirror.as_uri(), http_mirror, (tmp_path / "nope").as_uri(), FIXTURE.as_uri()],
+        dest,
+    )
     assert used == FIXTURE.as_uri()
     assert sorted(p.name for p in dest.iterdir()) == [f"{NAME}.gz"]  # no temp files left
     assert file_digest(dest / f"{NAME}.gz", "sha256", decompress=True) == fixture_sha256()[NAME]
 
 
 def test_all_mirrors_failing_lists_each_and_leaves_nothing(
-        tmp_path: Path, bad_mirror: Path, http_mirror: str) -> None:
+    tmp_path: Path, bad_mirror: Path, http_mirror: str
+) -> None:
     dest = tmp_path / "raw"
     with pytest.raises(DataError) as info:
-        data.download_file(NAME, fixture_sha256()[NAME], [bad_mirror.as_uri(), http_mirror],
-                           dest)
+        data.download_file(NAME, fixture_sha256()[NAME], [bad_mirror.as_uri(), http_mirror], dest)
     message = str(info.value)
     assert "sha256 mismatch" in message and "EOFError" in message
     assert "apt-get install dataset-fashion-mnist" in message
@@ -138,8 +142,9 @@ def test_all_mirrors_failing_lists_each_and_leaves_nothing(
 def test_existing_verified_file_is_kept(tmp_path: Path) -> None:
     dest = tmp_path / "raw"
     data.download_file(NAME, fixture_sha256()[NAME], [FIXTURE.as_uri()], dest)
-    assert data.download_file(NAME, fixture_sha256()[NAME], ["file:///nonexistent"],
-                              dest) == "cache"
+    assert (
+        data.download_file(NAME, fixture_sha256()[NAME], ["file:///nonexistent"], dest) == "cache"
+    )
 
 
 # --------------------------------------------------------------------------- split
@@ -150,8 +155,7 @@ def test_split_is_stratified_disjoint_and_deterministic() -> None:
     c = data.make_split(images, labels, val_size=0.1, seed=8, subset=None)
     for key in a:
         assert np.array_equal(a[key], b[key])
-    assert not np.array_equal(a["y_val"], c["y_val"]) or not np.array_equal(a["x_val"],
-                                                                            c["x_val"])
+    assert not np.array_equal(a["y_val"], c["y_val"]) or not np.array_equal(a["x_val"], c["x_val"])
     assert len(a["y_val"]) == 200 and len(a["y_train"]) == 1800
     assert np.all(np.bincount(a["y_val"]) == 20)  # every class keeps its share
     train_rows = {row.tobytes() for row in a["x_train"]}

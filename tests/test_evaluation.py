@@ -55,11 +55,14 @@ def test_files_and_figures(tmp_path: Path) -> None:
     rows = evaluation.prediction_rows(y, logits.argmax(1))
     assert set(rows[0]) == {"actual", "predicted"}
     images = rng.integers(0, 255, (200, 28, 28), dtype=np.uint8)
-    _, bins = evaluation.expected_calibration_error(evaluation.softmax(logits).max(1),
-                                                    logits.argmax(1) == y)
-    for name, fig in {"cm.png": evaluation.confusion_figure(report.confusion, "t"),
-                      "mis.png": evaluation.misclassified_figure(images, y, logits),
-                      "rel.png": evaluation.reliability_figure(bins, report.ece)}.items():
+    _, bins = evaluation.expected_calibration_error(
+        evaluation.softmax(logits).max(1), logits.argmax(1) == y
+    )
+    for name, fig in {
+        "cm.png": evaluation.confusion_figure(report.confusion, "t"),
+        "mis.png": evaluation.misclassified_figure(images, y, logits),
+        "rel.png": evaluation.reliability_figure(bins, report.ece),
+    }.items():
         evaluation.save_figure(fig, tmp_path / name)
         first = (tmp_path / name).read_bytes()
         assert first[:8] == b"\x89PNG\r\n\x1a\n"
@@ -109,11 +112,14 @@ def test_mcnemar_uses_only_discordant_images() -> None:
 
 def test_plot_tables_keep_class_order_and_drop_empty_bins() -> None:
     rows = evaluation.prediction_rows(np.array([9, 0]), np.array([0, 9]))
-    assert rows == [{"actual": "9 Ankle boot", "predicted": "0 T-shirt/top"},
-                    {"actual": "0 T-shirt/top", "predicted": "9 Ankle boot"}]
+    assert rows == [
+        {"actual": "9 Ankle boot", "predicted": "0 T-shirt/top"},
+        {"actual": "0 T-shirt/top", "predicted": "9 Ankle boot"},
+    ]
     labels = [evaluation.class_label(i) for i in range(10)]
     assert labels == sorted(labels)  # alphabetical sorting (vega) == dataset order
-    _, table = evaluation.expected_calibration_error(np.array([0.95, 0.97, 0.55]),
-                                                     np.array([True, True, False]))
+    _, table = evaluation.expected_calibration_error(
+        np.array([0.95, 0.97, 0.55]), np.array([True, True, False])
+    )
     kept = evaluation.reliability_rows(table)
     assert [r["count"] for r in kept] == [1, 2] and all(r["count"] for r in kept)

@@ -32,9 +32,11 @@ SECRET = "-".join(("s3cr3t", "pw"))
 # A small MLP (so `-S model.lr=...` works as on the real default) trained for 2 epochs; conf/
 # itself is edited because `dvc exp run` recomposes params.yaml from it.
 PROJECT_EDITS = {
-    "conf/config.yaml": [("  - model: cnn", "  - model: mlp"),
-                         ("  epochs: 15\n  batch_size: 256", "  epochs: 2\n  batch_size: 64"),
-                         ("n_trials: 20", "n_trials: 3")],
+    "conf/config.yaml": [
+        ("  - model: cnn", "  - model: mlp"),
+        ("  epochs: 15\n  batch_size: 256", "  epochs: 2\n  batch_size: 64"),
+        ("n_trials: 20", "n_trials: 3"),
+    ],
     "conf/model/mlp.yaml": [("hidden_sizes: [512, 256]", "hidden_sizes: [32]")],
 }
 
@@ -60,8 +62,7 @@ def outputs(root: Path) -> dict[str, bytes]:
 
 
 def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
-    return [line for line in (proc.stdout + proc.stderr).splitlines()
-            if line.startswith("error:")]
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
 
 
 def git_text(root: Path) -> str:
@@ -82,13 +83,17 @@ def store_bytes(*paths: Path) -> bytes:
 
 
 # --------------------------------------------------------------------------- 1. passwords
-@pytest.mark.parametrize(("override", "where"), [
-    (f"tracking.uri=http://user:{SECRET}@mlflow.example:5000", "MLFLOW_TRACKING_PASSWORD"),
-    (f"tune.storage=postgresql://user:{SECRET}@db.example/optuna", "PGPASSWORD"),
-    (f"tune.storage='postgresql://user@db.example/optuna?password={SECRET}'", "PGPASSWORD"),
-])
-def test_schema_rejects_a_password_in_a_uri(make_cfg: Callable[..., config.Config],
-                                            override: str, where: str) -> None:
+@pytest.mark.parametrize(
+    ("override", "where"),
+    [
+        (f"tracking.uri=http://user:{SECRET}@mlflow.example:5000", "MLFLOW_TRACKING_PASSWORD"),
+        (f"tune.storage=postgresql://user:{SECRET}@db.example/optuna", "PGPASSWORD"),
+        (f"tune.storage='postgresql://user@db.example/optuna?password={SECRET}'", "PGPASSWORD"),
+    ],
+)
+def test_schema_rejects_a_password_in_a_uri(
+    make_cfg: Callable[..., config.Config], override: str, where: str
+) -> None:
     with pytest.raises(ConfigError) as err:
         make_cfg(override)
     message = str(err.value)
@@ -97,17 +102,25 @@ def test_schema_rejects_a_password_in_a_uri(make_cfg: Callable[..., config.Confi
     assert where in message
 
 
-@pytest.mark.parametrize("uri", ["garbage", "http://", "ftp://host/x", "sqlite://",
-                                 "http://host:port"])
-def test_schema_rejects_an_unusable_tracking_uri(make_cfg: Callable[..., config.Config],
-                                                 uri: str) -> None:
+@pytest.mark.parametrize(
+    "uri", ["garbage", "http://", "ftp://host/x", "sqlite://", "http://host:port"]
+)
+def test_schema_rejects_an_unusable_tracking_uri(
+    make_cfg: Callable[..., config.Config], uri: str
+) -> None:
     with pytest.raises(ConfigError, match=r"^config error: tracking\.uri = "):
         make_cfg(f"tracking.uri={uri}")
 
 
 def test_schema_accepts_usable_tracking_uris(make_cfg: Callable[..., config.Config]) -> None:
-    for uri in ("http://host:5000", "https://user@host", "sqlite:////tmp/m.db",
-                "postgresql+psycopg2://mlflow@db/mlflow", "file:///tmp/mlruns", "databricks"):
+    for uri in (
+        "http://host:5000",
+        "https://user@host",
+        "sqlite:////tmp/m.db",
+        "postgresql+psycopg2://mlflow@db/mlflow",
+        "file:///tmp/mlruns",
+        "databricks",
+    ):
         assert make_cfg(f"tracking.uri='{uri}'").tracking.uri == uri
 
 
@@ -117,7 +130,8 @@ def test_schema_rejects_an_infinite_learning_rate(make_cfg: Callable[..., config
 
 
 def test_credentials_in_the_environment_uri_move_to_mlflow_variables(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://ana:{SECRET}@mlflow.example/x")
@@ -144,10 +158,25 @@ def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     env = project_env(home)
     log = (home / "server.log").open("w")
     proc = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-         "--artifacts-destination", str(home / "artifacts")],
-        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(home / "artifacts"),
+        ],
+        cwd=home,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 300  # slow to start on a loaded machine
         while True:
@@ -167,8 +196,9 @@ def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         log.close()
 
 
-def test_a_password_in_the_tracking_uri_never_leaks(project: Path,
-                                                    mlflow_server: tuple[str, Path]) -> None:
+def test_a_password_in_the_tracking_uri_never_leaks(
+    project: Path, mlflow_server: tuple[str, Path]
+) -> None:
     address, server_home = mlflow_server
     env = project_env(project) | {"MLFLOW_TRACKING_URI": f"http://ana:{SECRET}@{address}"}
     proc = run(["dvc", "repro", "-f", "-s", "split"], project, env)
@@ -180,8 +210,7 @@ def test_a_password_in_the_tracking_uri_never_leaks(project: Path,
     assert exp is not None
     found = client.search_runs([exp.experiment_id])
     assert {r.data.tags.get(tracking.TAG_STAGE) for r in found} == {None, "split"}
-    assert SECRET.encode() not in store_bytes(server_home / "mlflow.db",
-                                              server_home / "artifacts")
+    assert SECRET.encode() not in store_bytes(server_home / "mlflow.db", server_home / "artifacts")
     assert SECRET not in json.dumps([(r.data.params, r.data.tags) for r in found])
     assert SECRET not in git_text(project)
     assert SECRET not in (project / "params.yaml").read_text()
@@ -189,11 +218,13 @@ def test_a_password_in_the_tracking_uri_never_leaks(project: Path,
 
 def test_a_password_given_with_dash_s_is_rejected_and_stored_nowhere(project: Path) -> None:
     before = outputs(project)
-    proc = dvc(project, "exp", "run", "-S", f"tracking.uri=http://ana:{SECRET}@127.0.0.1:9",
-               check=False)
+    proc = dvc(
+        project, "exp", "run", "-S", f"tracking.uri=http://ana:{SECRET}@127.0.0.1:9", check=False
+    )
     assert proc.returncode != 0
     assert [line.split(" contains")[0] for line in error_lines(proc)] == [
-        "error: config error: tracking.uri"]
+        "error: config error: tracking.uri"
+    ]
     assert SECRET not in proc.stdout + proc.stderr
     assert SECRET not in git_text(project)  # no experiment ref records that params.yaml
     assert SECRET.encode() not in store_bytes(project / "mlflow.db")
@@ -201,20 +232,32 @@ def test_a_password_given_with_dash_s_is_rejected_and_stored_nowhere(project: Pa
 
 
 # --------------------------------------------------------------------------- 2. bad configs
-@pytest.mark.parametrize(("override", "error"), [
-    ("model.lr=-0.1", "error: config error: model.lr = -0.1: expected a value > 0"),
-    ("split.val_size=1.5", "error: config error: split.val_size = 1.5: expected a value < 1.0"),
-    ("data.sha256.train-images-idx3-ubyte=abc",
-     "error: config error: data.sha256.train-images-idx3-ubyte = 'abc': expected 64 lowercase "
-     "hex digits"),
-    ("tracking.uri=garbage", "error: config error: tracking.uri = 'garbage': expected a "
-                             "tracking URI with a scheme among"),
-])
-def test_a_bad_config_fails_in_one_line_and_keeps_every_output(project: Path, override: str,
-                                                               error: str) -> None:
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ("model.lr=-0.1", "error: config error: model.lr = -0.1: expected a value > 0"),
+        ("split.val_size=1.5", "error: config error: split.val_size = 1.5: expected a value < 1.0"),
+        (
+            "data.sha256.train-images-idx3-ubyte=abc",
+            "error: config error: data.sha256.train-images-idx3-ubyte = 'abc': expected 64 "
+            "lowercase hex digits",
+        ),
+        (
+            "tracking.uri=garbage",
+            "error: config error: tracking.uri = 'garbage': expected a "
+            "tracking URI with a scheme among",
+        ),
+    ],
+)
+def test_a_bad_config_fails_in_one_line_and_keeps_every_output(
+    project: Path, override: str, error: str
+) -> None:
     before = outputs(project)
-    assert {"reports/validate.json", "data/raw/train-images-idx3-ubyte.gz",
-            "data/split/train_val.npz"} <= set(before)
+    assert {
+        "reports/validate.json",
+        "data/raw/train-images-idx3-ubyte.gz",
+        "data/split/train_val.npz",
+    } <= set(before)
     proc = dvc(project, "exp", "run", "-S", override, check=False)
     assert proc.returncode != 0
     errors = error_lines(proc)
@@ -224,7 +267,8 @@ def test_a_bad_config_fails_in_one_line_and_keeps_every_output(project: Path, ov
 
 
 def test_validate_output_is_constant_so_a_param_change_reruns_only_its_readers(
-        project: Path) -> None:
+    project: Path,
+) -> None:
     assert json.loads((project / "reports/validate.json").read_text()) == {"config": "valid"}
     client, exp_id = client_for(project)
     before = len(client.search_runs([exp_id]))
@@ -254,16 +298,25 @@ def test_a_killed_stage_leaves_no_run_running(project: Path) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     client, exp_id = client_for(project)
     env = project_env(project)
-    dvc_proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "train"], cwd=project, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dvc_proc = subprocess.Popen(
+        ["dvc", "repro", "-f", "-s", "train"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
-        while not [r for r in _running(client, exp_id)
-                   if r.data.tags.get(tracking.TAG_STAGE) == "train"]:
+        while not [
+            r for r in _running(client, exp_id) if r.data.tags.get(tracking.TAG_STAGE) == "train"
+        ]:
             assert dvc_proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
-        stage = next(p for p in psutil.Process(dvc_proc.pid).children(recursive=True)
-                     if "stages/train.py" in " ".join(p.cmdline()))
+        stage = next(
+            p
+            for p in psutil.Process(dvc_proc.pid).children(recursive=True)
+            if "stages/train.py" in " ".join(p.cmdline())
+        )
         os.kill(stage.pid, signal.SIGKILL)
         assert dvc_proc.wait(timeout=120) != 0
     finally:
@@ -282,7 +335,8 @@ def test_a_killed_stage_leaves_no_run_running(project: Path) -> None:
         swept = client.get_run(orphan.info.run_id)
         assert swept.info.status == "FAILED"
         assert swept.data.tags[tracking.TAG_FAIL_REASON].startswith(
-            f"orphaned: its process (pid {orphan.data.tags[tracking.TAG_OWNER_PID]} on ")
+            f"orphaned: its process (pid {orphan.data.tags[tracking.TAG_OWNER_PID]} on "
+        )
 
 
 def test_lineage_and_leaderboard_fail_runs_of_dead_owners_only(project: Path) -> None:
@@ -300,12 +354,19 @@ def test_lineage_and_leaderboard_fail_runs_of_dead_owners_only(project: Path) ->
     }
     ids = {}
     for name, who in owners.items():
-        ids[name] = client.create_run(exp_id, run_name=name, tags={
-            tracking.TAG_KIND: "stage", **tracking.faults.owner_tags(who)}).info.run_id
+        ids[name] = client.create_run(
+            exp_id,
+            run_name=name,
+            tags={tracking.TAG_KIND: "stage", **tracking.faults.owner_tags(who)},
+        ).info.run_id
     run(["deep-repro", "leaderboard"], project, project_env(project))
     status = {name: client.get_run(rid).info.status for name, rid in ids.items()}
-    assert status == {"dead": "FAILED", "reused-pid": "FAILED", "alive": "RUNNING",
-                      "other-host": "RUNNING"}
+    assert status == {
+        "dead": "FAILED",
+        "reused-pid": "FAILED",
+        "alive": "RUNNING",
+        "other-host": "RUNNING",
+    }
     for name in ("alive", "other-host"):
         client.set_terminated(ids[name])
 
@@ -320,15 +381,13 @@ def test_a_failed_stage_run_says_why(project: Path, tmp_path: Path) -> None:
     (error,) = error_lines(proc)
     client, exp_id = client_for(project)
     pipeline = runs_of(client, exp_id, "pipeline")[-1]
-    (stage,) = client.search_runs([exp_id],
-                                  f"tags.`mlflow.parentRunId` = '{pipeline.info.run_id}'")
+    (stage,) = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{pipeline.info.run_id}'")
     reason = error.removeprefix("error: ")
     assert reason.startswith("could not get train-images-idx3-ubyte.gz from any of data.mirrors")
     for failed in (stage, client.get_run(pipeline.info.run_id)):
         assert failed.info.status == "FAILED"
         assert failed.data.tags[tracking.TAG_FAIL_REASON] == reason
-    log_file = Path(client.download_artifacts(stage.info.run_id, "logs/stage.log",
-                                              str(tmp_path)))
+    log_file = Path(client.download_artifacts(stage.info.run_id, "logs/stage.log", str(tmp_path)))
     lines = log_file.read_text().splitlines()
     assert lines[-1] == error and len(lines) <= 201
     assert any("MLflow: stage run" in line for line in lines)  # the stage's own log lines

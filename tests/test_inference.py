@@ -15,20 +15,25 @@ from deep_repro.files import atomic_path
 
 Make = Callable[..., config.Config]
 
-SMALL = {"logreg": ["model.max_iter=30"], "mlp": ["model.hidden_sizes=[64]"],
-         "cnn": ["model.channels=[8,16]", "model.hidden=32"],
-         "resnet": ["model.width=8", "model.blocks=[1,1]"]}
+SMALL = {
+    "logreg": ["model.max_iter=30"],
+    "mlp": ["model.hidden_sizes=[64]"],
+    "cnn": ["model.channels=[8,16]", "model.hidden=32"],
+    "resnet": ["model.width=8", "model.blocks=[1,1]"],
+}
 
 
 def _trained(make_cfg: Make, splits: data.Splits, name: str) -> torch.nn.Module:
     cfg = make_cfg(f"model={name}", "train.epochs=1", *SMALL[name])
-    return training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val,
-                                splits.y_val).model
+    return training.train_model(
+        cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val
+    ).model
 
 
 @pytest.mark.parametrize("name", ["logreg", "mlp", "cnn", "resnet"])
-def test_export_is_equivalent_for_every_model(make_cfg: Make, splits: data.Splits,
-                                              tmp_path: Path, name: str) -> None:
+def test_export_is_equivalent_for_every_model(
+    make_cfg: Make, splits: data.Splits, tmp_path: Path, name: str
+) -> None:
     net = _trained(make_cfg, splits, name)
     module = inference.build_inference_module(net)
     # Dropout gone, BatchNorm folded away.
@@ -40,8 +45,9 @@ def test_export_is_equivalent_for_every_model(make_cfg: Make, splits: data.Split
     exported = inference.load_inference_model(target)
     reference = training.evaluate_logits(net.eval(), torch.from_numpy(splits.x_val))
     got = inference.predict_logits(exported, splits.x_val)
-    eq = inference.check_equivalence(reference, got, splits.y_val, quantize="none", atol=1e-4,
-                                     max_acc_drop=0.005)
+    eq = inference.check_equivalence(
+        reference, got, splits.y_val, quantize="none", atol=1e-4, max_acc_drop=0.005
+    )
     assert eq.max_abs_diff <= 1e-4
     # Any batch size and both input layouts work; no training code needed to run it.
     assert exported(torch.from_numpy(splits.x_val[:1])).shape == (1, 10)
@@ -55,14 +61,19 @@ def test_broken_export_fails_the_check(make_cfg: Make, splits: data.Splits) -> N
         module.net[1].weight.mul_(1.01)  # a subtly wrong export
     reference = training.evaluate_logits(net.eval(), torch.from_numpy(splits.x_val))
     got = inference.predict_logits(module, splits.x_val)
-    with pytest.raises(inference.EquivalenceError, match=r"max \|logit diff\| = .* > "
-                       r"postprocess.atol = 0.0001 on 200 val images"):
-        inference.check_equivalence(reference, got, splits.y_val, quantize="none", atol=1e-4,
-                                    max_acc_drop=0.005)
+    with pytest.raises(
+        inference.EquivalenceError,
+        match=r"max \|logit diff\| = .* > "
+        r"postprocess.atol = 0.0001 on 200 val images",
+    ):
+        inference.check_equivalence(
+            reference, got, splits.y_val, quantize="none", atol=1e-4, max_acc_drop=0.005
+        )
 
 
-def test_int8_is_within_tolerance_and_smaller(make_cfg: Make, splits: data.Splits,
-                                              tmp_path: Path) -> None:
+def test_int8_is_within_tolerance_and_smaller(
+    make_cfg: Make, splits: data.Splits, tmp_path: Path
+) -> None:
     net = _trained(make_cfg, splits, "mlp")
     reference = training.evaluate_logits(net.eval(), torch.from_numpy(splits.x_val))
     paths = {}
@@ -72,39 +83,50 @@ def test_int8_is_within_tolerance_and_smaller(make_cfg: Make, splits: data.Split
         with atomic_path(paths[mode]) as tmp:
             inference.export(module, torch.from_numpy(splits.x_val[:2]), tmp)
     q = inference.load_inference_model(paths["int8"])
-    eq = inference.check_equivalence(reference, inference.predict_logits(q, splits.x_val),
-                                     splits.y_val, quantize="int8", atol=1e-4,
-                                     max_acc_drop=0.005)
+    eq = inference.check_equivalence(
+        reference,
+        inference.predict_logits(q, splits.x_val),
+        splits.y_val,
+        quantize="int8",
+        atol=1e-4,
+        max_acc_drop=0.005,
+    )
     assert eq.accuracy_drop <= 0.005
     assert paths["int8"].stat().st_size < 0.5 * paths["none"].stat().st_size
     with pytest.raises(inference.EquivalenceError, match="int8 model loses"):
         wrong = torch.roll(reference, 1, dims=1)
-        inference.check_equivalence(reference, wrong, splits.y_val, quantize="int8", atol=1e-4,
-                                    max_acc_drop=0.005)
+        inference.check_equivalence(
+            reference, wrong, splits.y_val, quantize="int8", atol=1e-4, max_acc_drop=0.005
+        )
 
 
-def test_export_is_byte_reproducible(make_cfg: Make, splits: data.Splits,
-                                     tmp_path: Path) -> None:
+def test_export_is_byte_reproducible(make_cfg: Make, splits: data.Splits, tmp_path: Path) -> None:
     net = _trained(make_cfg, splits, "cnn")
     blobs = []
     for i in range(2):
         target = tmp_path / str(i) / "inference.pt2"
         with atomic_path(target) as tmp:
-            inference.export(inference.build_inference_module(net),
-                             torch.from_numpy(splits.x_val[:2]), tmp)
+            inference.export(
+                inference.build_inference_module(net), torch.from_numpy(splits.x_val[:2]), tmp
+            )
         blobs.append(target.read_bytes())
     assert blobs[0] == blobs[1]
 
 
 def test_predict_rejects_float_input(splits: data.Splits) -> None:
-    module = inference.build_inference_module(torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(784, 10)))
-    with pytest.raises(DataError, match=r"^inference expects uint8 pixel values 0\.\.255, "
-                       r"got torch\.float32$"):
+    module = inference.build_inference_module(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^inference expects uint8 pixel values 0\.\.255, "
+        r"got torch\.float32$",
+    ):
         inference.predict_logits(module, splits.x_val.astype(np.float32))
 
 
 def test_latency_is_measured(splits: data.Splits) -> None:
-    module = inference.build_inference_module(torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(784, 10)))
+    module = inference.build_inference_module(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    )
     assert 0 < inference.measure_latency(module, splits.x_val, 1, repeats=3) < 1

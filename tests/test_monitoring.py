@@ -35,15 +35,20 @@ SCENARIOS: dict[str, Scenario] = {
 
 @pytest.fixture(scope="module")
 def model_file(splits: data.Splits, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = config.validate(config.compose(
-        [*fixture_overrides(), "model=mlp", "model.hidden_sizes=[128]", "train.epochs=3"],
-        REPO / "conf"))
-    net = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val,
-                               splits.y_val).model
+    cfg = config.validate(
+        config.compose(
+            [*fixture_overrides(), "model=mlp", "model.hidden_sizes=[128]", "train.epochs=3"],
+            REPO / "conf",
+        )
+    )
+    net = training.train_model(
+        cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val
+    ).model
     target = tmp_path_factory.mktemp("model") / "inference.pt2"
     with atomic_path(target) as tmp:
-        inference.export(inference.build_inference_module(net),
-                         torch.from_numpy(splits.x_val[:2]), tmp)
+        inference.export(
+            inference.build_inference_module(net), torch.from_numpy(splits.x_val[:2]), tmp
+        )
     return target
 
 
@@ -61,15 +66,23 @@ def reference(splits: data.Splits, predictor: monitoring.Predictor) -> monitorin
 def draw(splits: data.Splits, scenario: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A bootstrap batch of 500 test images (footwear: from those classes only), transformed."""
     rng = np.random.default_rng(seed)
-    pool = (np.flatnonzero(np.isin(splits.y_test, FOOTWEAR)) if scenario == "footwear"
-            else np.arange(len(splits.y_test)))
+    pool = (
+        np.flatnonzero(np.isin(splits.y_test, FOOTWEAR))
+        if scenario == "footwear"
+        else np.arange(len(splits.y_test))
+    )
     idx = rng.choice(pool, 500)
     x = splits.x_test[idx]
     return (SCENARIOS[scenario](x, rng) if scenario != "clean" else x), splits.y_test[idx]
 
 
-def alarms(splits: data.Splits, reference: monitoring.Reference,
-           predictor: monitoring.Predictor, scenario: str, n: int) -> int:
+def alarms(
+    splits: data.Splits,
+    reference: monitoring.Reference,
+    predictor: monitoring.Predictor,
+    scenario: str,
+    n: int,
+) -> int:
     count = 0
     for seed in range(n):
         images, _ = draw(splits, scenario, seed)
@@ -79,8 +92,8 @@ def alarms(splits: data.Splits, reference: monitoring.Reference,
 
 @pytest.mark.parametrize("n", [5, pytest.param(20, marks=pytest.mark.slow)])
 def test_clean_batches_raise_no_alarm_and_drifted_ones_do(
-        splits: data.Splits, reference: monitoring.Reference,
-        predictor: monitoring.Predictor, n: int) -> None:
+    splits: data.Splits, reference: monitoring.Reference, predictor: monitoring.Predictor, n: int
+) -> None:
     # The issue's bar: >= 19 of 20 right, i.e. at most one miss per scenario.
     assert alarms(splits, reference, predictor, "clean", n) <= 1
     for scenario in SCENARIOS:
@@ -88,8 +101,8 @@ def test_clean_batches_raise_no_alarm_and_drifted_ones_do(
 
 
 def test_rotation_is_caught_in_output_space_and_labels_add_accuracy(
-        splits: data.Splits, reference: monitoring.Reference,
-        predictor: monitoring.Predictor) -> None:
+    splits: data.Splits, reference: monitoring.Reference, predictor: monitoring.Predictor
+) -> None:
     images, labels = draw(splits, "rotated90", 0)
     report = reference.compare(monitoring.features_from_images(images, predictor, labels))
     fired = {c.name for c in report.fired}
@@ -104,8 +117,12 @@ def test_rotation_is_caught_in_output_space_and_labels_add_accuracy(
 
 
 def test_log_format_is_shared_and_monitorable(
-        splits: data.Splits, reference: monitoring.Reference, predictor: monitoring.Predictor,
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    splits: data.Splits,
+    reference: monitoring.Reference,
+    predictor: monitoring.Predictor,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # serving.py cannot import the package: its statistics must equal the monitor's.
     ours = monitoring.image_stats(splits.x_test)
     assert np.allclose(np.stack(serving.image_stats(splits.x_test), axis=1), ours)
@@ -127,8 +144,9 @@ def _writer(root: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for _ in range(20):
         probs = rng.dirichlet(np.ones(10), size=25)
-        serving.log_predictions(rng.integers(0, 256, (25, 28, 28), dtype=np.uint8), probs,
-                                {"md5": str(seed)})
+        serving.log_predictions(
+            rng.integers(0, 256, (25, 28, 28), dtype=np.uint8), probs, {"md5": str(seed)}
+        )
 
 
 def test_concurrent_writers_never_interleave_lines(tmp_path: Path) -> None:
@@ -146,8 +164,13 @@ def test_concurrent_writers_never_interleave_lines(tmp_path: Path) -> None:
 
 
 def test_predict_writes_the_prediction_log_with_a_bounded_sample(
-        model_file: Path, splits: data.Splits, tmp_path: Path, tracking_env: str,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    model_file: Path,
+    splits: data.Splits,
+    tmp_path: Path,
+    tracking_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from PIL import Image
 
     paths = []
@@ -174,8 +197,13 @@ def test_predict_writes_the_prediction_log_with_a_bounded_sample(
 
 
 def test_served_pyfunc_model_logs_its_predictions(
-        model_file: Path, splits: data.Splits, make_cfg: Callable[..., config.Config],
-        tracking_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_file: Path,
+    splits: data.Splits,
+    make_cfg: Callable[..., config.Config],
+    tracking_env: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import mlflow.pyfunc
 
     monkeypatch.chdir(tmp_path)
@@ -186,20 +214,32 @@ def test_served_pyfunc_model_logs_its_predictions(
     assert not (tmp_path / "served").exists()  # the signature probe is not a prediction
     model = mlflow.pyfunc.load_model("models:/mon-model/1")
     frame = model.predict(splits.x_test[:7])
-    records = [json.loads(line) for f in (tmp_path / "served").glob("*.jsonl")
-               for line in f.read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for f in (tmp_path / "served").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    ]
     assert [r["predicted"] for r in records] == frame["predicted"].tolist()
     assert records[0]["model"] == {"md5": file_digest(model_file)}
 
 
 def test_monitor_cli_exit_codes_and_mlflow_run(
-        model_file: Path, splits: data.Splits, tracking_env: str, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    model_file: Path,
+    splits: data.Splits,
+    tracking_env: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from mlflow import MlflowClient
 
     ref = tmp_path / "train_val.npz"
-    data.save_arrays(ref, x_train=splits.x_train[:1], y_train=splits.y_train[:1],
-                     x_val=splits.x_val, y_val=splits.y_val)
+    data.save_arrays(
+        ref,
+        x_train=splits.x_train[:1],
+        y_train=splits.y_train[:1],
+        x_val=splits.x_val,
+        y_val=splits.y_val,
+    )
     images, labels = draw(splits, "clean", 3)
     np.savez(tmp_path / "clean.npz", images=images, labels=labels)
     np.savez(tmp_path / "inverted.npz", images=255 - images)
@@ -211,9 +251,11 @@ def test_monitor_cli_exit_codes_and_mlflow_run(
     assert verdict.startswith("DRIFT: ") and "mean p=" in verdict and "\n" not in verdict
 
     client = MlflowClient(tracking_env)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.`deep_repro.kind` = 'monitor'",
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`deep_repro.kind` = 'monitor'",
+        order_by=["attributes.start_time ASC"],
+    )
     assert [r.data.metrics["drift"] for r in runs] == [0.0, 1.0]
     assert runs[0].data.metrics["batch_accuracy"] > 0.5 and "p_accuracy" in runs[0].data.metrics
     assert runs[1].data.tags["deep_repro.monitor.model_md5"] == file_digest(model_file)
@@ -222,15 +264,25 @@ def test_monitor_cli_exit_codes_and_mlflow_run(
     assert artifacts == {"monitor/drift.png", "monitor/report.json"}
 
 
-def test_monitor_cli_user_errors(model_file: Path, tracking_env: str, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_monitor_cli_user_errors(
+    model_file: Path, tracking_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad, good = tmp_path / "bad.npz", tmp_path / "good.npz"
     np.savez(bad, images=np.zeros((3, 32, 32), dtype=np.float32))
     np.savez(good, images=np.zeros((3, 28, 28), dtype=np.uint8), labels=np.zeros(3))
     for path, ref in ((good, bad), (tmp_path / "missing", good)):
         with pytest.raises(SystemExit) as exc:
-            cli.main(["monitor", "--model", str(model_file), "--no-log", str(path),
-                      "--reference", str(ref)])
+            cli.main(
+                [
+                    "monitor",
+                    "--model",
+                    str(model_file),
+                    "--no-log",
+                    str(path),
+                    "--reference",
+                    str(ref),
+                ]
+            )
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and str(tmp_path) in err[0]

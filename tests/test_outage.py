@@ -42,12 +42,27 @@ class Server:
     def start(self) -> None:
         # Its own session: the server's workers are children, and killing means all of them.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.tmp / 'server.db'}",
-             "--artifacts-destination", str(self.tmp / "server-artifacts")],
-            cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.tmp / 'server.db'}",
+                "--artifacts-destination",
+                str(self.tmp / "server-artifacts"),
+            ],
+            cwd=self.tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 600  # slow when the machine is busy
         while True:
             try:
@@ -115,14 +130,21 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Server) -> 
 
 def _spool_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     # urllib3's retry chatter is silenced by the stages' logging setup (errors.setup_logging).
-    return [r.getMessage() for r in caplog.records
-            if r.levelno >= logging.WARNING and not r.name.startswith("urllib3")]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and not r.name.startswith("urllib3")
+    ]
 
 
 @pytest.mark.slow
 def test_runs_spool_through_an_outage_and_sync_completes_them(
-        server: Server, workdir: Path, make_cfg: Make, caplog: pytest.LogCaptureFixture,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    server: Server,
+    workdir: Path,
+    make_cfg: Make,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """(One test: each `mlflow server` start costs a minute or more on a busy machine.)
 
     A stage run opened while the server is up keeps its id; runs created during the outage get
@@ -149,14 +171,17 @@ def test_runs_spool_through_an_outage_and_sync_completes_them(
     assert len(lines) == 1, lines
     assert "spooled" in lines[0] and "deep-repro sync" in lines[0] and "\n" not in lines[0]
 
-    pipeline = other.create_run(other_exp, run_name="pipeline", tags={
-        TAG_KIND: "pipeline", TAG_INVOCATION: "never-seen"})
-    stage = other.create_run(other_exp, run_name="train", tags={
-        TAG_KIND: "stage", TAG_PARENT: pipeline.info.run_id})
+    pipeline = other.create_run(
+        other_exp, run_name="pipeline", tags={TAG_KIND: "pipeline", TAG_INVOCATION: "never-seen"}
+    )
+    stage = other.create_run(
+        other_exp, run_name="train", tags={TAG_KIND: "stage", TAG_PARENT: pipeline.info.run_id}
+    )
     assert stage.info.run_id.startswith(spool.PLACEHOLDER_PREFIX)
     assert other.search_runs([other_exp]) == []  # offline: nothing found, no stall
-    other.log_batch(stage.info.run_id, metrics=[Metric("loss", 1.0 / s, 1000 + s, s)
-                                                for s in (1, 2, 3)])
+    other.log_batch(
+        stage.info.run_id, metrics=[Metric("loss", 1.0 / s, 1000 + s, s) for s in (1, 2, 3)]
+    )
     other.set_terminated(stage.info.run_id, "FINISHED")
     other.set_terminated(pipeline.info.run_id, "FINISHED")
     spooled = list((workdir / spool.SPOOL_DIR).glob("*.jsonl"))
@@ -225,18 +250,25 @@ if os.environ.get("OUTAGE_KILL_PGID") and sys.orig_argv[-1:] == ["stages/train.p
 
 @pytest.mark.slow
 def test_dvc_repro_train_survives_the_server_dying_after_the_first_epoch(
-        tmp_path: Path, server: Server) -> None:
+    tmp_path: Path, server: Server
+) -> None:
     project = make_project(tmp_path / "project", fixture_overrides(**{"train.epochs": 2}))
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_KILL_AFTER_FIRST_EPOCH)
-    env = project_env(project) | {"MLFLOW_TRACKING_URI": server.uri,
-                                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}  # see `workdir`
+    env = project_env(project) | {
+        "MLFLOW_TRACKING_URI": server.uri,
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
+    }  # see `workdir`
     run(["dvc", "repro", "split"], project, env, timeout=600)
     assert server.proc is not None
-    proc = run(["dvc", "repro", "train"], project,
-               env | {"PYTHONPATH": str(hook), "OUTAGE_KILL_PGID": str(server.proc.pid)},
-               check=False, timeout=600)
+    proc = run(
+        ["dvc", "repro", "train"],
+        project,
+        env | {"PYTHONPATH": str(hook), "OUTAGE_KILL_PGID": str(server.proc.pid)},
+        check=False,
+        timeout=600,
+    )
     assert server.proc.wait(timeout=30) is not None  # the hook did kill it
     server.proc = None
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -251,8 +283,11 @@ def test_dvc_repro_train_survives_the_server_dying_after_the_first_epoch(
     assert "synced 1 of 1" in out
     client = MlflowClient(server.uri)
     exp = client.get_experiment_by_name("fashion-mnist")
-    train = [r for r in client.search_runs([exp.experiment_id])
-             if r.data.tags.get("deep_repro.stage") == "train"]
+    train = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("deep_repro.stage") == "train"
+    ]
     assert len(train) == 1 and train[0].info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(train[0].info.run_id, "val_loss"))
     assert steps == [1, 2]
@@ -261,8 +296,11 @@ def test_dvc_repro_train_survives_the_server_dying_after_the_first_epoch(
 
 
 def test_offline_writes_replay_into_a_store_without_a_server(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        tracking_env: str) -> None:
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tracking_env: str,
+) -> None:
     """The spool/sync round trip alone (quick): a dead port (refused at once) is the outage, a
     sqlite store the place it is replayed into. Regression: `update_run(name=...)` used to
     clash with the retry helper's own argument name."""
@@ -277,15 +315,20 @@ def test_offline_writes_replay_into_a_store_without_a_server(
     assert offline.offline and parent.info.run_id.startswith(spool.PLACEHOLDER_PREFIX)
     offline.update_run(parent.info.run_id, status="RUNNING", name="renamed")
     child = offline.create_run(exp_id, tags={TAG_PARENT: parent.info.run_id})
-    offline.log_batch(child.info.run_id, metrics=[Metric("loss", 0.5, 1000 + s, s)
-                                                  for s in (1, 2)], params=[Param("lr", "0.1")])
+    offline.log_batch(
+        child.info.run_id,
+        metrics=[Metric("loss", 0.5, 1000 + s, s) for s in (1, 2)],
+        params=[Param("lr", "0.1")],
+    )
     offline.set_tag(child.info.run_id, "note", "x")
     (tmp_path / "a.txt").write_text("a")
     offline.log_artifact(child.info.run_id, str(tmp_path / "a.txt"), "files")
     for made in (child, parent):
         offline.set_terminated(made.info.run_id, "FINISHED")
-    assert "2 run creations, 1 run updates, 2 metrics, 1 params, 1 tags, 1 artifacts" \
+    assert (
+        "2 run creations, 1 run updates, 2 metrics, 1 params, 1 tags, 1 artifacts"
         in offline.summary()
+    )
 
     from deep_repro.tracking.sync import sync
 
@@ -296,8 +339,9 @@ def test_offline_writes_replay_into_a_store_without_a_server(
     assert runs["child"].data.tags[TAG_PARENT] == runs["pipeline"].info.run_id
     assert runs["child"].data.params == {"lr": "0.1"}
     assert all(r.info.status == "FINISHED" for r in runs.values())
-    assert [a.path for a in store.list_artifacts(runs["child"].info.run_id, "files")] == \
-        ["files/a.txt"]
+    assert [a.path for a in store.list_artifacts(runs["child"].info.run_id, "files")] == [
+        "files/a.txt"
+    ]
     assert sync(store).files == 0
 
 
@@ -305,5 +349,6 @@ def test_refusals_are_not_mistaken_for_an_outage() -> None:
     from mlflow.exceptions import MlflowException
 
     assert spool.is_transient(ConnectionRefusedError())
-    assert not spool.is_transient(MlflowException("Run 'x' not found",
-                                                  error_code="RESOURCE_DOES_NOT_EXIST"))
+    assert not spool.is_transient(
+        MlflowException("Run 'x' not found", error_code="RESOURCE_DOES_NOT_EXIST")
+    )

@@ -42,21 +42,25 @@ def client_for(project: Path) -> tuple[MlflowClient, str]:
 
 
 def runs_of(client: MlflowClient, exp_id: str, kind: str) -> list[Any]:
-    return client.search_runs([exp_id], f"tags.`{tracking.TAG_KIND}` = '{kind}'",
-                              order_by=["attributes.start_time ASC"], max_results=1000)
+    return client.search_runs(
+        [exp_id],
+        f"tags.`{tracking.TAG_KIND}` = '{kind}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
 
 
 def children(client: MlflowClient, exp_id: str, parent: str) -> dict[str, Any]:
-    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'",
-                              max_results=100)
+    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=100)
     return {r.data.tags[tracking.TAG_STAGE]: r for r in runs}
 
 
 def assert_links_resolve(client: MlflowClient, run: Any) -> None:
     """Every input hash of a stage run points at a run that wrote exactly those bytes."""
     tags = run.data.tags
-    inputs = {k[len(tracking.IN_PREFIX):]: v for k, v in tags.items()
-              if k.startswith(tracking.IN_PREFIX)}
+    inputs = {
+        k[len(tracking.IN_PREFIX) :]: v for k, v in tags.items() if k.startswith(tracking.IN_PREFIX)
+    }
     assert set(inputs) == set(STAGES[tags[tracking.TAG_STAGE]].deps)
     for path, md5 in inputs.items():
         producer = client.get_run(tags[tracking.UPSTREAM_PREFIX + path])
@@ -68,9 +72,13 @@ def repro_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh project after one `dvc repro` (do not modify: tests use `first_repro`)."""
     # The test project trains the (fast) logistic regression by default, so that
     # `dvc exp run -S model.C=...` works there as `-S model.lr=...` does on the real default.
-    project = make_project(tmp_path_factory.mktemp("repro") / "project", edits={
-        "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
-        "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")]})
+    project = make_project(
+        tmp_path_factory.mktemp("repro") / "project",
+        edits={
+            "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
+            "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")],
+        },
+    )
     dvc(project, "repro")
     return project
 
@@ -135,8 +143,9 @@ def test_one_pipeline_run_with_six_linked_stage_runs(first_repro: Path) -> None:
     # has no epochs or optimizer; tune.* configures `deep-repro tune` only).
     assert parent.data.params["model.name"] == "logreg"
     assert "data.subset" in parent.data.params and "train.num_threads" in parent.data.params
-    assert not [k for k in parent.data.params
-                if k.startswith(("train.epochs", "optimizer.", "tune."))]
+    assert not [
+        k for k in parent.data.params if k.startswith(("train.epochs", "optimizer.", "tune."))
+    ]
     assert parent.data.tags["mlflow.source.name"] == "dvc repro"
     assert stages["train"].data.tags["mlflow.source.name"] == "stages/train.py"
     parent = client.get_run(parent.info.run_id)
@@ -181,8 +190,9 @@ def test_exp_run_reruns_only_downstream_and_keeps_lineage(experiment: Path) -> N
 def test_forced_retrain_of_a_torch_model_is_byte_identical(experiment: Path) -> None:
     # Same config + seed + machine -> the same checkpoint and inference model, byte for byte:
     # two forced reruns leave dvc.lock (md5 of every output) unchanged.
-    params = config.compose(["model=mlp", "model.hidden_sizes=[32]", "train.epochs=2"],
-                            experiment / "conf")
+    params = config.compose(
+        ["model=mlp", "model.hidden_sizes=[32]", "train.epochs=2"], experiment / "conf"
+    )
     (experiment / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     lock = experiment / "dvc.lock"
     dvc(experiment, "repro", "postprocess")
@@ -209,8 +219,7 @@ def test_champion_moves_only_for_a_better_validated_model(experiment: Path) -> N
 def test_hydra_experiment_config_runs_through_dvc(experiment: Path) -> None:
     # What `deep-repro tune` writes (conf/experiment/tuned_<model>.yaml) must be runnable as
     # `dvc exp run -S +experiment=...`, DVC composing it into params.yaml.
-    (experiment / "conf/experiment/tiny.yaml").write_text(
-        "# @package _global_\nmodel:\n  C: 0.3\n")
+    (experiment / "conf/experiment/tiny.yaml").write_text("# @package _global_\nmodel:\n  C: 0.3\n")
     run(["git", "add", "conf/experiment/tiny.yaml"], experiment, project_env(experiment))
     run(["git", "commit", "-qm", "tiny experiment"], experiment, project_env(experiment))
     dvc(experiment, "exp", "run", "-S", "+experiment=tiny", "-n", "from-file")
@@ -222,8 +231,9 @@ def test_hydra_experiment_config_runs_through_dvc(experiment: Path) -> None:
 
 def test_lineage_and_leaderboard_commands(experiment: Path) -> None:
     env = project_env(experiment)
-    out = run(["deep-repro", "lineage", "models:/fashion-mnist-classifier/1"],
-              experiment, env).stdout
+    out = run(
+        ["deep-repro", "lineage", "models:/fashion-mnist-classifier/1"], experiment, env
+    ).stdout
     for stage in ("postprocess", "train", "split", "preprocess", "download"):
         assert f"[{stage}]" in out
     assert "reproduce: git checkout" in out and "md5" in out
@@ -254,9 +264,15 @@ def test_queued_experiments_each_get_their_own_pipeline_run(experiment: Path) ->
     # `dvc queue start` from returning until they exit, so they get a file instead.
     log_file = experiment.parent / "queue.log"
     with log_file.open("w") as sink:
-        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=experiment,
-                       env=project_env(experiment), stdout=sink, stderr=subprocess.STDOUT,
-                       timeout=120, check=True)
+        subprocess.run(
+            ["dvc", "queue", "start", "-j", "2"],
+            cwd=experiment,
+            env=project_env(experiment),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=True,
+        )
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -266,8 +282,15 @@ def test_queued_experiments_each_get_their_own_pipeline_run(experiment: Path) ->
             time.sleep(5)
     finally:
         with log_file.open("a") as sink:
-            subprocess.run(["dvc", "queue", "stop"], cwd=experiment, env=project_env(experiment),
-                           stdout=sink, stderr=subprocess.STDOUT, timeout=120, check=False)
+            subprocess.run(
+                ["dvc", "queue", "stop"],
+                cwd=experiment,
+                env=project_env(experiment),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+                check=False,
+            )
     assert "Failed" not in status, status
     for name in ("q-one", "q-two"):
         logs = dvc(experiment, "queue", "logs", name, check=False).stdout

@@ -42,8 +42,9 @@ def test_dvc_yaml_matches_stage_specs() -> None:
         assert outs == set(spec.outs), name
         assert _paths(stage.get("params", [])) == set(spec.params), name
         for dep in deps:
-            assert dep in outs or (REPO / dep).exists() or any(
-                dep in s.outs for s in STAGES.values()), dep
+            assert (
+                dep in outs or (REPO / dep).exists() or any(dep in s.outs for s in STAGES.values())
+            ), dep
 
 
 def test_no_stage_imports_another_stage() -> None:
@@ -79,29 +80,42 @@ def test_an_undeclared_lazy_transitive_import_fails_the_check(tmp_path: Path) ->
     used = stage_modules(root, stage.script)
     # A module the stage reaches (not exempt) gains a lazy import of one it does not reach.
     carrier = sorted(m for m in used if m not in CODE_DEPS_EXEMPT)[0]
-    newcomer = sorted(p.stem for p in (root / "src/deep_repro").glob("[!_]*.py")
-                      if f"deep_repro.{p.stem}" not in used | set(CODE_DEPS_EXEMPT))[0]
+    newcomer = sorted(
+        p.stem
+        for p in (root / "src/deep_repro").glob("[!_]*.py")
+        if f"deep_repro.{p.stem}" not in used | set(CODE_DEPS_EXEMPT)
+    )[0]
     path = module_file(root, carrier)
     assert path is not None
-    path.write_text(path.read_text() + f"\n\ndef _probe() -> None:\n"
-                    f"    from deep_repro import {newcomer}  # noqa: F401\n")
+    path.write_text(
+        path.read_text() + f"\n\ndef _probe() -> None:\n"
+        f"    from deep_repro import {newcomer}  # noqa: F401\n"
+    )
     problems = code_dep_problems(root, CODE_DEPS_EXEMPT)
-    assert f"stage {stage.name!r} imports deep_repro.{newcomer} but dvc.yaml does not list " \
-           f"src/deep_repro/{newcomer}.py" in "\n".join(problems)
+    assert (
+        f"stage {stage.name!r} imports deep_repro.{newcomer} but dvc.yaml does not list "
+        f"src/deep_repro/{newcomer}.py" in "\n".join(problems)
+    )
 
 
 def test_a_dep_the_stage_never_imports_is_reported(tmp_path: Path) -> None:
     root = _copy_project(tmp_path)
     text = (root / "dvc.yaml").read_text()
-    (root / "dvc.yaml").write_text(text.replace(
-        "      - stages/preprocess.py\n",
-        "      - stages/preprocess.py\n      - src/deep_repro/serving.py\n", 1))
+    (root / "dvc.yaml").write_text(
+        text.replace(
+            "      - stages/preprocess.py\n",
+            "      - stages/preprocess.py\n      - src/deep_repro/serving.py\n",
+            1,
+        )
+    )
     assert code_dep_problems(root, CODE_DEPS_EXEMPT) == [
-        "stage 'preprocess' lists src/deep_repro/serving.py in its deps but never imports it"]
+        "stage 'preprocess' lists src/deep_repro/serving.py in its deps but never imports it"
+    ]
 
 
 def test_import_graph_follows_packages_relative_imports_and_skips_type_checking(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     pkg = tmp_path / "src/deep_repro"
     (pkg / "tuning").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -109,21 +123,40 @@ def test_import_graph_follows_packages_relative_imports_and_skips_type_checking(
     (pkg / "tuning/search.py").write_text(
         "from typing import TYPE_CHECKING\n\nfrom ..models import build\n\n"
         "if TYPE_CHECKING:\n    from deep_repro.tracking import StageRun\n\n"
-        "def run():\n    import importlib\n    return importlib.import_module('deep_repro.data')\n")
+        "def run():\n    import importlib\n    return importlib.import_module('deep_repro.data')\n"
+    )
     for name in ("models", "data", "tracking", "unused"):
         (pkg / f"{name}.py").write_text("")
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages/tune.py").write_text("from deep_repro.tuning import run\n")
     assert stage_modules(tmp_path, "stages/tune.py") == {
-        "deep_repro", "deep_repro.tuning", "deep_repro.tuning.search", "deep_repro.models",
-        "deep_repro.data"}
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"tune": {
-        "cmd": "python stages/tune.py",
-        "deps": ["stages/tune.py", "src/deep_repro/tuning", "src/deep_repro/models.py"]}}}))
+        "deep_repro",
+        "deep_repro.tuning",
+        "deep_repro.tuning.search",
+        "deep_repro.models",
+        "deep_repro.data",
+    }
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "tune": {
+                        "cmd": "python stages/tune.py",
+                        "deps": [
+                            "stages/tune.py",
+                            "src/deep_repro/tuning",
+                            "src/deep_repro/models.py",
+                        ],
+                    }
+                }
+            }
+        )
+    )
     assert code_dep_problems(tmp_path, {"deep_repro": "package init"}) == [
         "stage 'tune' imports deep_repro.data but dvc.yaml does not list src/deep_repro/data.py "
         "in its deps (add it, or exempt the module in deep_repro.pipeline.CODE_DEPS_EXEMPT "
-        "with the reason)"]
+        "with the reason)"
+    ]
 
 
 # --------------------------------------------------------------------------- stage config views
@@ -133,9 +166,12 @@ def test_stage_view_exposes_only_declared_params(make_cfg: Make) -> None:
     assert view.evaluate == cfg.evaluate and view.model.name == cfg.model.name
     assert view.train.num_threads == cfg.train.num_threads  # declared since evaluate uses it
     assert view.tracking == cfg.tracking  # ambient: MLflow only
-    with pytest.raises(UndeclaredParamError, match=r"stage 'evaluate' reads train\.epochs, "
-                       r"which its params in dvc\.yaml do not declare \(declared: evaluate, "
-                       r"model\.name, train\.num_threads\)"):
+    with pytest.raises(
+        UndeclaredParamError,
+        match=r"stage 'evaluate' reads train\.epochs, "
+        r"which its params in dvc\.yaml do not declare \(declared: evaluate, "
+        r"model\.name, train\.num_threads\)",
+    ):
         _ = view.train.epochs
     with pytest.raises(UndeclaredParamError, match=r"stage 'evaluate' reads seed"):
         _ = view.seed

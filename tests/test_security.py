@@ -55,12 +55,14 @@ def real_model(make_cfg: Make, splits: data.Splits, tmp_path: Path) -> Path:
     """models/inference.pt2 of a logistic regression trained on the fixture (trained once)."""
     if "pt2" not in _MODEL_CACHE:
         cfg = make_cfg("model=logreg", "model.max_iter=60")
-        net = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val,
-                                   splits.y_val).model
+        net = training.train_model(
+            cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val
+        ).model
         target = tmp_path / "build/inference.pt2"
         with atomic_path(target) as tmp:
-            inference.export(inference.build_inference_module(net),
-                             torch.from_numpy(splits.x_val[:2]), tmp)
+            inference.export(
+                inference.build_inference_module(net), torch.from_numpy(splits.x_val[:2]), tmp
+            )
         _MODEL_CACHE["pt2"] = target.read_bytes()
     path = tmp_path / "models/inference.pt2"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +105,11 @@ def evil(real_model: Path, tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def images(splits: data.Splits, tmp_path: Path) -> dict[str, Path]:
     trouser = int(np.flatnonzero(splits.y_test == 1)[0])
-    paths = {"raw": tmp_path / "raw.png", "raw16": tmp_path / "raw16.png",
-             "bomb": tmp_path / "bomb.png"}
+    paths = {
+        "raw": tmp_path / "raw.png",
+        "raw16": tmp_path / "raw16.png",
+        "bomb": tmp_path / "bomb.png",
+    }
     Image.fromarray(splits.x_test[trouser]).save(paths["raw"])
     # The same real image as a 16-bit grayscale PNG (v * 257 maps 0..255 onto 0..65535).
     Image.fromarray(splits.x_test[trouser].astype(np.uint16) * 257).save(paths["raw16"])
@@ -114,17 +119,20 @@ def images(splits: data.Splits, tmp_path: Path) -> dict[str, Path]:
 
 def _bomb_png(width: int, height: int) -> bytes:
     """A valid 1-bit grayscale PNG of width x height black pixels (~109 KB for 30000^2)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return (len(body).to_bytes(4, "big") + kind + body
-                + zlib.crc32(kind + body).to_bytes(4, "big"))
+        return (
+            len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+        )
 
     row = b"\0" * (1 + (width + 7) // 8)
     packer = zlib.compressobj(9)
     idat = b"".join(packer.compress(row * 1000) for _ in range(height // 1000))
     idat += packer.compress(row * (height % 1000)) + packer.flush()
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
 
 
 # --------------------------------------------------------------------------- 1. crafted .pt2
@@ -170,38 +178,60 @@ def _first_target(doc: dict, value: str) -> None:
     doc["graph_module"]["graph"]["nodes"][0]["target"] = value
 
 
-@pytest.mark.parametrize(("case", "expected"), [
-    ("pickle_member", "unexpected archive member data.pkl"),
-    ("legacy_weights", "unexpected archive member data/weights/model.pt"),
-    ("custom_obj_constant", "unexpected archive member data/constants/custom_obj_0"),
-    ("pickled_sample_inputs", "sample inputs references posix.system"),
-    ("graph_target", "model graph calls 'torch.os.system'"),
-    ("guards_code", "guard code"),
-    ("sympy_eval", "shape expression uses '__import__'"),
-])
-def test_every_pickle_or_code_path_is_refused(real_model: Path, tmp_path: Path, case: str,
-                                               expected: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("pickle_member", "unexpected archive member data.pkl"),
+        ("legacy_weights", "unexpected archive member data/weights/model.pt"),
+        ("custom_obj_constant", "unexpected archive member data/constants/custom_obj_0"),
+        ("pickled_sample_inputs", "sample inputs references posix.system"),
+        ("graph_target", "model graph calls 'torch.os.system'"),
+        ("guards_code", "guard code"),
+        ("sympy_eval", "shape expression uses '__import__'"),
+    ],
+)
+def test_every_pickle_or_code_path_is_refused(
+    real_model: Path, tmp_path: Path, case: str, expected: str
+) -> None:
     marker = tmp_path / "pwned"
     evil_pickle = _evil_pickle(marker)
     sample_zip = io.BytesIO()
     with zipfile.ZipFile(sample_zip, "w") as archive:  # a torch.save archive, evil data.pkl
-        archive.writestr("archive/data.pkl", zipfile.ZipFile(io.BytesIO(evil_pickle)).read(
-            "archive/data.pkl"))
+        archive.writestr(
+            "archive/data.pkl", zipfile.ZipFile(io.BytesIO(evil_pickle)).read("archive/data.pkl")
+        )
     edits = {
         "pickle_member": _add("data.pkl", evil_pickle),
         "legacy_weights": _add("data/weights/model.pt", evil_pickle),
         "custom_obj_constant": lambda m, r: (
-            _edit_json("data/constants/model_constants_config.json", lambda d: d["config"].update(
-                {"obj": {"path_name": "custom_obj_0", "is_param": False, "use_pickle": False,
-                         "tensor_meta": None}}))(m, r),
-            _add("data/constants/custom_obj_0", evil_pickle)(m, r)),
+            _edit_json(
+                "data/constants/model_constants_config.json",
+                lambda d: d["config"].update(
+                    {
+                        "obj": {
+                            "path_name": "custom_obj_0",
+                            "is_param": False,
+                            "use_pickle": False,
+                            "tensor_meta": None,
+                        }
+                    }
+                ),
+            )(m, r),
+            _add("data/constants/custom_obj_0", evil_pickle)(m, r),
+        ),
         "pickled_sample_inputs": _add("data/sample_inputs/model.pt", sample_zip.getvalue()),
-        "graph_target": _edit_json("models/model.json",
-                                   lambda d: _first_target(d, "torch.os.system")),
-        "guards_code": _edit_json("models/model.json",
-                                  lambda d: d.update(guards_code=["__import__('os')"])),
-        "sympy_eval": _edit_json("models/model.json", lambda d: d["graph_module"]["graph"][
-            "sym_int_values"].update(x={"as_expr": {"expr_str": "__import__('os')"}})),
+        "graph_target": _edit_json(
+            "models/model.json", lambda d: _first_target(d, "torch.os.system")
+        ),
+        "guards_code": _edit_json(
+            "models/model.json", lambda d: d.update(guards_code=["__import__('os')"])
+        ),
+        "sympy_eval": _edit_json(
+            "models/model.json",
+            lambda d: d["graph_module"]["graph"]["sym_int_values"].update(
+                x={"as_expr": {"expr_str": "__import__('os')"}}
+            ),
+        ),
     }
     path = _rewrite(real_model, tmp_path / f"{case}.pt2", edits[case])
     with pytest.raises(safe_archive.UnsafeArchiveError, match=expected.replace("(", r"\(")):
@@ -211,9 +241,12 @@ def test_every_pickle_or_code_path_is_refused(real_model: Path, tmp_path: Path, 
     assert not marker.exists()
 
 
-def test_predict_cli_refuses_crafted_model(evil: tuple[Path, Path], images: dict[str, Path],
-                                           tracking_env: str,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_cli_refuses_crafted_model(
+    evil: tuple[Path, Path],
+    images: dict[str, Path],
+    tracking_env: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     path, marker = evil
     with pytest.raises(SystemExit) as info:
         cli.main(["predict", "--model", str(path), str(images["raw"])])
@@ -234,8 +267,14 @@ def _run_stage(script: str, work: Path, **env: str) -> subprocess.CompletedProce
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     full_env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     full_env.update(env)
-    return subprocess.run([sys.executable, str(REPO / "stages" / script)], cwd=work,
-                          env=full_env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / script)],
+        cwd=work,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_evaluate_stage_refuses_crafted_model(evil: tuple[Path, Path], tmp_path: Path) -> None:
@@ -260,8 +299,14 @@ def test_postprocess_stage_refuses_crafted_checkpoint(tmp_path: Path) -> None:
     assert len(lines) == 1 and "models/checkpoint.pt: refused to load checkpoint" in lines[0]
 
 
-def _log_model(model: Path, splits: data.Splits, make_cfg: Make, tmp_path: Path,
-               monkeypatch: pytest.MonkeyPatch, name: str = "sec-model") -> str:
+def _log_model(
+    model: Path,
+    splits: data.Splits,
+    make_cfg: Make,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str = "sec-model",
+) -> str:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     with tracking.stage_run("postprocess", make_cfg()) as run:
@@ -270,10 +315,14 @@ def _log_model(model: Path, splits: data.Splits, make_cfg: Make, tmp_path: Path,
     return f"models:/{name}/{version}"
 
 
-def test_registry_refuses_to_log_crafted_model(evil: tuple[Path, Path], splits: data.Splits,
-                                               make_cfg: Make, tracking_env: str,
-                                               tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registry_refuses_to_log_crafted_model(
+    evil: tuple[Path, Path],
+    splits: data.Splits,
+    make_cfg: Make,
+    tracking_env: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     path, marker = evil
     with pytest.raises(DataError, match="refused to load model"):
         _log_model(path, splits, make_cfg, tmp_path, monkeypatch)
@@ -281,19 +330,31 @@ def test_registry_refuses_to_log_crafted_model(evil: tuple[Path, Path], splits: 
 
 
 def test_served_model_is_self_contained_and_refuses_swapped_program(
-        real_model: Path, splits: data.Splits, make_cfg: Make, tracking_env: str,
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_model: Path,
+    splits: data.Splits,
+    make_cfg: Make,
+    tracking_env: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import mlflow.artifacts
     import mlflow.pyfunc
 
     uri = _log_model(real_model, splits, make_cfg, tmp_path, monkeypatch)
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "served")))
     # Loads and predicts with deep_repro made unimportable: the check travels with the model.
-    code = ("import sys, numpy as np, mlflow.pyfunc; sys.modules['deep_repro'] = None; "
-            "m = mlflow.pyfunc.load_model(sys.argv[1]); "
-            "print(m.predict(np.zeros((2, 28, 28)))['predicted'].tolist())")
-    proc = subprocess.run([sys.executable, "-c", code, str(local)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+    code = (
+        "import sys, numpy as np, mlflow.pyfunc; sys.modules['deep_repro'] = None; "
+        "m = mlflow.pyfunc.load_model(sys.argv[1]); "
+        "print(m.predict(np.zeros((2, 28, 28)))['predicted'].tolist())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(local)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # An attacker who can write the artifact store swaps the program: loading refuses it.
     marker = tmp_path / "pwned"
@@ -307,14 +368,20 @@ def test_served_model_is_self_contained_and_refuses_swapped_program(
 
 # --------------------------------------------------------------------------- 2. bad input
 def test_serving_rejects_fractional_and_out_of_range_pixels(
-        real_model: Path, splits: data.Splits, make_cfg: Make, tracking_env: str,
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_model: Path,
+    splits: data.Splits,
+    make_cfg: Make,
+    tracking_env: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import scoring_server
 
-    model = mlflow.pyfunc.load_model(_log_model(real_model, splits, make_cfg, tmp_path,
-                                                monkeypatch))
+    model = mlflow.pyfunc.load_model(
+        _log_model(real_model, splits, make_cfg, tmp_path, monkeypatch)
+    )
     schema = model.metadata.get_input_schema()
 
     def post(pixels: object) -> tuple[int, str]:
@@ -328,8 +395,11 @@ def test_serving_rejects_fractional_and_out_of_range_pixels(
     good = splits.x_test[:2].tolist()
     status, body = post(good)
     assert status == 200
-    direct = inference.predict_logits(inference.load_inference_model(real_model),
-                                      splits.x_test[:2]).argmax(1).tolist()
+    direct = (
+        inference.predict_logits(inference.load_inference_model(real_model), splits.x_test[:2])
+        .argmax(1)
+        .tolist()
+    )
     assert [p["predicted"] for p in json.loads(body)["predictions"]] == direct
     half = np.full((1, 28, 28), 0.5).tolist()
     status, message = post(half)
@@ -341,16 +411,26 @@ def test_serving_rejects_fractional_and_out_of_range_pixels(
 
 
 def test_predict_refuses_decompression_bomb_and_classifies_the_rest(
-        real_model: Path, images: dict[str, Path], tracking_env: str,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    real_model: Path, images: dict[str, Path], tracking_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert images["bomb"].stat().st_size < 200_000
-    code = cli.main(["predict", "--model", str(real_model), str(images["raw"]),
-                     str(images["bomb"]), str(images["raw16"])])
+    code = cli.main(
+        [
+            "predict",
+            "--model",
+            str(real_model),
+            str(images["raw"]),
+            str(images["bomb"]),
+            str(images["raw16"]),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 1  # one file failed; the others were classified
     assert out.splitlines() == [line for line in out.splitlines() if "Trouser" in line]
-    assert [line.split(":")[0] for line in out.splitlines()] == [str(images["raw"]),
-                                                                  str(images["raw16"])]
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        str(images["raw"]),
+        str(images["raw16"]),
+    ]
     assert err.count("\n") == 1 and f"{images['bomb']}: error: refused image" in err
 
 
@@ -362,10 +442,16 @@ def test_16_bit_images_are_scaled_not_clipped(images: dict[str, Path]) -> None:
 
 # --------------------------------------------------------------------------- 3./4. git tags
 def _git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True,
-                          check=True).stdout
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    return subprocess.run(
+        ["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def _repo(tmp_path: Path) -> Path:
@@ -394,16 +480,23 @@ def test_generated_file_first_in_porcelain_is_not_dirty(tmp_path: Path) -> None:
 
 
 def test_tags_hold_no_local_paths_or_remote_credentials(
-        tmp_path: Path, make_cfg: Make, tracking_env: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, make_cfg: Make, tracking_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo = _repo(tmp_path)
     _git(repo, "remote", "add", "origin", "https://alice:s3cret@git.example.com/org/repo.git")
     monkeypatch.chdir(repo)
     cfg = make_cfg()
     with tracking.stage_run("evaluate", cfg) as run:
         x, y = np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.uint8)
-        tracking.log_dataset(run, "fashion-mnist-test", x, y, "0" * 32,
-                             str(repo / "data/split/test.npz"), context="test")
+        tracking.log_dataset(
+            run,
+            "fashion-mnist-test",
+            x,
+            y,
+            "0" * 32,
+            str(repo / "data/split/test.npz"),
+            context="test",
+        )
     got = run.client.get_run(run.run_id)
     tags = got.data.tags
     assert tags["deep_repro.git.remote"] == "https://git.example.com/org/repo.git"
@@ -414,12 +507,14 @@ def test_tags_hold_no_local_paths_or_remote_credentials(
 
 
 # --------------------------------------------------------------------------- 5. SIGINT
-def _interrupt_while_blocked(cmd: list[str], cwd: Path, env: dict[str, str],
-                             server: socket.socket) -> subprocess.CompletedProcess[str]:
+def _interrupt_while_blocked(
+    cmd: list[str], cwd: Path, env: dict[str, str], server: socket.socket
+) -> subprocess.CompletedProcess[str]:
     """Start `cmd`, wait until it is blocked talking to `server` (which never answers), then
     send SIGINT as Ctrl-C would."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         server.settimeout(120)
         conn, _ = server.accept()
@@ -442,14 +537,17 @@ def silent_server() -> socket.socket:
     server.close()
 
 
-def test_sigint_in_cli_and_stage_is_one_line_exit_130(silent_server: socket.socket,
-                                                      tmp_path: Path) -> None:
+def test_sigint_in_cli_and_stage_is_one_line_exit_130(
+    silent_server: socket.socket, tmp_path: Path
+) -> None:
     uri = f"http://127.0.0.1:{silent_server.getsockname()[1]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_TIMEOUT="120")
     work = _stage_dir(tmp_path)
-    for cmd in ([sys.executable, "-m", "deep_repro.cli", "leaderboard"],
-                [sys.executable, str(REPO / "stages/download.py")]):
+    for cmd in (
+        [sys.executable, "-m", "deep_repro.cli", "leaderboard"],
+        [sys.executable, str(REPO / "stages/download.py")],
+    ):
         proc = _interrupt_while_blocked(cmd, work, env, silent_server)
         assert proc.returncode == 130, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr

@@ -25,9 +25,13 @@ def dvc(project: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("tables") / "project", edits={
-        "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
-        "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")]})
+    root = make_project(
+        tmp_path_factory.mktemp("tables") / "project",
+        edits={
+            "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
+            "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")],
+        },
+    )
     dvc(root, "repro")
     run(["git", "add", "-A"], root, project_env(root))
     run(["git", "commit", "-qm", "first repro"], root, project_env(root))

@@ -31,8 +31,9 @@ def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert tracking.tracking_uri("http://server:5000") == "sqlite:////elsewhere.db"
 
 
-def test_store_root_escapes_a_queued_experiments_temp_copy(monkeypatch: pytest.MonkeyPatch,
-                                                           tmp_path: Path) -> None:
+def test_store_root_escapes_a_queued_experiments_temp_copy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     temp_copy = tmp_path / ".dvc/tmp/exps/tmpabc123"
     temp_copy.mkdir(parents=True)
     (temp_copy / "dvc.yaml").write_text("stages: {}\n")
@@ -60,18 +61,28 @@ def test_unreachable_store_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) ->
 def test_store_and_experiment_created_once_in_parallel(tmp_path: Path) -> None:
     # Several processes opening a fresh store at once: the file lock serialises creation.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = ("import sys; from deep_repro import tracking; "
-            "c, e = tracking.connect(sys.argv[1], 'race'); print(e)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for _ in range(3)]
+    code = (
+        "import sys; from deep_repro import tracking; "
+        "c, e = tracking.connect(sys.argv[1], 'race'); print(e)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, uri],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert len({o[0].strip() for o in outs}) == 1
 
 
 def test_pipeline_run_is_shared_within_an_invocation_only(
-        make_cfg: Make, tracking_env: str, monkeypatch: pytest.MonkeyPatch,
-        tmp_path: Path) -> None:
+    make_cfg: Make, tracking_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     cfg = make_cfg()
@@ -88,7 +99,8 @@ def test_pipeline_run_is_shared_within_an_invocation_only(
 
 
 def test_invocation_key_is_stable_in_a_process_and_ignores_mlflow_run_id(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("DEEP_REPRO_INVOCATION", raising=False)
     assert tracking.invocation_key() == tracking.invocation_key()
     monkeypatch.setenv("MLFLOW_RUN_ID", "deadbeef")
@@ -102,16 +114,21 @@ def _version(client: object, name: str) -> str:
 
     assert isinstance(client, MlflowClient)
     run = client.create_run(client.get_experiment_by_name("gate").experiment_id)
-    return str(client.create_model_version(name, source="/tmp/model",
-                                           run_id=run.info.run_id).version)
+    return str(
+        client.create_model_version(name, source="/tmp/model", run_id=run.info.run_id).version
+    )
 
 
 def test_champion_moves_only_for_better_validated_models(tracking_env: str) -> None:
     client, _ = tracking.connect(tracking_env, "gate")
     name = "gate-model"
     client.create_registered_model(name)
-    steps = [(0.80, "rejected", None), (0.90, "validated", "2"), (0.88, "validated", "2"),
-             (0.93, "validated", "4")]
+    steps = [
+        (0.80, "rejected", None),
+        (0.90, "validated", "2"),
+        (0.88, "validated", "2"),
+        (0.93, "validated", "4"),
+    ]
     for accuracy, status, champion in steps:
         version = _version(client, name)
         decision = tracking.validation_gate(client, name, version, accuracy, baseline=0.842)
@@ -130,7 +147,8 @@ def test_champion_moves_only_for_better_validated_models(tracking_env: str) -> N
 
 @pytest.mark.slow
 def test_stage_runs_and_leaderboard_against_a_shared_mlflow_server(
-        make_cfg: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_cfg: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A class shares one `mlflow server`: stages log over HTTP, the leaderboard reads it back."""
     import socket
     import time
@@ -142,10 +160,26 @@ def test_stage_runs_and_leaderboard_against_a_shared_mlflow_server(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -188,7 +222,8 @@ def _stage_project(root: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str)
 
 
 def test_train_stage_logs_one_val_accuracy_point_per_epoch(
-        tracking_env: str, splits: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    tracking_env: str, splits: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The per-epoch curve has exactly epochs points (no step-0 point from the best value);
     the runs carry MLflow's source tags and only the params they used."""
     import runpy
@@ -201,8 +236,13 @@ def test_train_stage_logs_one_val_accuracy_point_per_epoch(
     from .helpers import REPO
 
     _stage_project(tmp_path, monkeypatch, "model=mlp", "train.epochs=2")
-    data.save_arrays(tmp_path / SPLIT_TRAIN_VAL, x_train=splits.x_train, y_train=splits.y_train,
-                     x_val=splits.x_val, y_val=splits.y_val)
+    data.save_arrays(
+        tmp_path / SPLIT_TRAIN_VAL,
+        x_train=splits.x_train,
+        y_train=splits.y_train,
+        x_val=splits.x_val,
+        y_val=splits.y_val,
+    )
     monkeypatch.setenv("DEEP_REPRO_INVOCATION", "host:train:1.0")
     for name in ("DVC_STAGE", "DVC_EXP_NAME"):
         monkeypatch.delenv(name, raising=False)
@@ -251,22 +291,25 @@ def test_logreg_runs_log_only_the_params_its_trainer_reads(make_cfg: Make, split
     cfg = make_cfg("model=logreg", "model.max_iter=20")
     logged = pipeline_params(cfg)
     assert "model.C" in logged and "seed" in logged and "train.num_threads" in logged
-    assert not [k for k in logged if k.startswith(("optimizer.", "scheduler.", "augment.",
-                                                   "tune.", "train.epochs"))]
+    assert not [
+        k
+        for k in logged
+        if k.startswith(("optimizer.", "scheduler.", "augment.", "tune.", "train.epochs"))
+    ]
     # Declare whole sections where every key is logged (the trainer gets the typed object).
     full = flatten(to_dict(cfg))
     sections = {k.split(".")[0] for k in full}
     declared = [s for s in sections if all(k in logged for k in full if k.split(".")[0] == s)]
     declared += [k for k in logged if k.split(".")[0] not in declared]
     view = typing.cast(config.Config, StageConfig("logreg", cfg, tuple(declared)))
-    result = training.train_model(view, splits.x_train, splits.y_train, splits.x_val,
-                                  splits.y_val)
+    result = training.train_model(view, splits.x_train, splits.y_train, splits.x_val, splits.y_val)
     assert result.best_epoch == 1
     # A torch model keeps them all (tune.* only on trial runs, never on pipeline runs).
     torch_cfg = make_cfg("model=mlp")
     assert used_params(torch_cfg) == flatten(to_dict(torch_cfg))
-    assert set(pipeline_params(torch_cfg)) == {k for k in used_params(torch_cfg)
-                                               if not k.startswith("tune.")}
+    assert set(pipeline_params(torch_cfg)) == {
+        k for k in used_params(torch_cfg) if not k.startswith("tune.")
+    }
 
 
 def test_connect_marks_existing_experiments_as_model_training(tracking_env: str) -> None:
@@ -284,9 +327,9 @@ def test_connect_marks_existing_experiments_as_model_training(tracking_env: str)
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "genai_development"
 
 
-def test_a_failed_stage_says_why_on_its_runs(make_cfg: Make, tracking_env: str,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_a_failed_stage_says_why_on_its_runs(
+    make_cfg: Make, tracking_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The FAILED runs of a failed download show the reason in the UI (the run description)."""
     from mlflow import MlflowClient
 

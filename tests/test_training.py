@@ -30,8 +30,15 @@ def test_torch_models_learn(make_cfg: Make, splits: data.Splits, model: str) -> 
     extra = ["model.width=8", "model.blocks=[1]"] if model == "resnet" else []
     cfg = make_cfg(f"model={model}", "train.epochs=3", *extra)
     seen: list[training.EpochMetrics] = []
-    result = training.fit(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                          on_epoch=seen.append, progress=False)
+    result = training.fit(
+        cfg,
+        splits.x_train,
+        splits.y_train,
+        splits.x_val,
+        splits.y_val,
+        on_epoch=seen.append,
+        progress=False,
+    )
     assert [m.step for m in seen] == [1, 2, 3]
     # 10 classes: chance is 0.10; the tiny ResNet learns slowest on 1,800 images.
     assert result.best_val_accuracy > (0.3 if model == "resnet" else 0.45)
@@ -47,8 +54,7 @@ def test_torch_models_learn(make_cfg: Make, splits: data.Splits, model: str) -> 
 
 def test_logreg_matches_its_linear_module(make_cfg: Make, splits: data.Splits) -> None:
     cfg = make_cfg("model=logreg", "model.max_iter=50")
-    result = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val,
-                                  splits.y_val)
+    result = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val)
     assert result.best_val_accuracy > 0.7
     assert "lbfgs" in result.stop_reason
     assert count_parameters(result.model) == 784 * 10 + 10
@@ -56,51 +62,72 @@ def test_logreg_matches_its_linear_module(make_cfg: Make, splits: data.Splits) -
 
 def test_training_is_bit_reproducible(make_cfg: Make, splits: data.Splits) -> None:
     cfg = make_cfg("model=cnn", "model.channels=[8,16]", "model.hidden=32", "train.epochs=1")
-    runs = [training.fit(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                         progress=False) for _ in range(2)]
+    runs = [
+        training.fit(
+            cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val, progress=False
+        )
+        for _ in range(2)
+    ]
     assert _state_bytes(runs[0].model) == _state_bytes(runs[1].model)
     assert runs[0].history == runs[1].history
-    other = training.fit(make_cfg("model=cnn", "model.channels=[8,16]", "model.hidden=32",
-                                  "train.epochs=1", "seed=1"),
-                         splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                         progress=False)
+    other = training.fit(
+        make_cfg(
+            "model=cnn", "model.channels=[8,16]", "model.hidden=32", "train.epochs=1", "seed=1"
+        ),
+        splits.x_train,
+        splits.y_train,
+        splits.x_val,
+        splits.y_val,
+        progress=False,
+    )
     assert _state_bytes(other.model) != _state_bytes(runs[0].model)
 
 
-@pytest.mark.parametrize("opt,sched", [("sgd", "cosine"), ("adamw", "none"),
-                                       ("sgd", "onecycle")])
-def test_optimizer_scheduler_combinations(make_cfg: Make, splits: data.Splits, opt: str,
-                                          sched: str) -> None:
-    cfg = make_cfg("model=mlp", f"optimizer={opt}", f"scheduler={sched}", "train.epochs=2",
-                   "augment=none")
-    result = training.fit(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                          progress=False)
+@pytest.mark.parametrize("opt,sched", [("sgd", "cosine"), ("adamw", "none"), ("sgd", "onecycle")])
+def test_optimizer_scheduler_combinations(
+    make_cfg: Make, splits: data.Splits, opt: str, sched: str
+) -> None:
+    cfg = make_cfg(
+        "model=mlp", f"optimizer={opt}", f"scheduler={sched}", "train.epochs=2", "augment=none"
+    )
+    result = training.fit(
+        cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val, progress=False
+    )
     assert result.best_val_accuracy > 0.5
 
 
 def test_early_stopping_records_reason(make_cfg: Make, splits: data.Splits) -> None:
     # lr so small nothing improves after the first epoch -> patience 1 stops at epoch 2 or 3
-    cfg = make_cfg("model=mlp", "model.lr=1e-9", "scheduler=none", "train.epochs=6",
-                   "train.patience=1")
-    result = training.fit(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                          progress=False)
+    cfg = make_cfg(
+        "model=mlp", "model.lr=1e-9", "scheduler=none", "train.epochs=6", "train.patience=1"
+    )
+    result = training.fit(
+        cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val, progress=False
+    )
     assert len(result.history) < 6
     assert result.stop_reason.startswith("early stop at epoch")
 
 
-def test_divergence_is_an_error_naming_epoch_and_step(make_cfg: Make,
-                                                      splits: data.Splits) -> None:
-    cfg = make_cfg("model=mlp", "model.lr=1e12", "optimizer=sgd", "scheduler=none",
-                   "train.label_smoothing=0")
+def test_divergence_is_an_error_naming_epoch_and_step(make_cfg: Make, splits: data.Splits) -> None:
+    cfg = make_cfg(
+        "model=mlp", "model.lr=1e12", "optimizer=sgd", "scheduler=none", "train.label_smoothing=0"
+    )
     with pytest.raises(TrainingError, match=r"diverged: loss is (nan|inf) at epoch 1, step \d+"):
-        training.fit(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val,
-                     progress=False)
+        training.fit(
+            cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val, progress=False
+        )
 
 
 def test_bad_training_input_fails_before_work(make_cfg: Make, splits: data.Splits) -> None:
     with pytest.raises(TrainingError, match=r"train\.batch_size = 5000 exceeds the 1800"):
-        training.fit(make_cfg("model=mlp", "train.batch_size=5000"), splits.x_train,
-                     splits.y_train, splits.x_val, splits.y_val, progress=False)
+        training.fit(
+            make_cfg("model=mlp", "train.batch_size=5000"),
+            splits.x_train,
+            splits.y_train,
+            splits.x_val,
+            splits.y_val,
+            progress=False,
+        )
     if not torch.cuda.is_available():
         with pytest.raises(TrainingError, match=r"train\.device = 'cuda' but CUDA is not"):
             training.resolve_device(make_cfg("train.device=cuda").train)
@@ -112,15 +139,22 @@ def test_device_and_precision_defaults(make_cfg: Make, splits: data.Splits) -> N
     small = ["model=cnn", "model.channels=[8,16]", "model.hidden=32", "train.epochs=1"]
 
     def train(*extra: str) -> training.TrainResult:
-        return training.fit(make_cfg(*small, *extra), splits.x_train[:640], splits.y_train[:640],
-                            splits.x_val, splits.y_val, progress=False)
+        return training.fit(
+            make_cfg(*small, *extra),
+            splits.x_train[:640],
+            splits.y_train[:640],
+            splits.x_val,
+            splits.y_val,
+            progress=False,
+        )
 
     auto = train()
     assert auto.device.startswith("cuda" if torch.cuda.is_available() else "cpu")
     on_cpu = train("train.device=cpu", "train.precision=auto")
     assert on_cpu.device == "cpu"
-    assert _state_bytes(on_cpu.model) == _state_bytes(train("train.device=cpu",
-                                                            "train.precision=fp32").model)
+    assert _state_bytes(on_cpu.model) == _state_bytes(
+        train("train.device=cpu", "train.precision=fp32").model
+    )
     bf16 = train("train.device=cpu", "train.precision=bf16")
     assert _state_bytes(bf16.model) != _state_bytes(on_cpu.model)
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # autocast, fp32 weights
@@ -134,8 +168,9 @@ def test_augmentation_is_batched_label_preserving_and_seeded(splits: data.Splits
     assert a.shape == x.shape and a.dtype == torch.uint8
     assert torch.equal(a, b)
     assert not torch.equal(a, x)
-    assert torch.equal(training.augment_batch(x, NoAugmentConfig(name="none"),
-                                              torch.Generator()), x)
+    assert torch.equal(
+        training.augment_batch(x, NoAugmentConfig(name="none"), torch.Generator()), x
+    )
     # Pure flips keep every pixel value: a flipped image is a permutation of the original.
     flip_only = LightAugmentConfig(name="light", crop_padding=0, hflip=True, random_erasing=0.0)
     f = training.augment_batch(x, flip_only, torch.Generator().manual_seed(1))
@@ -151,20 +186,32 @@ def test_models_build_from_every_config(make_cfg: Make) -> None:
 
 def test_fit_refuses_a_model_it_does_not_train(make_cfg: Make, splits: data.Splits) -> None:
     with pytest.raises(TrainingError, match=r"model = logreg is not trained by gradient descent"):
-        training.fit(make_cfg("model=logreg"), splits.x_train, splits.y_train, splits.x_val,
-                     splits.y_val, progress=False)
+        training.fit(
+            make_cfg("model=logreg"),
+            splits.x_train,
+            splits.y_train,
+            splits.x_val,
+            splits.y_val,
+            progress=False,
+        )
 
 
 def test_new_architecture_trains_and_exports_through_the_registry(
-        make_cfg: Make, splits: data.Splits, tmp_path: Path) -> None:
+    make_cfg: Make, splits: data.Splits, tmp_path: Path
+) -> None:
     # mobilenet was added with conf/model/mobilenet.yaml, one entry in models.py and
     # conf/search/mobilenet.yaml only: train_model, the memory format and export find it.
     # One epoch at full lr (no one-cycle warm-up, no augmentation) to learn visibly in 28 steps.
-    cfg = make_cfg("model=mobilenet", "model.width=8", "model.channels=[16,32]",
-                   "train.epochs=1", "scheduler=none", "augment=none")
+    cfg = make_cfg(
+        "model=mobilenet",
+        "model.width=8",
+        "model.channels=[16,32]",
+        "train.epochs=1",
+        "scheduler=none",
+        "augment=none",
+    )
     assert cfg.is_torch_model and cfg.model_spec.channels_last
-    result = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val,
-                                  splits.y_val)
+    result = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val)
     assert len(result.history) == 1 and math.isfinite(result.history[0].train_loss)
     assert result.best_val_accuracy > 0.25  # chance is 0.10
     module = inference.build_inference_module(result.model)
@@ -173,6 +220,7 @@ def test_new_architecture_trains_and_exports_through_the_registry(
         inference.export(module, torch.from_numpy(splits.x_val[:2]), tmp)
     reference = training.evaluate_logits(result.model, torch.from_numpy(splits.x_val))
     got = inference.predict_logits(inference.load_inference_model(target), splits.x_val)
-    eq = inference.check_equivalence(reference, got, splits.y_val, quantize="none", atol=1e-4,
-                                     max_acc_drop=0.005)
+    eq = inference.check_equivalence(
+        reference, got, splits.y_val, quantize="none", atol=1e-4, max_acc_drop=0.005
+    )
     assert eq.max_abs_diff <= 1e-4

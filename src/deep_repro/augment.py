@@ -47,7 +47,11 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
         left = (torch.rand(n, generator=gen, device=dev) * (w - size[:, 1] + 1)).long()
         r = torch.arange(h, device=dev)[None, :, None]
         c = torch.arange(w, device=dev)[None, None, :]
-        box = ((r >= top[:, None, None]) & (r < (top + size[:, 0])[:, None, None])
-               & (c >= left[:, None, None]) & (c < (left + size[:, 1])[:, None, None]))
+        box = (
+            (r >= top[:, None, None])
+            & (r < (top + size[:, 0])[:, None, None])
+            & (c >= left[:, None, None])
+            & (c < (left + size[:, 1])[:, None, None])
+        )
         x = x.masked_fill(box & erase[:, None, None], 0)
     return x

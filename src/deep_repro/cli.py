@@ -1,11 +1,11 @@
 """`deep-repro` — the commands people type besides `dvc` and `mlflow`.
 
-    deep-repro predict IMAGE...            classify image files with the champion model
-    deep-repro lineage RUN_ID|MODEL_URI    chain from a model back to the raw files
-    deep-repro leaderboard                 best pipeline runs of the experiment
-    deep-repro tune [OVERRIDES...]         Optuna search on the train/val split
-    deep-repro monitor PATH                drift of a batch or prediction log vs validation
-    deep-repro sync                        send what a tracking outage left in the local spool
+deep-repro predict IMAGE...            classify image files with the champion model
+deep-repro lineage RUN_ID|MODEL_URI    chain from a model back to the raw files
+deep-repro leaderboard                 best pipeline runs of the experiment
+deep-repro tune [OVERRIDES...]         Optuna search on the train/val split
+deep-repro monitor PATH                drift of a batch or prediction log vs validation
+deep-repro sync                        send what a tracking outage left in the local spool
 """
 
 from __future__ import annotations
@@ -99,8 +99,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from deep_repro.pipeline import STAGES
 
     order = list(STAGES)
-    chain = sorted(tracking.lineage_chain(client, run_id), key=lambda r: -order.index(
-        r.data.tags.get(tracking.TAG_STAGE, order[0])))
+    chain = sorted(
+        tracking.lineage_chain(client, run_id),
+        key=lambda r: -order.index(r.data.tags.get(tracking.TAG_STAGE, order[0])),
+    )
     print(f"Lineage of {args.ref}: {len(chain)} stage runs, from the model back to the raw files")
     me = chain[0].data.tags.get(f"{tracking.TAG_PREFIX}.user") if chain else None
     for run in chain:
@@ -110,18 +112,17 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         commit = tags.get(f"{tracking.TAG_PREFIX}.git.commit", "unknown")
         dirty = " (dirty)" if tags.get(f"{tracking.TAG_PREFIX}.git.dirty") == "true" else ""
         exp = tags.get(f"{tracking.TAG_PREFIX}.dvc_exp_name")
-        print(f"\n[{stage}] run {run.info.run_id}  pipeline run {parent}  status "
-              f"{run.info.status}")
+        print(f"\n[{stage}] run {run.info.run_id}  pipeline run {parent}  status {run.info.status}")
         print(f"  git commit {commit}{dirty}" + (f"  dvc experiment {exp}" if exp else ""))
         for key in sorted(params):
             print(f"  param  {key} = {params[key]}")
         for key in sorted(tags):
             if key.startswith(tracking.IN_PREFIX):
-                up = tags.get(tracking.UPSTREAM_PREFIX + key[len(tracking.IN_PREFIX):], "none")
-                print(f"  input  {key[len(tracking.IN_PREFIX):]}  md5 {tags[key]}  <- run {up}")
+                up = tags.get(tracking.UPSTREAM_PREFIX + key[len(tracking.IN_PREFIX) :], "none")
+                print(f"  input  {key[len(tracking.IN_PREFIX) :]}  md5 {tags[key]}  <- run {up}")
         for key in sorted(tags):
             if key.startswith(tracking.OUT_PREFIX):
-                print(f"  output {key[len(tracking.OUT_PREFIX):]}  md5 {tags[key]}")
+                print(f"  output {key[len(tracking.OUT_PREFIX) :]}  md5 {tags[key]}")
         user = tags.get(f"{tracking.TAG_PREFIX}.user")
         if user and user != me:
             # Their DVC experiment exists only in their checkout: name the commit + params.
@@ -142,8 +143,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         args.experiment = None
         client, _, cfg = _tracking(args)
         like = pattern.replace("'", "").replace("*", "%")
-        exp_ids: str | list[str] = [e.experiment_id for e in client.search_experiments(
-            filter_string=f"name LIKE '{like}'", max_results=1000)]
+        exp_ids: str | list[str] = [
+            e.experiment_id
+            for e in client.search_experiments(
+                filter_string=f"name LIKE '{like}'", max_results=1000
+            )
+        ]
         if not exp_ids:
             raise DeepReproError(f"--experiment {pattern}: no MLflow experiment matches")
     else:
@@ -186,12 +191,14 @@ def tune_epilog() -> str:
         listing = f"settings (defaults from {conf / 'config.yaml'}):\n{table}"
     else:
         listing = "settings: run inside the project to list the tune.* settings of conf/"
-    return (f"{listing}\n\nany other config key is an override too (the search space itself is "
-            "conf/search/<model>.yaml).\n\nexamples:\n"
-            "  deep-repro tune                                  # the default model, 20 trials\n"
-            "  deep-repro tune model=mlp tune.n_trials=50 tune.epochs=5\n"
-            "  deep-repro tune model=cnn tune.sampler=random tune.timeout=3600\n"
-            "  deep-repro tune model=logreg data.subset=5000 tune.study_name=quick-look")
+    return (
+        f"{listing}\n\nany other config key is an override too (the search space itself is "
+        "conf/search/<model>.yaml).\n\nexamples:\n"
+        "  deep-repro tune                                  # the default model, 20 trials\n"
+        "  deep-repro tune model=mlp tune.n_trials=50 tune.epochs=5\n"
+        "  deep-repro tune model=cnn tune.sampler=random tune.timeout=3600\n"
+        "  deep-repro tune model=logreg data.subset=5000 tune.study_name=quick-look"
+    )
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -208,28 +215,42 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from deep_repro.pipeline import SPLIT_TRAIN_VAL
 
     if not 0 < args.alpha < 1 or args.permutations < 100:
-        raise DeepReproError(f"--alpha = {args.alpha} must lie in (0, 1) and --permutations = "
-                             f"{args.permutations} must be >= 100")
+        raise DeepReproError(
+            f"--alpha = {args.alpha} must lie in (0, 1) and --permutations = "
+            f"{args.permutations} must be >= 100"
+        )
     os.environ.pop("DEEP_REPRO_PREDICTION_LOG", None)  # monitoring's own predictions
     client, exp_id, cfg = _tracking(args)
     model_ref = args.model or f"models:/{cfg.tracking.model_name}@champion"
     predictor = _load_predictor(model_ref)
     reference = monitoring.Reference(
         *monitoring.load_reference(Path(args.reference or repo_root() / SPLIT_TRAIN_VAL)),
-        predictor, seed=args.seed)
+        predictor,
+        seed=args.seed,
+    )
     batch = monitoring.load_batch(Path(args.path), predictor, since=args.since)
     report = reference.compare(batch, alpha=args.alpha, permutations=args.permutations)
     for check in report.checks:
-        log.info("%-10s statistic %10.4g  p %9.3g  %s%s", check.name, check.statistic,
-                 check.p_value, check.detail, "  <- FIRED" if check in report.fired else "")
+        log.info(
+            "%-10s statistic %10.4g  p %9.3g  %s%s",
+            check.name,
+            check.statistic,
+            check.p_value,
+            check.detail,
+            "  <- FIRED" if check in report.fired else "",
+        )
     tags = monitoring_report.model_tags(client, exp_id, model_ref, cfg.tracking.model_name)
     md5s = {str(m["md5"]) for m in batch.models if m.get("md5")}
     if md5s and monitoring_report.TAG_MD5 in tags and md5s != {tags[monitoring_report.TAG_MD5]}:
-        log.warning("the prediction log was written by other model(s) (md5 %s) than %s",
-                    ", ".join(sorted(md5s)), model_ref)
+        log.warning(
+            "the prediction log was written by other model(s) (md5 %s) than %s",
+            ", ".join(sorted(md5s)),
+            model_ref,
+        )
     if not args.no_log:
-        run_id = monitoring_report.log_monitoring_run(client, exp_id, report, batch, reference,
-                                                      tags, str(args.path))
+        run_id = monitoring_report.log_monitoring_run(
+            client, exp_id, report, batch, reference, tags, str(args.path)
+        )
         log.info("monitoring run %s", run_id)
     print(report.verdict())
     return 3 if report.drift else 0
@@ -253,17 +274,24 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deep-repro", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri, "
-                        "MLFLOW_TRACKING_URI, or the repo's mlflow.db)")
+    parser = argparse.ArgumentParser(
+        prog="deep-repro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: tracking.uri, "
+        "MLFLOW_TRACKING_URI, or the repo's mlflow.db)",
+    )
     parser.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predict", help="classify image files")
     p.add_argument("images", nargs="+", help="image files (any size/mode)")
-    p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a "
-                   ".pt2 file (default: models:/<tracking.model_name>@champion)")
+    p.add_argument(
+        "--model",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a "
+        ".pt2 file (default: models:/<tracking.model_name>@champion)",
+    )
     p.add_argument("--top", type=int, default=2, help="classes to show per image")
     p.set_defaults(func=cmd_predict)
 
@@ -275,39 +303,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     who = p.add_mutually_exclusive_group()
     who.add_argument("--user", help="only this user's runs (tag deep_repro.user)")
-    who.add_argument("--mine", action="store_true", help="only my runs (tracking.user, "
-                     "MLFLOW_TRACKING_USERNAME or the OS user)")
+    who.add_argument(
+        "--mine",
+        action="store_true",
+        help="only my runs (tracking.user, MLFLOW_TRACKING_USERNAME or the OS user)",
+    )
     # SUPPRESS: without the flag, the global `--experiment` (before the command) still applies.
-    p.add_argument("--experiment", default=argparse.SUPPRESS,
-                   help="MLflow experiment; `*` matches several (a class: 'fashion-mnist-*') "
-                   "(default: tracking.experiment)")
+    p.add_argument(
+        "--experiment",
+        default=argparse.SUPPRESS,
+        help="MLflow experiment; `*` matches several (a class: 'fashion-mnist-*') "
+        "(default: tracking.experiment)",
+    )
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("tune", help="Optuna hyperparameter search (Hydra-style overrides)",
-                       description="Optuna search on the train/val split; overrides use "
-                       "Hydra syntax (key=value, group=option).", epilog=tune_epilog(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "tune",
+        help="Optuna hyperparameter search (Hydra-style overrides)",
+        description="Optuna search on the train/val split; overrides use "
+        "Hydra syntax (key=value, group=option).",
+        epilog=tune_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("overrides", nargs="*", help="e.g. model=cnn tune.n_trials=30")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("monitor", help="drift check of a batch vs the validation data "
-                       "(exit 0: no drift, 3: drift)")
-    p.add_argument("path", help="prediction-log dir or .jsonl, .npz with 'images' [N,28,28] "
-                   "uint8 (+ optional 'labels'), or a directory of image files")
-    p.add_argument("--model", help="as for predict (default: models:/<tracking.model_name>"
-                   "@champion)")
-    p.add_argument("--reference", help="reference .npz with x_val/y_val or images/labels "
-                   "(default: the validation part of data/split/train_val.npz)")
-    p.add_argument("--alpha", type=float, default=0.01,
-                   help="false-alarm rate, Bonferroni-split over the checks")
+    p = sub.add_parser(
+        "monitor", help="drift check of a batch vs the validation data (exit 0: no drift, 3: drift)"
+    )
+    p.add_argument(
+        "path",
+        help="prediction-log dir or .jsonl, .npz with 'images' [N,28,28] "
+        "uint8 (+ optional 'labels'), or a directory of image files",
+    )
+    p.add_argument(
+        "--model", help="as for predict (default: models:/<tracking.model_name>@champion)"
+    )
+    p.add_argument(
+        "--reference",
+        help="reference .npz with x_val/y_val or images/labels "
+        "(default: the validation part of data/split/train_val.npz)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.01,
+        help="false-alarm rate, Bonferroni-split over the checks",
+    )
     p.add_argument("--since", help="prediction logs: only records at/after this ISO time")
     p.add_argument("--permutations", type=int, default=2000, help="for the MMD test")
     p.add_argument("--seed", type=int, default=0, help="reference subsample and permutations")
     p.add_argument("--no-log", action="store_true", help="do not record an MLflow run")
     p.set_defaults(func=cmd_monitor)
 
-    p = sub.add_parser("sync", help="replay runs spooled during a tracking outage (safe to "
-                       "rerun; exit 1 if some are left)")
+    p = sub.add_parser(
+        "sync",
+        help="replay runs spooled during a tracking outage (safe to "
+        "rerun; exit 1 if some are left)",
+    )
     p.set_defaults(func=cmd_sync)
     return parser
 

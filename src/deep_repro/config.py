@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # error. Groups whose options carry different keys (optimizer, scheduler, augment, model) are
 # tagged unions: one dataclass per option, picked by `name`.
 
+
 # --------------------------------------------------------------------------- data / split
 @dataclass(frozen=True)
 class DataConfig:
@@ -69,8 +70,9 @@ class TorchModelConfig(ModelConfig):
     dropout: float = field(metadata=rng(ge=0.0, lt=1.0))
 
 
-def check_sizes(key: str, values: list[int], *, at_most: int | None = None,
-                too_many: str = "") -> None:
+def check_sizes(
+    key: str, values: list[int], *, at_most: int | None = None, too_many: str = ""
+) -> None:
     """A model's list of layer sizes: non-empty, every item >= 1, at most `at_most` items."""
     if not values or any(v < 1 for v in values):
         raise _fail(f"model.{key}", values, "a non-empty list of integers >= 1")
@@ -212,26 +214,31 @@ def _semantic_checks(cfg: Config) -> None:
     """Cross-field rules the types alone cannot express."""
     missing = set(DATA_FILES) - set(cfg.data.sha256)
     if missing:
-        raise ConfigError(f"config error: data.sha256 lacks {sorted(missing)}; expected the sha256 "
-                          f"of each decompressed file {list(DATA_FILES)}")
+        raise ConfigError(
+            f"config error: data.sha256 lacks {sorted(missing)}; expected the sha256 "
+            f"of each decompressed file {list(DATA_FILES)}"
+        )
     for name, digest in cfg.data.sha256.items():
         if name not in DATA_FILES:
-            raise ConfigError(f"config error: unknown key data.sha256.{name} "
-                              f"(allowed: {', '.join(DATA_FILES)})")
+            raise ConfigError(
+                f"config error: unknown key data.sha256.{name} (allowed: {', '.join(DATA_FILES)})"
+            )
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise _fail(f"data.sha256.{name}", digest, "64 lowercase hex digits")
     if not cfg.data.mirrors:
         raise _fail("data.mirrors", cfg.data.mirrors, "a non-empty list of base URLs")
     for i, url in enumerate(cfg.data.mirrors):
         if not url.startswith(("http://", "https://", "file://")):
-            raise _fail(f"data.mirrors[{i}]", url, "a URL starting with http://, https:// or "
-                        "file://")
+            raise _fail(
+                f"data.mirrors[{i}]", url, "a URL starting with http://, https:// or file://"
+            )
     check_tracking_uri("tracking.uri", cfg.tracking.uri)
     if cfg.tune.storage is not None and "://" in cfg.tune.storage:
         reject_password("tune.storage", cfg.tune.storage)
     device = cfg.train.device
-    if not (device in ("auto", "cpu", "cuda") or
-            (device.startswith("cuda:") and device[5:].isdigit())):
+    if not (
+        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
         raise _fail("train.device", device, "one of 'auto', 'cpu', 'cuda', 'cuda:N'")
     cfg.model.check()
     if isinstance(cfg.optimizer, AdamWConfig):
@@ -248,8 +255,18 @@ _PASSWORD_HOME = {
     "tune.storage": "for PostgreSQL set PGPASSWORD or use ~/.pgpass (libpq/psycopg read both)",
 }
 # Schemes MLflow can track to (a database scheme may name its driver: postgresql+psycopg2).
-_TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql",
-                     "databricks", "databricks-uc", "uc")
+_TRACKING_SCHEMES = (
+    "http",
+    "https",
+    "file",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
 _NEEDS_HOST = ("http", "https", "postgresql", "mysql", "mssql")
 
 
@@ -264,8 +281,10 @@ def reject_password(key: str, uri: str) -> None:
     except ValueError:  # an unparsable port etc.: the scheme/host check reports it
         has_password = "@" in uri.split("://", 1)[-1].split("/", 1)[0]
     if has_password:
-        raise ConfigError(f"config error: {key} contains a password, which would be stored in "
-                          f"params.yaml, git and MLflow; remove it and {_PASSWORD_HOME[key]}")
+        raise ConfigError(
+            f"config error: {key} contains a password, which would be stored in "
+            f"params.yaml, git and MLflow; remove it and {_PASSWORD_HOME[key]}"
+        )
 
 
 def check_tracking_uri(key: str, uri: str | None) -> None:
@@ -275,8 +294,10 @@ def check_tracking_uri(key: str, uri: str | None) -> None:
         return
     from urllib.parse import urlsplit
 
-    expected = (f"a tracking URI with a scheme among {', '.join(_TRACKING_SCHEMES)} "
-                "(e.g. http://host:5000, sqlite:///path/mlflow.db), or null")
+    expected = (
+        f"a tracking URI with a scheme among {', '.join(_TRACKING_SCHEMES)} "
+        "(e.g. http://host:5000, sqlite:///path/mlflow.db), or null"
+    )
     if uri in ("databricks", "databricks-uc"):
         return
     try:
@@ -295,8 +316,10 @@ def check_tracking_uri(key: str, uri: str | None) -> None:
 
 
 DATA_FILES: tuple[str, ...] = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
 )
 
 
@@ -313,11 +336,14 @@ def load_config(path: Path | None = None) -> Config:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config error: {path} not found; run from the repository root "
-                          "(it is the composition of conf/)") from None
+        raise ConfigError(
+            f"config error: {path} not found; run from the repository root "
+            "(it is the composition of conf/)"
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: {path} is not valid YAML: "
-                          f"{str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config error: {path} is not valid YAML: {str(exc).splitlines()[0]}"
+        ) from None
     return validate(raw or {})
 
 
@@ -345,8 +371,9 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | None = None) ->
     return compose_with_choices(overrides, conf_dir)[0]
 
 
-def compose_with_choices(overrides: list[str] | None = None, conf_dir: Path | None = None
-                         ) -> tuple[dict[str, Any], dict[str, str]]:
+def compose_with_choices(
+    overrides: list[str] | None = None, conf_dir: Path | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """`compose`, also returning the option picked in each config group of conf/
     (`{"model": "cnn", "optimizer": "adamw", ...}`; unselected optional groups left out).
 
@@ -364,17 +391,23 @@ def compose_with_choices(overrides: list[str] | None = None, conf_dir: Path | No
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
-            composed = hydra_compose(config_name="config", overrides=overrides,
-                                     return_hydra_config=True)
+            composed = hydra_compose(
+                config_name="config", overrides=overrides, return_hydra_config=True
+            )
         choices = OmegaConf.to_container(composed.hydra.runtime.choices)
         with open_dict(composed):
             del composed["hydra"]  # its run/sweep dirs cannot resolve outside a Hydra app
         raw = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ConfigError(f"config error: cannot compose conf/ with overrides "
-                          f"{' '.join(overrides) or '(none)'}: {first}") from None
+        raise ConfigError(
+            f"config error: cannot compose conf/ with overrides "
+            f"{' '.join(overrides) or '(none)'}: {first}"
+        ) from None
     assert isinstance(raw, dict) and isinstance(choices, dict)
-    groups = {str(k): str(v) for k, v in choices.items()
-              if v is not None and not str(k).startswith("hydra/")}
+    groups = {
+        str(k): str(v)
+        for k, v in choices.items()
+        if v is not None and not str(k).startswith("hydra/")
+    }
     return raw, groups  # type: ignore[return-value]

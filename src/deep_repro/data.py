@@ -24,17 +24,27 @@ from deep_repro.files import atomic_path, file_digest
 log = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (28, 28)
 # IDX magic numbers: 0x0000 0803 = unsigned byte, 3 dims; 0x0000 0801 = unsigned byte, 1 dim.
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
-OFFLINE_HINT = ("offline? install the real dataset with `apt-get install dataset-fashion-mnist` "
-                "(mirror file:///usr/share/datasets/fashion-mnist) or set "
-                "data.mirrors to a directory/URL holding the four .gz files")
+OFFLINE_HINT = (
+    "offline? install the real dataset with `apt-get install dataset-fashion-mnist` "
+    "(mirror file:///usr/share/datasets/fashion-mnist) or set "
+    "data.mirrors to a directory/URL holding the four .gz files"
+)
 
 
 # --------------------------------------------------------------------------- download
@@ -55,14 +65,19 @@ def _fetch(url: str, dest: Path, desc: str) -> None:
     request = urllib.request.Request(url)
     if parts.username is not None:  # private mirror: credentials go in a header, never in logs
         host = parts.hostname or ""
-        request = urllib.request.Request(parts._replace(
-            netloc=f"{host}:{parts.port}" if parts.port else host).geturl())
+        request = urllib.request.Request(
+            parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
+        )
         token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         request.add_header("Authorization", f"Basic {base64.b64encode(token).decode()}")
     with urllib.request.urlopen(request, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
-                                            desc=desc, leave=False, mininterval=0.5) as bar:
+        with (
+            open(dest, "wb") as out,
+            tqdm(
+                total=total, unit="B", unit_scale=True, desc=desc, leave=False, mininterval=0.5
+            ) as bar,
+        ):
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
                 bar.update(len(chunk))
@@ -95,8 +110,9 @@ def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_
                 _fetch(url, tmp, desc=name)
                 actual = file_digest(tmp, "sha256", decompress=True)
                 if actual != expected_sha256:
-                    raise _Rejected(f"sha256 mismatch (got {actual[:12]}…, expected "
-                                    f"{expected_sha256[:12]}…)")
+                    raise _Rejected(
+                        f"sha256 mismatch (got {actual[:12]}…, expected {expected_sha256[:12]}…)"
+                    )
         except _Rejected as exc:
             failures.append(MirrorFailure(scrub(mirror), str(exc)))
         except (urllib.error.URLError, OSError, EOFError, ValueError) as exc:
@@ -106,8 +122,12 @@ def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_
         else:
             log.info("%s verified from %s", name, scrub(mirror))
             return mirror
-        log.info("%s: mirror %s rejected (%s); trying the next one", name, failures[-1].mirror,
-                 failures[-1].reason)
+        log.info(
+            "%s: mirror %s rejected (%s); trying the next one",
+            name,
+            failures[-1].mirror,
+            failures[-1].reason,
+        )
     detail = "; ".join(f"{f.mirror}: {f.reason}" for f in failures)
     raise DataError(f"could not get {name}.gz from any of data.mirrors ({detail}); {OFFLINE_HINT}")
 
@@ -121,23 +141,27 @@ def _read_gz(path: Path) -> bytes:
         raise DataError(f"{path}: not a complete gzip file ({exc})") from None
 
 
-def parse_idx(path: Path, *, expect_magic: int, expect_shape: tuple[int, ...] | None = None
-              ) -> np.ndarray:
+def parse_idx(
+    path: Path, *, expect_magic: int, expect_shape: tuple[int, ...] | None = None
+) -> np.ndarray:
     """Parse an IDX (.gz) file into a uint8 array, validating magic number and size."""
     raw = _read_gz(path)
     if len(raw) < 8:
         raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
     magic = int.from_bytes(raw[0:4], "big")
     if magic != expect_magic:
-        raise DataError(f"{path}: bad IDX magic number {magic:#010x}, expected "
-                        f"{expect_magic:#010x}")
+        raise DataError(
+            f"{path}: bad IDX magic number {magic:#010x}, expected {expect_magic:#010x}"
+        )
     ndim = raw[3]
     header = 4 + 4 * ndim
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected_len = header + int(np.prod(dims))
     if len(raw) != expected_len:
-        raise DataError(f"{path}: truncated or padded IDX data: {len(raw)} bytes, header "
-                        f"{dims} implies {expected_len}")
+        raise DataError(
+            f"{path}: truncated or padded IDX data: {len(raw)} bytes, header "
+            f"{dims} implies {expected_len}"
+        )
     if expect_shape is not None and dims[1:] != expect_shape:
         raise DataError(f"{path}: images are {dims[1:]}, expected {expect_shape}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
@@ -147,23 +171,32 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array as a gzip'd IDX file (used to build the test fixture)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
     # mtime=0 and no embedded file name: byte-identical .gz files on every run.
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw_fh, gzip.GzipFile(
-            fileobj=raw_fh, mode="wb", mtime=0, filename="") as fh:
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as raw_fh,
+        gzip.GzipFile(fileobj=raw_fh, mode="wb", mtime=0, filename="") as fh,
+    ):
         fh.write(header + array.tobytes())
 
 
 def load_idx_pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of one official part (`train` or `t10k`), cross-checked."""
-    images = parse_idx(raw_dir / f"{prefix}-images-idx3-ubyte.gz", expect_magic=IDX_IMAGES_MAGIC,
-                       expect_shape=IMAGE_SHAPE)
+    images = parse_idx(
+        raw_dir / f"{prefix}-images-idx3-ubyte.gz",
+        expect_magic=IDX_IMAGES_MAGIC,
+        expect_shape=IMAGE_SHAPE,
+    )
     labels = parse_idx(raw_dir / f"{prefix}-labels-idx1-ubyte.gz", expect_magic=IDX_LABELS_MAGIC)
     if len(images) != len(labels):
         raise DataError(f"{raw_dir}/{prefix}: {len(images)} images but {len(labels)} labels")
     if labels.size and labels.max() >= NUM_CLASSES:
-        raise DataError(f"{raw_dir}/{prefix}-labels: label {int(labels.max())} out of range "
-                        f"0..{NUM_CLASSES - 1}")
+        raise DataError(
+            f"{raw_dir}/{prefix}-labels: label {int(labels.max())} out of range "
+            f"0..{NUM_CLASSES - 1}"
+        )
     return images, labels
 
 
@@ -192,8 +225,9 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- split
-def stratified_indices(labels: np.ndarray, fraction: float, rng: np.random.Generator
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_indices(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Split indices so every class keeps its share: returns (kept, held_out), each sorted."""
     held: list[np.ndarray] = []
     kept: list[np.ndarray] = []
@@ -214,8 +248,9 @@ def stratified_subset(labels: np.ndarray, size: int, rng: np.random.Generator) -
     return chosen
 
 
-def make_split(images: np.ndarray, labels: np.ndarray, *, val_size: float, seed: int,
-               subset: int | None) -> dict[str, np.ndarray]:
+def make_split(
+    images: np.ndarray, labels: np.ndarray, *, val_size: float, seed: int, subset: int | None
+) -> dict[str, np.ndarray]:
     """Stratified train/val split of the official training set (optionally subsampled first)."""
     rng = np.random.default_rng(seed)
     if subset is not None:
@@ -225,10 +260,15 @@ def make_split(images: np.ndarray, labels: np.ndarray, *, val_size: float, seed:
         images, labels = images[keep], labels[keep]
     train_idx, val_idx = stratified_indices(labels, val_size, rng)
     if len(val_idx) == 0 or len(train_idx) == 0:
-        raise DataError(f"split.val_size = {val_size} leaves an empty train or val set for "
-                        f"{len(labels)} images")
-    return {"x_train": images[train_idx], "y_train": labels[train_idx],
-            "x_val": images[val_idx], "y_val": labels[val_idx]}
+        raise DataError(
+            f"split.val_size = {val_size} leaves an empty train or val set for {len(labels)} images"
+        )
+    return {
+        "x_train": images[train_idx],
+        "y_train": labels[train_idx],
+        "x_val": images[val_idx],
+        "y_val": labels[val_idx],
+    }
 
 
 @dataclass(frozen=True)
@@ -244,8 +284,9 @@ class Splits:
 def load_splits(train_val: Path, test_file: Path) -> Splits:
     tv = load_arrays(train_val)
     test = load_arrays(test_file)
-    return Splits(tv["x_train"], tv["y_train"], tv["x_val"], tv["y_val"],
-                  test["x_test"], test["y_test"])
+    return Splits(
+        tv["x_train"], tv["y_train"], tv["x_val"], tv["y_val"], test["x_test"], test["y_test"]
+    )
 
 
 def array_digest(*arrays: np.ndarray) -> str:

@@ -58,8 +58,9 @@ class _RedactCredentials(logging.Filter):
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_RedactCredentials())
     # MLflow and alembic are chatty at INFO on every store open; keep the stage logs readable.

@@ -66,8 +66,10 @@ def mcnemar_p_value(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
         return 1.0
     k = min(b01, b10)
     # log-space binomial tail: n can be thousands.
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-                 for i in range(k + 1)]
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(k + 1)
+    ]
     top = max(log_terms)
     tail = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
     return min(1.0, 2 * tail)
@@ -94,21 +96,28 @@ class ClassificationReport:
 
     def headline(self, prefix: str) -> dict[str, float]:
         """Every number of this report as flat MLflow metrics (`val_accuracy`, ...)."""
-        return {f"{prefix}_accuracy": self.accuracy,
-                f"{prefix}_accuracy_ci95_low": self.accuracy_ci95[0],
-                f"{prefix}_accuracy_ci95_high": self.accuracy_ci95[1],
-                f"{prefix}_macro_f1": self.macro_f1,
-                f"{prefix}_top2_accuracy": self.top2_accuracy, f"{prefix}_ece": self.ece}
+        return {
+            f"{prefix}_accuracy": self.accuracy,
+            f"{prefix}_accuracy_ci95_low": self.accuracy_ci95[0],
+            f"{prefix}_accuracy_ci95_high": self.accuracy_ci95[1],
+            f"{prefix}_macro_f1": self.macro_f1,
+            f"{prefix}_top2_accuracy": self.top2_accuracy,
+            f"{prefix}_ece": self.ece,
+        }
 
     def summary(self) -> dict[str, float]:
         """The few numbers that go into the DVC metrics file (`dvc metrics show` / `exp show`
         stay narrow: the rest lives in MLflow and reports/eval/)."""
-        return {"accuracy": round(self.accuracy, 6), "ci95": round(self.accuracy_pm, 4),
-                "macro_f1": round(self.macro_f1, 6)}
+        return {
+            "accuracy": round(self.accuracy, 6),
+            "ci95": round(self.accuracy_pm, 4),
+            "macro_f1": round(self.macro_f1, 6),
+        }
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
-                               ) -> tuple[float, list[dict[str, float]]]:
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 15
+) -> tuple[float, list[dict[str, float]]]:
     """ECE with equal-width confidence bins; also returns the per-bin table for the diagram."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     table, ece = [], 0.0
@@ -118,8 +127,15 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
         acc = float(correct[in_bin].mean()) if count else 0.0
         conf = float(confidence[in_bin].mean()) if count else 0.0
         ece += abs(acc - conf) * count / max(1, len(confidence))
-        table.append({"bin_lower": round(float(lo), 4), "bin_upper": round(float(hi), 4),
-                      "count": count, "accuracy": acc, "confidence": conf})
+        table.append(
+            {
+                "bin_lower": round(float(lo), 4),
+                "bin_upper": round(float(hi), 4),
+                "count": count,
+                "accuracy": acc,
+                "confidence": conf,
+            }
+        )
     return ece, table
 
 
@@ -137,10 +153,17 @@ def classification_report(y_true: np.ndarray, logits: np.ndarray) -> Classificat
     correct = int((y_pred == y_true).sum())
     return ClassificationReport(
         accuracy=correct / max(1, len(y_true)),
-        accuracy_ci95=wilson_interval(correct, len(y_true)), macro_f1=float(f1.mean()),
-        top2_accuracy=float((top2 == y_true[:, None]).any(axis=1).mean()), ece=float(ece),
-        precision=precision, recall=recall, f1=f1, support=cm.sum(axis=1), confusion=cm,
-        calibration=bins)
+        accuracy_ci95=wilson_interval(correct, len(y_true)),
+        macro_f1=float(f1.mean()),
+        top2_accuracy=float((top2 == y_true[:, None]).any(axis=1).mean()),
+        ece=float(ece),
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        support=cm.sum(axis=1),
+        confusion=cm,
+        calibration=bins,
+    )
 
 
 # --------------------------------------------------------------------------- files
@@ -154,9 +177,16 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def per_class_rows(report: ClassificationReport) -> list[dict[str, Any]]:
-    return [{"class": CLASS_NAMES[i], "precision": round(float(report.precision[i]), 6),
-             "recall": round(float(report.recall[i]), 6), "f1": round(float(report.f1[i]), 6),
-             "support": int(report.support[i])} for i in range(NUM_CLASSES)]
+    return [
+        {
+            "class": CLASS_NAMES[i],
+            "precision": round(float(report.precision[i]), 6),
+            "recall": round(float(report.recall[i]), 6),
+            "f1": round(float(report.f1[i]), 6),
+            "support": int(report.support[i]),
+        }
+        for i in range(NUM_CLASSES)
+    ]
 
 
 def class_label(index: int) -> str:
@@ -167,8 +197,10 @@ def class_label(index: int) -> str:
 
 def prediction_rows(y_true: np.ndarray, y_pred: np.ndarray) -> list[dict[str, Any]]:
     """Per-sample rows for DVC's `confusion` plot template."""
-    return [{"actual": class_label(t), "predicted": class_label(p)}
-            for t, p in zip(y_true.tolist(), y_pred.tolist(), strict=True)]
+    return [
+        {"actual": class_label(t), "predicted": class_label(p)}
+        for t, p in zip(y_true.tolist(), y_pred.tolist(), strict=True)
+    ]
 
 
 def reliability_rows(table: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -203,8 +235,15 @@ def confusion_figure(cm: np.ndarray, title: str) -> Any:
     for i in range(NUM_CLASSES):
         for j in range(NUM_CLASSES):
             if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -213,8 +252,9 @@ def confusion_figure(cm: np.ndarray, title: str) -> Any:
     return fig
 
 
-def misclassified_figure(images: np.ndarray, y_true: np.ndarray, logits: np.ndarray,
-                         n: int = 24) -> Any:
+def misclassified_figure(
+    images: np.ndarray, y_true: np.ndarray, logits: np.ndarray, n: int = 24
+) -> Any:
     """The most confidently wrong test images, with true and predicted class names."""
     plt = _pyplot()
     probs = softmax(logits)
@@ -228,8 +268,11 @@ def misclassified_figure(images: np.ndarray, y_true: np.ndarray, logits: np.ndar
         ax.axis("off")
     for ax, idx in zip(np.atleast_1d(axes).ravel(), order, strict=False):
         ax.imshow(images[idx], cmap="gray_r")
-        ax.set_title(f"true: {CLASS_NAMES[y_true[idx]]}\npred: {CLASS_NAMES[pred[idx]]} "
-                     f"({probs[idx, pred[idx]]:.2f})", fontsize=7)
+        ax.set_title(
+            f"true: {CLASS_NAMES[y_true[idx]]}\npred: {CLASS_NAMES[pred[idx]]} "
+            f"({probs[idx, pred[idx]]:.2f})",
+            fontsize=7,
+        )
     fig.suptitle("Most confidently misclassified test images")
     fig.tight_layout()
     return fig

@@ -77,7 +77,8 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         for a, b in itertools.pairwise(keys):
             first, second = module._modules[a], module._modules[b]
             if (isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d)) or (
-                    isinstance(first, nn.Linear) and isinstance(second, nn.BatchNorm1d)):
+                isinstance(first, nn.Linear) and isinstance(second, nn.BatchNorm1d)
+            ):
                 module._modules[a] = _fold_bn(first, second)
                 module._modules[b] = nn.Identity()
     return module
@@ -147,8 +148,9 @@ def load_inference_model(path: Path) -> nn.Module:
     try:
         return safe_archive.load_pt2(path)
     except safe_archive.UnsafeArchiveError as exc:
-        raise DataError(f"{path}: refused to load model ({exc}); re-export it with "
-                        "`dvc repro postprocess`") from None
+        raise DataError(
+            f"{path}: refused to load model ({exc}); re-export it with `dvc repro postprocess`"
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -161,26 +163,30 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's message suggests weights_only=False: exactly what must not be done here.
-        raise DataError(f"{path}: refused to load checkpoint (it holds objects other than "
-                        "tensors, which could run code); retrain with `dvc repro train`") from None
+        raise DataError(
+            f"{path}: refused to load checkpoint (it holds objects other than "
+            "tensors, which could run code); retrain with `dvc repro train`"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: refused to load checkpoint ({first[:200]}); retrain with "
-                        "`dvc repro train`") from None
+        raise DataError(
+            f"{path}: refused to load checkpoint ({first[:200]}); retrain with `dvc repro train`"
+        ) from None
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a state_dict checkpoint; retrain with `dvc repro train`")
     return state
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images_u8: np.ndarray | torch.Tensor,
-                   batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, images_u8: np.ndarray | torch.Tensor, batch_size: int = 1024
+) -> torch.Tensor:
     """Logits for uint8 images `[N, 28, 28]`, `[N, 1, 28, 28]` or `[N, 784]`, batched."""
     x = torch.as_tensor(images_u8)
     if x.dtype != torch.uint8:
         raise DataError(f"inference expects uint8 pixel values 0..255, got {x.dtype}")
     x = x.reshape(-1, 28, 28)
-    outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, 10)
 
 
@@ -196,8 +202,15 @@ class Equivalence:
         return self.reference_accuracy - self.exported_accuracy
 
 
-def check_equivalence(reference: torch.Tensor, exported: torch.Tensor, labels: np.ndarray, *,
-                      quantize: str, atol: float, max_acc_drop: float) -> Equivalence:
+def check_equivalence(
+    reference: torch.Tensor,
+    exported: torch.Tensor,
+    labels: np.ndarray,
+    *,
+    quantize: str,
+    atol: float,
+    max_acc_drop: float,
+) -> Equivalence:
     """Compare logits of the trained and exported model on the validation set; raise if off."""
     y = torch.as_tensor(labels.astype(np.int64))
     eq = Equivalence(
@@ -208,17 +221,20 @@ def check_equivalence(reference: torch.Tensor, exported: torch.Tensor, labels: n
     if quantize == "none" and not eq.max_abs_diff <= atol:
         raise EquivalenceError(
             f"exported model differs from the trained model: max |logit diff| = "
-            f"{eq.max_abs_diff:.3g} > postprocess.atol = {atol:g} on {len(y)} val images")
+            f"{eq.max_abs_diff:.3g} > postprocess.atol = {atol:g} on {len(y)} val images"
+        )
     if quantize == "int8" and not eq.accuracy_drop <= max_acc_drop:
         raise EquivalenceError(
             f"int8 model loses {eq.accuracy_drop * 100:.2f} accuracy points on val "
             f"({eq.reference_accuracy:.4f} -> {eq.exported_accuracy:.4f}) > "
-            f"postprocess.int8_max_acc_drop = {max_acc_drop:g}")
+            f"postprocess.int8_max_acc_drop = {max_acc_drop:g}"
+        )
     return eq
 
 
-def measure_latency(model: nn.Module, images_u8: np.ndarray, batch_size: int,
-                    repeats: int = 20) -> float:
+def measure_latency(
+    model: nn.Module, images_u8: np.ndarray, batch_size: int, repeats: int = 20
+) -> float:
     """Median seconds per forward pass of `batch_size` images (after warm-up)."""
     x = torch.as_tensor(images_u8[:batch_size]).reshape(-1, 28, 28)
     times = []

@@ -63,33 +63,45 @@ def parse_models_uri(ref: str) -> tuple[str, str | None, str | None] | None:
 
 def missing_alias_message(name: str, alias: str, uri: str) -> str:
     """What to do when no version carries the alias (one line, for `predict` and `lineage`)."""
-    how = ("a version becomes @champion when `uv run dvc repro` registers it and its evaluate "
-           "stage passes the validation gate (test accuracy above evaluate.baseline and above "
-           "the current champion's)") if alias == "champion" else \
-        f"set it with MlflowClient().set_registered_model_alias({name!r}, {alias!r}, VERSION)"
-    return (f"no version of registered model {name!r} has the alias @{alias} (tracking store "
-            f"{scrub(uri)}): use a model file instead, e.g. `--model models/inference.pt2`, or "
-            f"{how}")
+    how = (
+        (
+            "a version becomes @champion when `uv run dvc repro` registers it and its evaluate "
+            "stage passes the validation gate (test accuracy above evaluate.baseline and above "
+            "the current champion's)"
+        )
+        if alias == "champion"
+        else f"set it with MlflowClient().set_registered_model_alias({name!r}, {alias!r}, VERSION)"
+    )
+    return (
+        f"no version of registered model {name!r} has the alias @{alias} (tracking store "
+        f"{scrub(uri)}): use a model file instead, e.g. `--model models/inference.pt2`, or "
+        f"{how}"
+    )
 
 
 # --------------------------------------------------------------------------- resolve
-def _sqlite_lookup(db: Path, name: str, alias: str | None, number: str | None
-                   ) -> ModelVersion | None:
+def _sqlite_lookup(
+    db: Path, name: str, alias: str | None, number: str | None
+) -> ModelVersion | None:
     if not db.exists():  # no store yet: nothing is registered, let alone aliased
         raise LookupError
     conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=10)
     try:
         if alias is not None:
-            rows = conn.execute("SELECT version FROM registered_model_aliases "
-                                "WHERE name = ? AND alias = ?", (name, alias)).fetchall()
+            rows = conn.execute(
+                "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
+                (name, alias),
+            ).fetchall()
             if not rows:
                 raise LookupError
             if len(rows) > 1:  # several MLflow workspaces: let MLflow pick
                 return None
             number = str(rows[0][0])
-        rows = conn.execute("SELECT version, run_id, creation_time, storage_location "
-                            "FROM model_versions WHERE name = ? AND version = ?",
-                            (name, int(number or 0))).fetchall()
+        rows = conn.execute(
+            "SELECT version, run_id, creation_time, storage_location "
+            "FROM model_versions WHERE name = ? AND version = ?",
+            (name, int(number or 0)),
+        ).fetchall()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc) and alias is not None:
             raise LookupError from None  # a store nobody registered a model in yet
@@ -102,19 +114,24 @@ def _sqlite_lookup(db: Path, name: str, alias: str | None, number: str | None
     return ModelVersion(name, str(version), run_id or "", int(created or 0), location)
 
 
-def _rest_lookup(uri: str, name: str, alias: str | None, number: str | None
-                 ) -> ModelVersion | None:
+def _rest_lookup(uri: str, name: str, alias: str | None, number: str | None) -> ModelVersion | None:
     base = uri.rstrip("/") + "/api/2.0/mlflow/"
     if alias is not None:
-        url = base + "registered-models/alias?" + urllib.parse.urlencode(
-            {"name": name, "alias": alias})
+        url = (
+            base
+            + "registered-models/alias?"
+            + urllib.parse.urlencode({"name": name, "alias": alias})
+        )
     else:
-        url = base + "model-versions/get?" + urllib.parse.urlencode(
-            {"name": name, "version": number})
+        url = (
+            base + "model-versions/get?" + urllib.parse.urlencode({"name": name, "version": number})
+        )
     request = urllib.request.Request(url)
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    user, password = (os.environ.get("MLFLOW_TRACKING_USERNAME"),
-                      os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+    user, password = (
+        os.environ.get("MLFLOW_TRACKING_USERNAME"),
+        os.environ.get("MLFLOW_TRACKING_PASSWORD"),
+    )
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     elif user and password:
@@ -134,9 +151,13 @@ def _rest_lookup(uri: str, name: str, alias: str | None, number: str | None
     mv = body.get("model_version") or {}
     if not mv.get("version") or not mv.get("source"):
         return None
-    return ModelVersion(name, str(mv["version"]), mv.get("run_id") or "",
-                        int(mv.get("creation_timestamp") or 0),
-                        mv.get("storage_location") or "")
+    return ModelVersion(
+        name,
+        str(mv["version"]),
+        mv.get("run_id") or "",
+        int(mv.get("creation_timestamp") or 0),
+        mv.get("storage_location") or "",
+    )
 
 
 def resolve(uri: str, ref: str) -> ModelVersion | None:
@@ -155,8 +176,9 @@ def resolve(uri: str, ref: str) -> ModelVersion | None:
     except LookupError:
         if alias is not None:
             raise TrackingError(missing_alias_message(name, alias, uri)) from None
-        raise TrackingError(f"registered model {name!r} has no version {number} (tracking "
-                            f"store {scrub(uri)})") from None
+        raise TrackingError(
+            f"registered model {name!r} has no version {number} (tracking store {scrub(uri)})"
+        ) from None
     return None
 
 
@@ -185,8 +207,11 @@ def _fetch_program(mv: ModelVersion, dest: Path) -> None:
     import mlflow.artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp
+            )
+        )
         mlmodel = yaml.safe_load((local / "MLmodel").read_text())
         rel = mlmodel["flavors"]["python_function"]["artifacts"]["program"]["path"]
         shutil.copyfile(local / rel, dest)

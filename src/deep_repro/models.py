@@ -52,8 +52,9 @@ MODELS: dict[str, ModelSpec] = {}
 S = TypeVar("S", bound=ModelConfig)
 
 
-def register(schema: type[S], *, trainer: TrainerKind, channels_last: bool = False
-             ) -> Callable[[Callable[[S], nn.Module]], Callable[[S], nn.Module]]:
+def register(
+    schema: type[S], *, trainer: TrainerKind, channels_last: bool = False
+) -> Callable[[Callable[[S], nn.Module]], Callable[[S], nn.Module]]:
     """Decorator: add the builder of `schema`'s architecture to the registry."""
     name = option_name(schema)
 
@@ -80,14 +81,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int = 1, groups: int = 1, kernel: int = 3
-                  ) -> list[nn.Module]:
+def _conv_bn_relu(
+    cin: int, cout: int, stride: int = 1, groups: int = 1, kernel: int = 3
+) -> list[nn.Module]:
     from torch import nn
 
     # bias=False: the following BatchNorm has its own shift (and is folded away at inference).
-    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups,
-                      bias=False),
-            nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
 
 
 # --------------------------------------------------------------------------- logreg
@@ -139,8 +143,9 @@ class CNNConfig(TorchModelConfig):
     hidden: int = field(metadata=rng(ge=1))
 
     def check(self) -> None:
-        check_sizes("channels", self.channels, at_most=3,
-                    too_many="at most 3 conv blocks (28 -> 3 pixels)")
+        check_sizes(
+            "channels", self.channels, at_most=3, too_many="at most 3 conv blocks (28 -> 3 pixels)"
+        )
 
 
 @register(CNNConfig, trainer="torch", channels_last=True)
@@ -153,8 +158,13 @@ def cnn(cfg: CNNConfig) -> nn.Sequential:
     for cout in cfg.channels:
         layers += [*_conv_bn_relu(cin, cout), nn.MaxPool2d(2)]
         cin, size = cout, size // 2
-    layers += [nn.Flatten(), nn.Linear(cin * size * size, cfg.hidden), nn.ReLU(inplace=True),
-               nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, NUM_CLASSES)]
+    layers += [
+        nn.Flatten(),
+        nn.Linear(cin * size * size, cfg.hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(cfg.hidden, NUM_CLASSES),
+    ]
     return nn.Sequential(*layers)
 
 
@@ -183,11 +193,14 @@ def _basic_block() -> type[nn.Module]:
             super().__init__()
             self.body = nn.Sequential(
                 *_conv_bn_relu(cin, cout, stride),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+            )
             self.shortcut: nn.Module = nn.Identity()
             if stride != 1 or cin != cout:
-                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                              nn.BatchNorm2d(cout))
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+                )
             self.act = nn.ReLU(inplace=True)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +222,12 @@ def resnet(cfg: ResNetConfig) -> nn.Sequential:
         for i in range(n_blocks):
             layers.append(block(cin, cout, stride=2 if (i == 0 and stage > 0) else 1))
             cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout),
-               nn.Linear(cin, NUM_CLASSES)]
+    layers += [
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(cin, NUM_CLASSES),
+    ]
     return nn.Sequential(*layers)
 
 
@@ -222,8 +239,12 @@ class MobileNetConfig(TorchModelConfig):
     channels: list[int]
 
     def check(self) -> None:
-        check_sizes("channels", self.channels, at_most=3,
-                    too_many="at most 3 stride-2 blocks (28 -> 4 pixels)")
+        check_sizes(
+            "channels",
+            self.channels,
+            at_most=3,
+            too_many="at most 3 stride-2 blocks (28 -> 4 pixels)",
+        )
 
 
 @register(MobileNetConfig, trainer="torch", channels_last=True)
@@ -235,10 +256,15 @@ def mobilenet(cfg: MobileNetConfig) -> nn.Sequential:
     layers: list[nn.Module] = [*_conv_bn_relu(1, cfg.width)]
     cin = cfg.width
     for cout in cfg.channels:
-        layers += [*_conv_bn_relu(cin, cin, stride=2, groups=cin),
-                   *_conv_bn_relu(cin, cout, kernel=1)]
+        layers += [
+            *_conv_bn_relu(cin, cin, stride=2, groups=cin),
+            *_conv_bn_relu(cin, cout, kernel=1),
+        ]
         cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout),
-               nn.Linear(cin, NUM_CLASSES)]
+    layers += [
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(cin, NUM_CLASSES),
+    ]
     return nn.Sequential(*layers)
-

@@ -45,6 +45,7 @@ def image_stats(images: np.ndarray) -> np.ndarray:
 @dataclass
 class Features:
     """What the checks compare: stats [N, 3], probs [N, 10], optional labels [N]."""
+
     stats: np.ndarray
     probs: np.ndarray
     labels: np.ndarray | None = None
@@ -54,23 +55,26 @@ class Features:
         return len(self.probs)
 
 
-def features_from_images(images: np.ndarray, predictor: Predictor,
-                         labels: np.ndarray | None = None) -> Features:
+def features_from_images(
+    images: np.ndarray, predictor: Predictor, labels: np.ndarray | None = None
+) -> Features:
     return Features(image_stats(images), np.asarray(predictor(images), dtype=np.float64), labels)
 
 
 # --------------------------------------------------------------------------- loading batches
 def _check_images(images: np.ndarray, source: Path) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DataError(f"{source}: expected uint8 images [N, 28, 28], got {images.dtype} "
-                        f"{list(images.shape)}")
+        raise DataError(
+            f"{source}: expected uint8 images [N, 28, 28], got {images.dtype} {list(images.shape)}"
+        )
     if len(images) == 0:
         raise DataError(f"{source}: no images")
     return images
 
 
-def load_npz(path: Path, keys: tuple[str, str] = ("images", "labels")
-             ) -> tuple[np.ndarray, np.ndarray | None]:
+def load_npz(
+    path: Path, keys: tuple[str, str] = ("images", "labels")
+) -> tuple[np.ndarray, np.ndarray | None]:
     """`images` uint8 [N, 28, 28] and optional `labels` from an .npz (no pickles)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -92,8 +96,9 @@ def load_reference(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Validation images and labels: `x_val`/`y_val` (data/split/train_val.npz) or
     `images`/`labels`."""
     if not path.exists():
-        raise DataError(f"reference {path} not found: run `uv run dvc repro split` or pass "
-                        "--reference FILE.npz")
+        raise DataError(
+            f"reference {path} not found: run `uv run dvc repro split` or pass --reference FILE.npz"
+        )
     with np.load(path, allow_pickle=False) as npz:
         keys = ("x_val", "y_val") if "x_val" in npz.files else ("images", "labels")
     images, labels = load_npz(path, keys)
@@ -125,8 +130,10 @@ def features_from_log(files: list[Path], since: str | None = None) -> Features:
                 raise DataError(f"{file}:{n}: not a prediction-log record ({exc})") from None
             models[json.dumps(rec.get("model", {}), sort_keys=True)] = rec.get("model", {})
     if not rows:
-        raise DataError(f"no prediction-log records in {', '.join(map(str, files))}"
-                        + (f" since {since}" if since else ""))
+        raise DataError(
+            f"no prediction-log records in {', '.join(map(str, files))}"
+            + (f" since {since}" if since else "")
+        )
     if any(len(p) != 10 for p in probs):
         raise DataError("prediction-log records must have 10 probabilities")
     return Features(np.asarray(rows), np.asarray(probs), None, list(models.values()))
@@ -137,8 +144,10 @@ def load_batch(path: Path, predictor: Predictor, since: str | None = None) -> Fe
     from deep_repro.cli import load_image  # the exact conversion `predict` applies
 
     if not path.exists():
-        raise DataError(f"{path} not found: expected a prediction-log directory or .jsonl "
-                        "file, an .npz with 'images', or a directory of image files")
+        raise DataError(
+            f"{path} not found: expected a prediction-log directory or .jsonl "
+            "file, an .npz with 'images', or a directory of image files"
+        )
     if path.suffix == ".npz":
         images, labels = load_npz(path)
         return features_from_images(images, predictor, labels)
@@ -160,8 +169,9 @@ class Check:
     detail: str
 
 
-def _rbf_mmd_test(x: np.ndarray, y: np.ndarray, gamma: float, permutations: int,
-                  rng: np.random.Generator) -> tuple[float, float]:
+def _rbf_mmd_test(
+    x: np.ndarray, y: np.ndarray, gamma: float, permutations: int, rng: np.random.Generator
+) -> tuple[float, float]:
     """Biased MMD^2 with an RBF kernel and its permutation p-value. All permutations at once:
     with weights w (1/n on one sample, -1/m on the other), MMD^2 = w' K w, so P permutations
     are one matrix product K @ W."""
@@ -183,8 +193,15 @@ def _rbf_mmd_test(x: np.ndarray, y: np.ndarray, gamma: float, permutations: int,
 class Reference:
     """The reference features, prepared once; `compare` tests one batch against them."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, predictor: Predictor, *,
-                 max_model_n: int = 1000, seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        predictor: Predictor,
+        *,
+        max_model_n: int = 1000,
+        seed: int = 0,
+    ) -> None:
         self.seed = seed
         self.stats = image_stats(images)  # cheap: every reference image
         rng = np.random.default_rng(seed)
@@ -197,28 +214,42 @@ class Reference:
         # Median heuristic on the reference alone, so the kernel does not depend on the batch.
         self.gamma = 1.0 / max(float(np.median(d2[np.triu_indices(len(mmd_ref), 1)])), 1e-6)
 
-    def compare(self, batch: Features, *, alpha: float = 0.01, permutations: int = 2000
-                ) -> Report:
+    def compare(self, batch: Features, *, alpha: float = 0.01, permutations: int = 2000) -> Report:
         ref = self.features
         checks = []
         for j, name in enumerate(STAT_NAMES):
             res = stats.ks_2samp(batch.stats[:, j], self.stats[:, j])
-            checks.append(Check(name, float(res.statistic), float(res.pvalue),
-                                f"{batch.stats[:, j].mean():.3f} vs {self.stats[:, j].mean():.3f}"))
+            checks.append(
+                Check(
+                    name,
+                    float(res.statistic),
+                    float(res.pvalue),
+                    f"{batch.stats[:, j].mean():.3f} vs {self.stats[:, j].mean():.3f}",
+                )
+            )
         rng = np.random.default_rng(self.seed)
         x = batch.probs[np.sort(rng.permutation(len(batch))[:MMD_MAX_N])]
         mmd, p = _rbf_mmd_test(x, ref.probs[:MMD_MAX_N], self.gamma, permutations, rng)
         checks.append(Check("mmd", mmd, p, f"MMD^2 {mmd:.4f} (softmax outputs)"))
-        counts = np.stack([np.bincount(batch.probs.argmax(1), minlength=10),
-                           np.bincount(ref.probs.argmax(1), minlength=10)])
+        counts = np.stack(
+            [
+                np.bincount(batch.probs.argmax(1), minlength=10),
+                np.bincount(ref.probs.argmax(1), minlength=10),
+            ]
+        )
         counts = counts[:, counts.sum(0) > 0]
-        chi2, p = (stats.chi2_contingency(counts)[:2] if counts.shape[1] > 1
-                   else (0.0, 1.0))
+        chi2, p = stats.chi2_contingency(counts)[:2] if counts.shape[1] > 1 else (0.0, 1.0)
         checks.append(Check("classes", float(chi2), float(p), "predicted-class counts"))
         conf_b, conf_r = batch.probs.max(1), ref.probs.max(1)
         res = stats.ttest_ind(conf_b, conf_r, equal_var=False)
-        checks.append(Check("confidence", float(res.statistic), _finite(res.pvalue),
-                            f"{conf_b.mean():.3f} vs {conf_r.mean():.3f}"))
+        checks.append(
+            Check(
+                "confidence",
+                float(res.statistic),
+                _finite(res.pvalue),
+                f"{conf_b.mean():.3f} vs {conf_r.mean():.3f}",
+            )
+        )
         if batch.labels is not None:
             checks.append(_accuracy_check(batch, ref))
         return Report(checks, alpha, len(batch), len(self.stats))
@@ -237,8 +268,9 @@ def _accuracy_check(batch: Features, ref: Features) -> Check:
     pooled = (hits_b + hits_r) / (n_b + n_r)
     se = math.sqrt(max(pooled * (1 - pooled) * (1 / n_b + 1 / n_r), 1e-12))
     z = (hits_b / n_b - hits_r / n_r) / se
-    return Check("accuracy", z, float(stats.norm.cdf(z)),
-                 f"{hits_b / n_b:.3f} vs {hits_r / n_r:.3f}")
+    return Check(
+        "accuracy", z, float(stats.norm.cdf(z)), f"{hits_b / n_b:.3f} vs {hits_r / n_r:.3f}"
+    )
 
 
 @dataclass
@@ -263,14 +295,18 @@ class Report:
     def verdict(self) -> str:
         if not self.drift:
             low = min(self.checks, key=lambda c: c.p_value)
-            return (f"no drift ({self.n_batch} inputs, {len(self.checks)} checks, smallest p = "
-                    f"{low.p_value:.3g} ({low.name}) >= {self.threshold:.3g})")
-        return "DRIFT: " + ", ".join(f"{c.name} p={c.p_value:.2g} ({c.detail})"
-                                     for c in self.fired)
+            return (
+                f"no drift ({self.n_batch} inputs, {len(self.checks)} checks, smallest p = "
+                f"{low.p_value:.3g} ({low.name}) >= {self.threshold:.3g})"
+            )
+        return "DRIFT: " + ", ".join(f"{c.name} p={c.p_value:.2g} ({c.detail})" for c in self.fired)
 
     def metrics(self) -> dict[str, float]:
-        out = {"drift": float(self.drift), "n_batch": float(self.n_batch),
-               "threshold": self.threshold}
+        out = {
+            "drift": float(self.drift),
+            "n_batch": float(self.n_batch),
+            "threshold": self.threshold,
+        }
         for c in self.checks:
             out[f"p_{c.name}"] = c.p_value
             out[f"stat_{c.name}"] = c.statistic

@@ -20,21 +20,29 @@ from deep_repro.errors import TrainingError
 
 def build_optimizer(params: Any, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
     if isinstance(cfg, AdamWConfig):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay,
-                                 betas=(cfg.betas[0], cfg.betas[1]))
+        return torch.optim.AdamW(
+            params, lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.betas[0], cfg.betas[1])
+        )
     if isinstance(cfg, SGDConfig):
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
     raise TrainingError(f"optimizer.name = {cfg.name!r} unknown")  # pragma: no cover
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, lr: float, epochs: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: SchedulerConfig, lr: float, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Per-step schedulers (stepped after every batch)."""
     total = epochs * steps_per_epoch
     if isinstance(cfg, OneCycleConfig):
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
-                                                   pct_start=cfg.pct_start)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=total, pct_start=cfg.pct_start
+        )
     if isinstance(cfg, CosineConfig):
         warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
 

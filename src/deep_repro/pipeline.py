@@ -11,9 +11,15 @@ from dataclasses import dataclass
 
 VALIDATED = "reports/validate.json"
 RAW_DIR = "data/raw"
-RAW_FILES = tuple(f"{RAW_DIR}/{name}.gz" for name in (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+RAW_FILES = tuple(
+    f"{RAW_DIR}/{name}.gz"
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    )
+)
 PROCESSED_TRAIN = "data/processed/train.npz"
 PROCESSED_TEST = "data/processed/test.npz"
 SPLIT_TRAIN_VAL = "data/split/train_val.npz"
@@ -54,21 +60,47 @@ class StageSpec:
 # track; and it must not need a reachable store).
 ALL_PARAMS = "params.yaml"
 
-STAGES: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("validate", (), (VALIDATED,), (ALL_PARAMS,), tracked=False),
-    StageSpec("download", (), RAW_FILES, ("data.mirrors", "data.sha256")),
-    StageSpec("preprocess", RAW_FILES, (PROCESSED_TRAIN, PROCESSED_TEST), ()),
-    StageSpec("split", (PROCESSED_TRAIN, PROCESSED_TEST), (SPLIT_TRAIN_VAL, SPLIT_TEST),
-              ("seed", "data.subset", "split")),
-    StageSpec("train", (SPLIT_TRAIN_VAL,), (CHECKPOINT, TRAIN_HISTORY, TRAIN_METRICS),
-              ("seed", "model", "optimizer", "scheduler", "augment", "train")),
-    StageSpec("postprocess", (CHECKPOINT, SPLIT_TRAIN_VAL), (INFERENCE_MODEL, POSTPROCESS_REPORT),
-              ("seed", "model", "postprocess", "train.num_threads")),
-    StageSpec("evaluate", (INFERENCE_MODEL, SPLIT_TRAIN_VAL, SPLIT_TEST),
-              (METRICS, EVAL_DETAILS, CONFUSION, PER_CLASS, RELIABILITY, CONFUSION_PNG,
-               MISCLASSIFIED_PNG, RELIABILITY_PNG),
-              ("evaluate", "model.name", "train.num_threads")),
-)}
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in (
+        StageSpec("validate", (), (VALIDATED,), (ALL_PARAMS,), tracked=False),
+        StageSpec("download", (), RAW_FILES, ("data.mirrors", "data.sha256")),
+        StageSpec("preprocess", RAW_FILES, (PROCESSED_TRAIN, PROCESSED_TEST), ()),
+        StageSpec(
+            "split",
+            (PROCESSED_TRAIN, PROCESSED_TEST),
+            (SPLIT_TRAIN_VAL, SPLIT_TEST),
+            ("seed", "data.subset", "split"),
+        ),
+        StageSpec(
+            "train",
+            (SPLIT_TRAIN_VAL,),
+            (CHECKPOINT, TRAIN_HISTORY, TRAIN_METRICS),
+            ("seed", "model", "optimizer", "scheduler", "augment", "train"),
+        ),
+        StageSpec(
+            "postprocess",
+            (CHECKPOINT, SPLIT_TRAIN_VAL),
+            (INFERENCE_MODEL, POSTPROCESS_REPORT),
+            ("seed", "model", "postprocess", "train.num_threads"),
+        ),
+        StageSpec(
+            "evaluate",
+            (INFERENCE_MODEL, SPLIT_TRAIN_VAL, SPLIT_TEST),
+            (
+                METRICS,
+                EVAL_DETAILS,
+                CONFUSION,
+                PER_CLASS,
+                RELIABILITY,
+                CONFUSION_PNG,
+                MISCLASSIFIED_PNG,
+                RELIABILITY_PNG,
+            ),
+            ("evaluate", "model.name", "train.num_threads"),
+        ),
+    )
+}
 
 # The ONLY package modules a stage may import without listing them in its dvc.yaml deps: their
 # code cannot change any DVC output, so an edit to them must not rerun the pipeline. Everything
@@ -78,6 +110,6 @@ CODE_DEPS_EXEMPT: dict[str, str] = {
     "deep_repro.errors": "exception types, one-line messages, exit status, log redaction",
     "deep_repro.paths": "finds the repository root; output paths themselves are fixed in dvc.yaml",
     "deep_repro.pipeline": "path constants and STAGES, kept equal to dvc.yaml by a test, so any "
-                           "change that matters changes dvc.yaml itself",
+    "change that matters changes dvc.yaml itself",
     "deep_repro.tracking": "writes to MLflow only (runs, tags, registry), never a DVC output",
 }

@@ -37,8 +37,15 @@ def load_image(path: Path) -> Any:
                 gray = _to_gray8(img, np)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DeepReproError(f"refused image: too many pixels ({exc})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error,
-            MemoryError) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        struct.error,
+        MemoryError,
+    ) as exc:
         raise DeepReproError(f"cannot read image ({type(exc).__name__}: {exc})") from None
     gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
     array = np.asarray(gray, dtype=np.uint8)
@@ -75,8 +82,9 @@ def _program_predictor(program_path: Path, identity: dict[str, str]) -> Any:
         if os.environ.get("DEEP_REPRO_PREDICTION_LOG"):  # opt-in (imports mlflow: serving.py)
             from deep_repro.serving import _file_md5, log_predictions
 
-            log_predictions(x, probs, {"md5": identity.get("md5") or _file_md5(program_path),
-                                       **identity})
+            log_predictions(
+                x, probs, {"md5": identity.get("md5") or _file_md5(program_path), **identity}
+            )
         return probs
 
     return predict_program

@@ -36,26 +36,77 @@ class UnsafeArchiveError(ValueError):
     """The file is not a plain tensor-only `torch.export` archive; loading it could run code."""
 
 
-_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version",
-          ".data/serialization_id", "models/model.json", "data/sample_inputs/model.pt",
-          "data/weights/model_weights_config.json", "data/constants/model_constants_config.json"}
+_FIXED = {
+    "archive_format",
+    "archive_version",
+    "byteorder",
+    ".data/version",
+    ".data/serialization_id",
+    "models/model.json",
+    "data/sample_inputs/model.pt",
+    "data/weights/model_weights_config.json",
+    "data/constants/model_constants_config.json",
+}
 _PAYLOAD = re.compile(r"data/weights/weight_\d+|data/constants/tensor_\d+")
 _TARGET = re.compile(r"torch\.ops\.aten\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 # Symbolic shapes are sympy expressions over size symbols (s0, u3, ...); nothing callable
 # beyond these names may reach sympify.
-_SYMPY_NAMES = {"Symbol", "Integer", "True", "False", "positive", "integer", "nonnegative",
-                "real", "finite", "Max", "Min", "Mod", "FloorDiv", "CeilDiv", "CleanDiv",
-                "PythonMod", "ModularIndexing", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or",
-                "Not", "oo"}
+_SYMPY_NAMES = {
+    "Symbol",
+    "Integer",
+    "True",
+    "False",
+    "positive",
+    "integer",
+    "nonnegative",
+    "real",
+    "finite",
+    "Max",
+    "Min",
+    "Mod",
+    "FloorDiv",
+    "CeilDiv",
+    "CleanDiv",
+    "PythonMod",
+    "ModularIndexing",
+    "Eq",
+    "Ne",
+    "Lt",
+    "Le",
+    "Gt",
+    "Ge",
+    "And",
+    "Or",
+    "Not",
+    "oo",
+}
 _SYMPY_TOKEN = re.compile(r"\s+|'[A-Za-z0-9_]*'|\d+|[A-Za-z_][A-Za-z0-9_]*|[-+*/%(),=<>]")
 _SYMBOL_NAME = re.compile(r"[a-z]+\d+")
 # What a tensor-only `torch.save` pickle may reference (all allowed by torch's weights_only).
-_STORAGES = {f"{kind}Storage" for kind in ("Byte", "Char", "Short", "Int", "Long", "Half",
-                                            "Float", "Double", "Bool", "BFloat16")}
-_SAFE_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"),
-                 *(("torch", name) for name in _STORAGES)}
-_TORCH_SAVE_FILES = re.compile(r"data\.pkl|\.format_version|\.storage_alignment|byteorder|"
-                               r"version|\.data/serialization_id|data/\d+")
+_STORAGES = {
+    f"{kind}Storage"
+    for kind in (
+        "Byte",
+        "Char",
+        "Short",
+        "Int",
+        "Long",
+        "Half",
+        "Float",
+        "Double",
+        "Bool",
+        "BFloat16",
+    )
+}
+_SAFE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("collections", "OrderedDict"),
+    *(("torch", name) for name in _STORAGES),
+}
+_TORCH_SAVE_FILES = re.compile(
+    r"data\.pkl|\.format_version|\.storage_alignment|byteorder|"
+    r"version|\.data/serialization_id|data/\d+"
+)
 
 
 def _members(archive: zipfile.ZipFile, what: str) -> dict[str, zipfile.ZipInfo]:
@@ -120,8 +171,9 @@ def _check_tensor_pickle(data: bytes, what: str) -> None:
     except UnsafeArchiveError:
         raise
     except Exception as exc:
-        raise UnsafeArchiveError(f"{what} is not a valid tensor pickle "
-                                 f"({type(exc).__name__})") from None
+        raise UnsafeArchiveError(
+            f"{what} is not a valid tensor pickle ({type(exc).__name__})"
+        ) from None
 
 
 def _check_payload_config(text: bytes, what: str, prefix: str, present: set[str]) -> None:
@@ -136,8 +188,11 @@ def _check_payload_config(text: bytes, what: str, prefix: str, present: set[str]
         if meta.get("use_pickle") is not False:
             raise UnsafeArchiveError(f"{what}: {fqn} is stored as a pickle (use_pickle)")
         path = meta.get("path_name")
-        if not isinstance(path, str) or not re.fullmatch(rf"{prefix}_\d+", path) \
-                or path not in present:
+        if (
+            not isinstance(path, str)
+            or not re.fullmatch(rf"{prefix}_\d+", path)
+            or path not in present
+        ):
             raise UnsafeArchiveError(f"{what}: {fqn} has an unexpected payload {path!r}")
         if not isinstance(meta.get("tensor_meta"), dict):
             raise UnsafeArchiveError(f"{what}: {fqn} is not a tensor")
@@ -148,11 +203,15 @@ def _check_sympy(expr: str) -> None:
     while pos < len(expr):
         match = _SYMPY_TOKEN.match(expr, pos)
         if match is None:
-            raise UnsafeArchiveError(f"model graph has an unexpected shape expression "
-                                     f"{expr[:80]!r}")
+            raise UnsafeArchiveError(
+                f"model graph has an unexpected shape expression {expr[:80]!r}"
+            )
         token = match.group()
-        if (token[0].isalpha() or token[0] == "_") and token not in _SYMPY_NAMES \
-                and not _SYMBOL_NAME.fullmatch(token):
+        if (
+            (token[0].isalpha() or token[0] == "_")
+            and token not in _SYMPY_NAMES
+            and not _SYMBOL_NAME.fullmatch(token)
+        ):
             raise UnsafeArchiveError(f"model graph shape expression uses {token[:40]!r}")
         pos = match.end()
 
@@ -162,8 +221,9 @@ def _check_graph(node: Any) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "target" and isinstance(value, str) and not _TARGET.fullmatch(value):
-                raise UnsafeArchiveError(f"model graph calls {value[:80]!r} (only "
-                                         "torch.ops.aten operators are allowed)")
+                raise UnsafeArchiveError(
+                    f"model graph calls {value[:80]!r} (only torch.ops.aten operators are allowed)"
+                )
             if key == "expr_str" and isinstance(value, str):
                 _check_sympy(value)
             if key == "guards_code" and value:
@@ -195,10 +255,15 @@ def check_pt2(data: bytes) -> None:
         if read("archive_format") != b"pt2" or read("archive_version") != b"0":
             raise UnsafeArchiveError("unsupported archive format or version")
         present = {rel.rsplit("/", 1)[1] for rel in members if _PAYLOAD.fullmatch(rel)}
-        _check_payload_config(read("data/weights/model_weights_config.json"),
-                              "weights config", "weight", present)
-        _check_payload_config(read("data/constants/model_constants_config.json"),
-                              "constants config", "tensor", present)
+        _check_payload_config(
+            read("data/weights/model_weights_config.json"), "weights config", "weight", present
+        )
+        _check_payload_config(
+            read("data/constants/model_constants_config.json"),
+            "constants config",
+            "tensor",
+            present,
+        )
         _check_tensor_pickle(read("data/sample_inputs/model.pt"), "sample inputs")
         try:
             graph = json.loads(read("models/model.json"))

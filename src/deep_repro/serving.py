@@ -31,8 +31,18 @@ try:  # the logged model: MLflow puts the copy logged alongside this file on sys
 except ImportError:  # inside the project (log time)
     from deep_repro import safe_archive
 
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 def _invalid(message: str) -> MlflowException:
@@ -42,8 +52,9 @@ def _invalid(message: str) -> MlflowException:
 def to_pixels(values) -> np.ndarray:
     """Validate model input and return it as uint8 `[N, 28, 28]` (never echoes the input)."""
     array = np.asarray(values)
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number)
-                                     or array.dtype == np.bool_):
+    if array.dtype == object or not (
+        np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
+    ):
         raise _invalid(f"pixel values must be numbers, got dtype {array.dtype}")
     if array.size % 784 or array.size == 0:
         raise _invalid(f"expected images of 28x28 = 784 pixels, got shape {array.shape}")
@@ -52,8 +63,10 @@ def to_pixels(values) -> np.ndarray:
             raise _invalid("pixel values must be finite numbers in 0..255 (got NaN or inf)")
         fractional = int(np.count_nonzero(array != np.round(array)))
         if fractional:
-            raise _invalid(f"pixel values must be whole numbers in 0..255; {fractional} of "
-                           f"{array.size} values have a fractional part")
+            raise _invalid(
+                f"pixel values must be whole numbers in 0..255; {fractional} of "
+                f"{array.size} values have a fractional part"
+            )
     low, high = array.min(), array.max()
     if low < 0 or high > 255:
         raise _invalid(f"pixel values must lie in 0..255, got values from {low:g} to {high:g}")
@@ -63,8 +76,11 @@ def to_pixels(values) -> np.ndarray:
 # --------------------------------------------------------------------------- prediction log
 # Self-contained on purpose (this file is all a served model has); `deep-repro predict` and
 # `deep_repro.monitoring` use the same function, so there is one definition of the format.
-LOG_ENV, SAMPLE_ENV, LABEL_ENV = ("DEEP_REPRO_PREDICTION_LOG", "DEEP_REPRO_PREDICTION_LOG_SAMPLE",
-                                  "DEEP_REPRO_PREDICTION_LOG_MODEL")
+LOG_ENV, SAMPLE_ENV, LABEL_ENV = (
+    "DEEP_REPRO_PREDICTION_LOG",
+    "DEEP_REPRO_PREDICTION_LOG_SAMPLE",
+    "DEEP_REPRO_PREDICTION_LOG_MODEL",
+)
 DARK = 26  # pixel values below 10 % of full scale count as background
 
 
@@ -97,24 +113,34 @@ def log_predictions(images, probs, model):
     mean, std, dark = image_stats(images)
     lines = []
     for i, p in enumerate(probs):
-        record = {"time": now.isoformat(), "model": model, "mean": round(float(mean[i]), 5),
-                  "std": round(float(std[i]), 5), "dark": round(float(dark[i]), 5),
-                  "predicted": int(p.argmax()), "confidence": round(float(p.max()), 5),
-                  "probs": [round(float(v), 5) for v in p]}
+        record = {
+            "time": now.isoformat(),
+            "model": model,
+            "mean": round(float(mean[i]), 5),
+            "std": round(float(std[i]), 5),
+            "dark": round(float(dark[i]), 5),
+            "predicted": int(p.argmax()),
+            "confidence": round(float(p.max()), 5),
+            "probs": [round(float(v), 5) for v in p],
+        }
         if i in sampled:
             record["sample"] = sample
         lines.append(json.dumps(record, separators=(",", ":")) + "\n")
     data = "".join(lines).encode()
-    fd = os.open(os.path.join(root, f"predictions-{now:%Y-%m-%d}.jsonl"),
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(
+        os.path.join(root, f"predictions-{now:%Y-%m-%d}.jsonl"),
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+        0o644,
+    )
     try:
         try:
             import fcntl  # POSIX only; O_APPEND alone already keeps small writes whole
+
             fcntl.flock(fd, fcntl.LOCK_EX)
         except ImportError:
             pass
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
     finally:
         os.close(fd)  # also releases the lock
 

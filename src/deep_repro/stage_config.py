@@ -31,8 +31,9 @@ class StageConfig:
 
     __slots__ = ("_declared", "_prefix", "_stage", "_target")
 
-    def __init__(self, stage: str, target: Any, declared: tuple[str, ...], prefix: str = ""
-                 ) -> None:
+    def __init__(
+        self, stage: str, target: Any, declared: tuple[str, ...], prefix: str = ""
+    ) -> None:
         object.__setattr__(self, "_stage", stage)
         object.__setattr__(self, "_target", target)
         object.__setattr__(self, "_declared", declared)
@@ -54,7 +55,8 @@ class StageConfig:
         raise UndeclaredParamError(
             f"stage {self._stage!r} reads {key}, which its params in dvc.yaml do not declare "
             f"(declared: {', '.join(visible) or 'none'}); add it to the stage's params in "
-            "dvc.yaml and deep_repro.pipeline.STAGES")
+            "dvc.yaml and deep_repro.pipeline.STAGES"
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")

@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- environment
-def seed_everything(seed: int, *, deterministic: bool = True, num_threads: int | None = None
-                    ) -> None:
+def seed_everything(
+    seed: int, *, deterministic: bool = True, num_threads: int | None = None
+) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -62,12 +63,16 @@ def resolve_device(train: TrainConfig) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if train.device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise TrainingError(f"train.device = {train.device!r} but CUDA is not available on "
-                                "this machine; use 'auto' or 'cpu'")
+            raise TrainingError(
+                f"train.device = {train.device!r} but CUDA is not available on "
+                "this machine; use 'auto' or 'cpu'"
+            )
         index = int(train.device.split(":")[1]) if ":" in train.device else 0
         if index >= torch.cuda.device_count():
-            raise TrainingError(f"train.device = {train.device!r} but only "
-                                f"{torch.cuda.device_count()} CUDA device(s) exist")
+            raise TrainingError(
+                f"train.device = {train.device!r} but only "
+                f"{torch.cuda.device_count()} CUDA device(s) exist"
+            )
     return torch.device(train.device)
 
 
@@ -89,8 +94,13 @@ class EpochMetrics:
     lr: float
 
     def as_dict(self) -> dict[str, float]:
-        return {"train_loss": self.train_loss, "train_accuracy": self.train_accuracy,
-                "val_loss": self.val_loss, "val_accuracy": self.val_accuracy, "lr": self.lr}
+        return {
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+            "lr": self.lr,
+        }
 
 
 @dataclass
@@ -107,13 +117,19 @@ EpochCallback = Callable[[EpochMetrics], None]
 
 
 @torch.no_grad()
-def evaluate_logits(model: nn.Module, x_u8: torch.Tensor, batch_size: int = 1024, *,
-                    channels_last: bool = False, amp: torch.dtype | None = None) -> torch.Tensor:
+def evaluate_logits(
+    model: nn.Module,
+    x_u8: torch.Tensor,
+    batch_size: int = 1024,
+    *,
+    channels_last: bool = False,
+    amp: torch.dtype | None = None,
+) -> torch.Tensor:
     """Logits of a training-space model (float input) over uint8 images, in eval mode."""
     model.eval()
     out = []
     for start in range(0, len(x_u8), batch_size):
-        xb = normalise(x_u8[start:start + batch_size])
+        xb = normalise(x_u8[start : start + batch_size])
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(xb.device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -130,15 +146,17 @@ def logit_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, fl
 def check_trainable(cfg: Config, n_train: int) -> None:
     """Reject a configuration that cannot train, before any work is done."""
     if cfg.train.batch_size > n_train:
-        raise TrainingError(f"train.batch_size = {cfg.train.batch_size} exceeds the "
-                            f"{n_train} training images")
+        raise TrainingError(
+            f"train.batch_size = {cfg.train.batch_size} exceeds the {n_train} training images"
+        )
 
 
 def torch_model_config(cfg: Config) -> TorchModelConfig:
     """`cfg.model` as a network's config (with `lr`), or a TrainingError for other kinds."""
     if not isinstance(cfg.model, TorchModelConfig):
-        raise TrainingError(f"model = {cfg.model.name} is not trained by gradient descent; "
-                            "use training.train_model")
+        raise TrainingError(
+            f"model = {cfg.model.name} is not trained by gradient descent; use training.train_model"
+        )
     return cfg.model
 
 
@@ -157,8 +175,9 @@ class Stepper:
     lr: float
 
 
-def make_stepper(cfg: Config, model: nn.Module, device: torch.device, epochs: int,
-                 steps_per_epoch: int) -> Stepper:
+def make_stepper(
+    cfg: Config, model: nn.Module, device: torch.device, epochs: int, steps_per_epoch: int
+) -> Stepper:
     """Move `model` to the device (and memory format) and build optimizer, schedule and loss."""
     tc = cfg.train
     lr = torch_model_config(cfg).lr
@@ -167,16 +186,26 @@ def make_stepper(cfg: Config, model: nn.Module, device: torch.device, epochs: in
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), cfg.optimizer, lr)
-    return Stepper(model=model, opt=opt,
-                   sched=build_scheduler(opt, cfg.scheduler, lr, epochs, steps_per_epoch),
-                   loss_fn=nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
-                   device=device, amp=autocast_dtype(tc, device), channels_last=channels_last,
-                   lr=lr)
+    return Stepper(
+        model=model,
+        opt=opt,
+        sched=build_scheduler(opt, cfg.scheduler, lr, epochs, steps_per_epoch),
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+        device=device,
+        amp=autocast_dtype(tc, device),
+        channels_last=channels_last,
+        lr=lr,
+    )
 
 
-def device_batch(st: Stepper, x_u8: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-                 augment: AugmentConfig, gen: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def device_batch(
+    st: Stepper,
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    augment: AugmentConfig,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch from the on-device split: index, augment, normalise (as one tensor)."""
     xb = normalise(augment_batch(x_u8[idx], augment, gen))
     if st.channels_last:
@@ -184,9 +213,9 @@ def device_batch(st: Stepper, x_u8: torch.Tensor, y: torch.Tensor, idx: torch.Te
     return xb, y[idx]
 
 
-def train_step(st: Stepper, xb: torch.Tensor, yb: torch.Tensor,
-               on_phase: Callable[[str], None] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    st: Stepper, xb: torch.Tensor, yb: torch.Tensor, on_phase: Callable[[str], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward, optimizer and scheduler step on one batch; returns (loss, logits).
 
     `on_phase("forward" | "backward" | "optim")` is called as each phase ends (benchmarks time
@@ -225,15 +254,26 @@ class RunningTotals:
         """The running mean loss (a device sync); TrainingError if training diverged."""
         running = self.loss_sum.item() / self.steps
         if not math.isfinite(running):
-            raise TrainingError(f"training diverged: loss is {running} at epoch {epoch}, "
-                                f"step {self.steps}; lower model.lr (now {lr}) or change "
-                                "the optimizer — no model was written")
+            raise TrainingError(
+                f"training diverged: loss is {running} at epoch {epoch}, "
+                f"step {self.steps}; lower model.lr (now {lr}) or change "
+                "the optimizer — no model was written"
+            )
         return running
 
 
-def train_epoch(st: Stepper, xt: torch.Tensor, yt: torch.Tensor, *, batch_size: int,
-                augment: AugmentConfig, gen: torch.Generator, epoch: int, desc: str = "",
-                progress: bool = True) -> RunningTotals:
+def train_epoch(
+    st: Stepper,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    *,
+    batch_size: int,
+    augment: AugmentConfig,
+    gen: torch.Generator,
+    epoch: int,
+    desc: str = "",
+    progress: bool = True,
+) -> RunningTotals:
     """One pass over a fresh permutation of the split, in full batches."""
     from tqdm import tqdm
 
@@ -244,10 +284,11 @@ def train_epoch(st: Stepper, xt: torch.Tensor, yt: torch.Tensor, *, batch_size: 
     check_every = 1 if st.device.type == "cpu" else 25
     perm = torch.randperm(n, generator=gen, device=st.device)
     totals = RunningTotals(st.device)
-    bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress, mininterval=1.0,
-               unit="batch")
+    bar = tqdm(
+        range(steps), desc=desc, leave=False, disable=not progress, mininterval=1.0, unit="batch"
+    )
     for step in bar:
-        idx = perm[step * batch_size:(step + 1) * batch_size]
+        idx = perm[step * batch_size : (step + 1) * batch_size]
         xb, yb = device_batch(st, xt, yt, idx, augment, gen)
         loss, logits = train_step(st, xb, yb)
         totals.add(loss, logits, yb)
@@ -259,21 +300,40 @@ def train_epoch(st: Stepper, xt: torch.Tensor, yt: torch.Tensor, *, batch_size: 
     return totals
 
 
-def epoch_metrics(st: Stepper, epoch: int, totals: RunningTotals, batch_size: int,
-                  xv: torch.Tensor, yv: torch.Tensor) -> EpochMetrics:
+def epoch_metrics(
+    st: Stepper,
+    epoch: int,
+    totals: RunningTotals,
+    batch_size: int,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+) -> EpochMetrics:
     """Train metrics of the epoch's batches and validation metrics of the model now."""
     val_loss, val_accuracy = logit_metrics(
-        evaluate_logits(st.model, xv, channels_last=st.channels_last, amp=st.amp), yv)
-    return EpochMetrics(step=epoch, train_loss=totals.loss_sum.item() / totals.steps,
-                        train_accuracy=totals.correct.item() / (totals.steps * batch_size),
-                        val_loss=val_loss, val_accuracy=val_accuracy,
-                        lr=st.opt.param_groups[0]["lr"])
+        evaluate_logits(st.model, xv, channels_last=st.channels_last, amp=st.amp), yv
+    )
+    return EpochMetrics(
+        step=epoch,
+        train_loss=totals.loss_sum.item() / totals.steps,
+        train_accuracy=totals.correct.item() / (totals.steps * batch_size),
+        val_loss=val_loss,
+        val_accuracy=val_accuracy,
+        lr=st.opt.param_groups[0]["lr"],
+    )
 
 
 # --------------------------------------------------------------------------- the loop
-def fit(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-        y_val: np.ndarray, *, on_epoch: EpochCallback | None = None, epochs: int | None = None,
-        progress: bool = True) -> TrainResult:
+def fit(
+    cfg: Config,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    on_epoch: EpochCallback | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train the configured torch model; returns it with the best-val-accuracy weights."""
     tc = cfg.train
     epochs = epochs or tc.epochs
@@ -294,13 +354,29 @@ def fit(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
     bad_epochs = 0
     result.stop_reason = f"completed {epochs} epochs"
     for epoch in range(1, epochs + 1):
-        totals = train_epoch(st, xt, yt, batch_size=tc.batch_size, augment=cfg.augment, gen=gen,
-                             epoch=epoch, desc=f"epoch {epoch}/{epochs}", progress=progress)
+        totals = train_epoch(
+            st,
+            xt,
+            yt,
+            batch_size=tc.batch_size,
+            augment=cfg.augment,
+            gen=gen,
+            epoch=epoch,
+            desc=f"epoch {epoch}/{epochs}",
+            progress=progress,
+        )
         metrics = epoch_metrics(st, epoch, totals, tc.batch_size, xv, yv)
         result.history.append(metrics)
-        log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e",
-                 epoch, epochs, metrics.train_loss, metrics.train_accuracy, metrics.val_loss,
-                 metrics.val_accuracy, metrics.lr)
+        log.info(
+            "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e",
+            epoch,
+            epochs,
+            metrics.train_loss,
+            metrics.train_accuracy,
+            metrics.val_loss,
+            metrics.val_accuracy,
+            metrics.lr,
+        )
         if on_epoch is not None:
             on_epoch(metrics)
         if metrics.val_accuracy > result.best_val_accuracy:
@@ -311,8 +387,10 @@ def fit(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
         else:
             bad_epochs += 1
             if tc.patience and bad_epochs >= tc.patience:
-                result.stop_reason = (f"early stop at epoch {epoch}: val accuracy did not "
-                                      f"improve for {tc.patience} epochs")
+                result.stop_reason = (
+                    f"early stop at epoch {epoch}: val accuracy did not "
+                    f"improve for {tc.patience} epochs"
+                )
                 break
     if best_state is not None:
         st.model.load_state_dict(best_state)
@@ -321,8 +399,15 @@ def fit(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray
 
 
 # --------------------------------------------------------------------------- logistic regression
-def fit_logreg(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-               y_val: np.ndarray, *, on_epoch: EpochCallback | None = None) -> TrainResult:
+def fit_logreg(
+    cfg: Config,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
     """Multinomial logistic regression (scikit-learn, lbfgs) on standardised pixels.
 
     The fitted coefficients become the weights of the equivalent `models.linear_classifier()`:
@@ -336,8 +421,9 @@ def fit_logreg(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
     assert isinstance(cfg.model, LogRegConfig)
     seed_everything(cfg.seed, num_threads=cfg.train.num_threads)
     features = normalise(torch.from_numpy(x_train)).flatten(1).numpy()
-    clf = LogisticRegression(C=cfg.model.C, max_iter=cfg.model.max_iter, random_state=cfg.seed,
-                             tol=1e-4)
+    clf = LogisticRegression(
+        C=cfg.model.C, max_iter=cfg.model.max_iter, random_state=cfg.seed, tol=1e-4
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(features, y_train)
@@ -345,27 +431,56 @@ def fit_logreg(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
     if not converged:
         log.warning("logreg stopped at model.max_iter = %d before converging", cfg.model.max_iter)
     model = build_model(cfg.model)
-    model.load_state_dict({"1.weight": torch.from_numpy(clf.coef_.astype(np.float32)),
-                           "1.bias": torch.from_numpy(clf.intercept_.astype(np.float32))})
-    train_loss, train_accuracy = logit_metrics(evaluate_logits(model, torch.from_numpy(x_train)),
-                                               torch.from_numpy(y_train.astype(np.int64)))
-    val_loss, val_accuracy = logit_metrics(evaluate_logits(model, torch.from_numpy(x_val)),
-                                           torch.from_numpy(y_val.astype(np.int64)))
-    metrics = EpochMetrics(step=1, train_loss=train_loss, train_accuracy=train_accuracy,
-                           val_loss=val_loss, val_accuracy=val_accuracy, lr=0.0)
+    model.load_state_dict(
+        {
+            "1.weight": torch.from_numpy(clf.coef_.astype(np.float32)),
+            "1.bias": torch.from_numpy(clf.intercept_.astype(np.float32)),
+        }
+    )
+    train_loss, train_accuracy = logit_metrics(
+        evaluate_logits(model, torch.from_numpy(x_train)),
+        torch.from_numpy(y_train.astype(np.int64)),
+    )
+    val_loss, val_accuracy = logit_metrics(
+        evaluate_logits(model, torch.from_numpy(x_val)), torch.from_numpy(y_val.astype(np.int64))
+    )
+    metrics = EpochMetrics(
+        step=1,
+        train_loss=train_loss,
+        train_accuracy=train_accuracy,
+        val_loss=val_loss,
+        val_accuracy=val_accuracy,
+        lr=0.0,
+    )
     if on_epoch is not None:
         on_epoch(metrics)
-    log.info("logreg: %d lbfgs iterations, train acc %.4f, val acc %.4f", clf.n_iter_[0],
-             metrics.train_accuracy, metrics.val_accuracy)
-    return TrainResult(model=model, history=[metrics], best_epoch=1,
-                       best_val_accuracy=metrics.val_accuracy,
-                       stop_reason=f"lbfgs {'converged' if converged else 'hit model.max_iter'} "
-                                   f"after {clf.n_iter_[0]} iterations")
+    log.info(
+        "logreg: %d lbfgs iterations, train acc %.4f, val acc %.4f",
+        clf.n_iter_[0],
+        metrics.train_accuracy,
+        metrics.val_accuracy,
+    )
+    return TrainResult(
+        model=model,
+        history=[metrics],
+        best_epoch=1,
+        best_val_accuracy=metrics.val_accuracy,
+        stop_reason=f"lbfgs {'converged' if converged else 'hit model.max_iter'} "
+        f"after {clf.n_iter_[0]} iterations",
+    )
 
 
-def train_model(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                y_val: np.ndarray, *, on_epoch: EpochCallback | None = None,
-                epochs: int | None = None, progress: bool = True) -> TrainResult:
+def train_model(
+    cfg: Config,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    on_epoch: EpochCallback | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train whichever architecture `cfg.model` names, with the trainer its registry entry names.
 
     `epochs` replaces train.epochs (a tuning trial trains for tune.epochs); `progress` shows
@@ -374,5 +489,6 @@ def train_model(cfg: Config, x_train: np.ndarray, y_train: np.ndarray, x_val: np
     """
     if get_spec(cfg.model.name).trainer == "sklearn":
         return fit_logreg(cfg, x_train, y_train, x_val, y_val, on_epoch=on_epoch)
-    return fit(cfg, x_train, y_train, x_val, y_val, on_epoch=on_epoch, epochs=epochs,
-               progress=progress)
+    return fit(
+        cfg, x_train, y_train, x_val, y_val, on_epoch=on_epoch, epochs=epochs, progress=progress
+    )

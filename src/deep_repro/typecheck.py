@@ -17,8 +17,13 @@ from typing import Any, Literal
 from deep_repro.errors import ConfigError
 
 
-def rng(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-        le: float | None = None) -> dict[str, float | None]:
+def rng(
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> dict[str, float | None]:
     """Range metadata for a numeric field, or for every item of a list field (see `validate`)."""
     return {"gt": gt, "ge": ge, "lt": lt, "le": le}
 
@@ -37,7 +42,8 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _fail(key: str, value: Any, expected: str) -> ConfigError:
@@ -54,8 +60,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if all(dataclasses.is_dataclass(a) for a in args):
-            return _build_tagged(key, value, {option_name(a): a for a in args},
-                                 siblings_keys_ignored=True)
+            return _build_tagged(
+                key, value, {option_name(a): a for a in args}, siblings_keys_ignored=True
+            )
         if value is None:
             if type(None) in args:
                 return None
@@ -125,9 +132,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in fields:
             allowed = ", ".join(sorted(fields))
-            raise ConfigError(f"config error: unknown key {prefix}.{key} (allowed: {allowed})"
-                              if prefix else f"config error: unknown key {key} "
-                              f"(allowed: {allowed})")
+            raise ConfigError(
+                f"config error: unknown key {prefix}.{key} (allowed: {allowed})"
+                if prefix
+                else f"config error: unknown key {key} (allowed: {allowed})"
+            )
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -145,8 +154,9 @@ def option_name(schema: type) -> str:
     return name
 
 
-def _build_tagged(key: str, raw: Any, options: dict[str, type], *,
-                  siblings_keys_ignored: bool = False) -> Any:
+def _build_tagged(
+    key: str, raw: Any, options: dict[str, type], *, siblings_keys_ignored: bool = False
+) -> Any:
     """A group with one schema per option (`optimizer`, `model`, ...), picked by `name`.
 
     With `siblings_keys_ignored`, a key that only other options of the group use (e.g.

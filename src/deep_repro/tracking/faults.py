@@ -66,8 +66,11 @@ def invocation_owner(key: str) -> dict[str, Any] | None:
 def owner_tags(who: Mapping[str, Any] | None) -> dict[str, str]:
     if who is None:
         return {}
-    return {TAG_OWNER_HOST: str(who["host"]), TAG_OWNER_PID: str(who["pid"]),
-            TAG_OWNER_STARTED: f"{float(who['started']):.3f}"}
+    return {
+        TAG_OWNER_HOST: str(who["host"]),
+        TAG_OWNER_PID: str(who["pid"]),
+        TAG_OWNER_STARTED: f"{float(who['started']):.3f}",
+    }
 
 
 def owner_alive(who: Mapping[str, Any]) -> bool:
@@ -94,29 +97,33 @@ def fail_orphan_runs(client: MlflowClient, exp_id: str) -> list[str]:
     host = socket.gethostname()
     try:
         runs = client.search_runs(
-            [exp_id], filter_string=f"attributes.status = 'RUNNING' and "
-                                    f"tags.`{TAG_OWNER_HOST}` = '{host}'", max_results=1000)
+            [exp_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_OWNER_HOST}` = '{host}'",
+            max_results=1000,
+        )
     except Exception as exc:
         log.warning("cannot look for orphaned MLflow runs: %s", first_line(exc))
         return []
     failed = []
     for run in runs:
         tags = run.data.tags
-        who = {"host": host, "pid": tags.get(TAG_OWNER_PID),
-               "started": tags.get(TAG_OWNER_STARTED)}
+        who = {"host": host, "pid": tags.get(TAG_OWNER_PID), "started": tags.get(TAG_OWNER_STARTED)}
         if owner_alive(who):
             continue
-        reason = (f"orphaned: its process (pid {who['pid']} on {host}) ended without closing "
-                  "the run (killed?); marked FAILED by a later invocation")
+        reason = (
+            f"orphaned: its process (pid {who['pid']} on {host}) ended without closing "
+            "the run (killed?); marked FAILED by a later invocation"
+        )
         try:
-            end_run(client, run.info.run_id, "FAILED", {TAG_FAIL_REASON: reason},
-                    missing_ok=True)
+            end_run(client, run.info.run_id, "FAILED", {TAG_FAIL_REASON: reason}, missing_ok=True)
         except Exception as exc:
-            log.warning("cannot close orphaned MLflow run %s: %s", run.info.run_id,
-                        first_line(exc))
+            log.warning("cannot close orphaned MLflow run %s: %s", run.info.run_id, first_line(exc))
             continue
-        log.warning("MLflow run %s (%s) was left RUNNING by a dead process; marked FAILED",
-                    run.info.run_id, run.info.run_name)
+        log.warning(
+            "MLflow run %s (%s) was left RUNNING by a dead process; marked FAILED",
+            run.info.run_id,
+            run.info.run_name,
+        )
         failed.append(run.info.run_id)
     return failed
 
@@ -150,8 +157,9 @@ class LogTail(logging.Handler):
         logging.getLogger().removeHandler(self)
 
 
-def record_failure(client: MlflowClient, run_id: str, exc: BaseException, tail: LogTail,
-                   tmp: Path) -> str:
+def record_failure(
+    client: MlflowClient, run_id: str, exc: BaseException, tail: LogTail, tmp: Path
+) -> str:
     """Log the tail of the stage's log (ending with its error) as `logs/stage.log` on the run;
     return the one-line reason for `deep_repro.fail_reason`."""
     reason = first_line(exc, limit=2000)

@@ -21,17 +21,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def find_producer(client: MlflowClient, exp_id: str, path: str, md5: str, *,
-                  invocation: str | None = None, user: str | None = None,
-                  repo: str | None = None) -> str | None:
+def find_producer(
+    client: MlflowClient,
+    exp_id: str,
+    path: str,
+    md5: str,
+    *,
+    invocation: str | None = None,
+    user: str | None = None,
+    repo: str | None = None,
+) -> str | None:
     """The id of `producer_run`."""
     run = producer_run(client, exp_id, path, md5, invocation=invocation, user=user, repo=repo)
     return str(run.info.run_id) if run is not None else None
 
 
-def producer_run(client: MlflowClient, exp_id: str, path: str, md5: str, *,
-                 invocation: str | None = None, user: str | None = None,
-                 repo: str | None = None) -> Any | None:
+def producer_run(
+    client: MlflowClient,
+    exp_id: str,
+    path: str,
+    md5: str,
+    *,
+    invocation: str | None = None,
+    user: str | None = None,
+    repo: str | None = None,
+) -> Any | None:
     """The stage run that wrote `path` with exactly this content.
 
     On a shared server several users produce the same bytes; prefer, in order, the run of the
@@ -39,8 +53,12 @@ def producer_run(client: MlflowClient, exp_id: str, path: str, md5: str, *,
     user, then the most recent run of anybody (a link to another user's run is marked as such
     by the caller).
     """
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{OUT_PREFIX}{path}` = '{md5}'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{OUT_PREFIX}{path}` = '{md5}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
     if not runs:
         return None
 
@@ -54,7 +72,6 @@ def producer_run(client: MlflowClient, exp_id: str, path: str, md5: str, *,
         return 2 if same_user else 3
 
     return min(runs, key=rank)  # min is stable: the most recent within a rank
-
 
 
 # --------------------------------------------------------------------------- reading lineage
@@ -83,9 +100,12 @@ def lineage_chain(client: MlflowClient, run_id: str) -> list[Any]:
     except MlflowException:
         raise TrackingError(f"run {run_id} not found in the tracking store") from None
     if start.data.tags.get(TAG_KIND) == "pipeline":  # start from its last stage
-        children = client.search_runs([start.info.experiment_id],
-                                      filter_string=f"tags.`{TAG_PARENT}` = '{run_id}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
+        children = client.search_runs(
+            [start.info.experiment_id],
+            filter_string=f"tags.`{TAG_PARENT}` = '{run_id}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if not children:
             raise TrackingError(f"pipeline run {run_id} has no stage runs")
         start = children[0]

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 def _git(args: list[str], cwd: Path) -> str | None:
     """git's stdout verbatim: porcelain lines start with a meaningful space (` M path`)."""
     try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20,
-                             check=True)
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout
@@ -64,8 +65,11 @@ def git_state(root: Path) -> dict[str, str]:
     commit = (_git(["rev-parse", "HEAD"], root) or "").strip() or "unknown"
     status = _git(["status", "--porcelain", "-z", "--untracked-files=no"], root)
     changed = [p for p in changed_paths(status or "") if p not in _GENERATED]
-    return {"commit": commit, "dirty": "true" if changed else "false",
-            "changed": ",".join(changed)[:4000]}
+    return {
+        "commit": commit,
+        "dirty": "true" if changed else "false",
+        "changed": ",".join(changed)[:4000],
+    }
 
 
 def _without_credentials(url: str) -> str:
@@ -157,9 +161,19 @@ def pipeline_run_name(user: str, model: str, exp_name: str | None) -> str:
 # the runs table does not show a logreg with an optimizer, a schedule or epochs. The sklearn
 # trainer (training.fit_logreg) reads model.*, seed and train.num_threads only.
 _UNUSED_BY_TRAINER: dict[str, tuple[str, ...]] = {
-    "sklearn": ("optimizer", "scheduler", "augment", "train.epochs", "train.batch_size",
-                "train.patience", "train.label_smoothing", "train.device", "train.precision",
-                "train.deterministic", "train.channels_last"),
+    "sklearn": (
+        "optimizer",
+        "scheduler",
+        "augment",
+        "train.epochs",
+        "train.batch_size",
+        "train.patience",
+        "train.label_smoothing",
+        "train.device",
+        "train.precision",
+        "train.deterministic",
+        "train.channels_last",
+    ),
 }
 
 
@@ -168,8 +182,9 @@ def used_params(cfg: Config, params: Mapping[str, Any] | None = None) -> dict[st
     kind does not read."""
     flat = flatten(to_dict(cfg)) if params is None else params
     unused = _UNUSED_BY_TRAINER.get(cfg.model_spec.trainer, ())
-    return {k: v for k, v in flat.items()
-            if not any(k == u or k.startswith(u + ".") for u in unused)}
+    return {
+        k: v for k, v in flat.items() if not any(k == u or k.startswith(u + ".") for u in unused)
+    }
 
 
 def pipeline_params(cfg: Config) -> dict[str, Any]:
@@ -205,8 +220,13 @@ def environment_tags(cfg: Config) -> dict[str, str]:
     import importlib.metadata as metadata
 
     versions = {"python": platform.python_version()}
-    for name, dist in (("torch", "torch"), ("sklearn", "scikit-learn"), ("numpy", "numpy"),
-                       ("mlflow", "mlflow"), ("dvc", "dvc")):
+    for name, dist in (
+        ("torch", "torch"),
+        ("sklearn", "scikit-learn"),
+        ("numpy", "numpy"),
+        ("mlflow", "mlflow"),
+        ("dvc", "dvc"),
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(dist)
     user = run_user(cfg.tracking.user)
@@ -214,8 +234,9 @@ def environment_tags(cfg: Config) -> dict[str, str]:
         "mlflow.source.git.commit": git["commit"],
         f"{TAG_PREFIX}.git.commit": git["commit"],
         f"{TAG_PREFIX}.git.dirty": git["dirty"],
-        f"{TAG_PREFIX}.uv_lock_sha256": (file_digest(uv_lock, "sha256")
-                                         if uv_lock.exists() else "missing"),
+        f"{TAG_PREFIX}.uv_lock_sha256": (
+            file_digest(uv_lock, "sha256") if uv_lock.exists() else "missing"
+        ),
         f"{TAG_PREFIX}.hostname": socket.gethostname(),
         f"{TAG_PREFIX}.user": user,
         "mlflow.user": user,

@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- model registry
-def log_inference_model(run: StageRun, program_path: Path, example: Any, model_name: str,
-                        ) -> str | None:
+def log_inference_model(
+    run: StageRun,
+    program_path: Path,
+    example: Any,
+    model_name: str,
+) -> str | None:
     """Log the exported program as a pyfunc model and register a new version.
 
     Returns the registered version number. The pyfunc wrapper (`deep_repro/serving.py`) and the
@@ -45,9 +49,12 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
     from deep_repro import inference, safe_archive
 
     if spool.is_offline(run.client):
-        log.warning("tracking store offline: %s not logged nor registered as %s; rerun "
-                    "`dvc repro -f postprocess` after `deep-repro sync`", program_path.name,
-                    model_name)
+        log.warning(
+            "tracking store offline: %s not logged nor registered as %s; rerun "
+            "`dvc repro -f postprocess` after `deep-repro sync`",
+            program_path.name,
+            model_name,
+        )
         return None
     # Run the very wrapper that will be logged on the example to derive the output schema.
     code = Path(__file__).parents[1] / "serving.py"  # deep_repro/serving.py, not tracking/
@@ -64,24 +71,37 @@ def log_inference_model(run: StageRun, program_path: Path, example: Any, model_n
     # from a real example, and the class index can never be missing. MLflow reloads the model to
     # check the example: that is no prediction to record in the (opt-in) prediction log.
     try:
-        with warnings.catch_warnings(), mlflow.start_run(run_id=run.run_id), \
-                _env_unset("DEEP_REPRO_PREDICTION_LOG"):
+        with (
+            warnings.catch_warnings(),
+            mlflow.start_run(run_id=run.run_id),
+            _env_unset("DEEP_REPRO_PREDICTION_LOG"),
+        ):
             warnings.simplefilter("ignore", UserWarning)
             info = mlflow.pyfunc.log_model(
-                name="inference_model", python_model=str(code),
+                name="inference_model",
+                python_model=str(code),
                 artifacts={"program": str(program_path)},
                 code_paths=[str(Path(safe_archive.__file__))],
-                signature=infer_signature(example, output), input_example=example,
+                signature=infer_signature(example, output),
+                input_example=example,
                 registered_model_name=model_name,
-                pip_requirements=[f"mlflow=={mlflow.__version__}",
-                                  f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"])
+                pip_requirements=[
+                    f"mlflow=={mlflow.__version__}",
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    "numpy",
+                    "pandas",
+                ],
+            )
     except Exception as exc:
         if not spool.is_transient(exc):
             raise
         spool.mark_offline(run.client)  # the close-out goes to the spool without more stalls
-        log.warning("tracking store went down while registering %s: not registered as %s; "
-                    "rerun `dvc repro -f postprocess` after `deep-repro sync`",
-                    program_path.name, model_name)
+        log.warning(
+            "tracking store went down while registering %s: not registered as %s; "
+            "rerun `dvc repro -f postprocess` after `deep-repro sync`",
+            program_path.name,
+            model_name,
+        )
         return None
     version = getattr(info, "registered_model_version", None)
     return str(version) if version is not None else None
@@ -122,8 +142,9 @@ def _champion_version(client: MlflowClient, model_name: str) -> str | None:
         return None
 
 
-def best_validated_version(client: MlflowClient, model_name: str, metric: str
-                           ) -> tuple[str, float] | None:
+def best_validated_version(
+    client: MlflowClient, model_name: str, metric: str
+) -> tuple[str, float] | None:
     """The validated version with the highest `metric` tag (ties: the older version)."""
     best: tuple[float, int] | None = None
     for mv in client.search_model_versions(f"name = '{model_name}'"):
@@ -139,8 +160,15 @@ def best_validated_version(client: MlflowClient, model_name: str, metric: str
     return (str(-best[1]), best[0]) if best is not None else None
 
 
-def validation_gate(client: MlflowClient, model_name: str, version: str, score: float,
-                    baseline: float, *, metric: str = "test_accuracy") -> GateDecision:
+def validation_gate(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    score: float,
+    baseline: float,
+    *,
+    metric: str = "test_accuracy",
+) -> GateDecision:
     """Model validation: a version is *validated* if its `metric` beats the baseline, and
     `@champion` always points at the best validated version.
 
@@ -154,8 +182,9 @@ def validation_gate(client: MlflowClient, model_name: str, version: str, score: 
     # Score before status: a version counted as validated always has a comparable score.
     client.set_model_version_tag(model_name, version, metric, f"{score:.6f}")
     validated = score > baseline
-    client.set_model_version_tag(model_name, version, "validation_status",
-                                 "validated" if validated else "rejected")
+    client.set_model_version_tag(
+        model_name, version, "validation_status", "validated" if validated else "rejected"
+    )
     champion = previous
     for _ in range(GATE_MAX_ROUNDS):
         champion = _champion_version(client, model_name)  # alias first, then the best
@@ -164,48 +193,71 @@ def validation_gate(client: MlflowClient, model_name: str, version: str, score: 
             break
         client.set_registered_model_alias(model_name, CHAMPION, best[0])
     else:
-        log.warning("@champion of %s still moving after %d rounds; the last gate settles it",
-                    model_name, GATE_MAX_ROUNDS)
+        log.warning(
+            "@champion of %s still moving after %d rounds; the last gate settles it",
+            model_name,
+            GATE_MAX_ROUNDS,
+        )
     if not validated:
         reason = f"{metric} {score:.4f} does not beat evaluate.baseline {baseline:.4f}"
     elif champion == version and previous == version:
         reason = f"version {version} is already the champion"
     elif champion == version:
         prev = f" (previous: v{previous})" if previous is not None else ""
-        reason = (f"{metric} {score:.4f} beats baseline {baseline:.4f}: version {version} is "
-                  f"now @champion{prev}")
+        reason = (
+            f"{metric} {score:.4f} beats baseline {baseline:.4f}: version {version} is "
+            f"now @champion{prev}"
+        )
     else:
-        reason = (f"validated (beats baseline {baseline:.4f}) but does not beat champion "
-                  f"v{champion} ({metric} {score:.4f})")
+        reason = (
+            f"validated (beats baseline {baseline:.4f}) but does not beat champion "
+            f"v{champion} ({metric} {score:.4f})"
+        )
     decision = GateDecision(validated, validated and champion == version != previous, reason)
     client.set_model_version_tag(model_name, version, "validation_reason", decision.reason)
     return decision
 
 
-def judge_registered_model(run: StageRun, model_name: str, root: Path, test_accuracy: float,
-                           baseline: float) -> GateDecision:
+def judge_registered_model(
+    run: StageRun, model_name: str, root: Path, test_accuracy: float, baseline: float
+) -> GateDecision:
     """Run the validation gate on the registry version built from exactly this inference model
     (found by its md5 through the postprocess run that produced it), and record the verdict on
     the evaluate and pipeline runs."""
     from deep_repro.pipeline import INFERENCE_MODEL
 
     md5 = file_digest(root / INFERENCE_MODEL)
-    producer = find_producer(run.client, run.experiment_id, INFERENCE_MODEL, md5,
-                             invocation=invocation_key())
+    producer = find_producer(
+        run.client, run.experiment_id, INFERENCE_MODEL, md5, invocation=invocation_key()
+    )
     if spool.is_offline(run.client):  # (then the search above found nothing)
-        decision = GateDecision(False, False, "tracking store offline: validation gate "
-                                "skipped (rerun `dvc repro -f evaluate` after `deep-repro sync`)")
+        decision = GateDecision(
+            False,
+            False,
+            "tracking store offline: validation gate "
+            "skipped (rerun `dvc repro -f evaluate` after `deep-repro sync`)",
+        )
         log.warning(decision.reason)
         return decision
     version = model_version_for_run(run.client, model_name, producer) if producer else None
     if version is None:
-        decision = GateDecision(False, False, f"no registered version of {model_name} was built "
-                                f"from {INFERENCE_MODEL} (md5 {md5}): gate skipped")
+        decision = GateDecision(
+            False,
+            False,
+            f"no registered version of {model_name} was built "
+            f"from {INFERENCE_MODEL} (md5 {md5}): gate skipped",
+        )
         log.warning(decision.reason)
         return decision
-    decision = validation_gate(run.client, model_name, str(version.version), test_accuracy,
-                               baseline)
-    run.set_tags({"validation_status": "validated" if decision.validated else "rejected",
-                  "validation_reason": decision.reason,
-                  "model_version": str(version.version)}, pipeline=True)
+    decision = validation_gate(
+        run.client, model_name, str(version.version), test_accuracy, baseline
+    )
+    run.set_tags(
+        {
+            "validation_status": "validated" if decision.validated else "rejected",
+            "validation_reason": decision.reason,
+            "model_version": str(version.version),
+        },
+        pipeline=True,
+    )
     return decision

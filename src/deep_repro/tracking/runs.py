@@ -57,28 +57,47 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- pipeline run
-def get_or_create_pipeline_run(client: MlflowClient, exp_id: str, uri: str, cfg: Config,
-                               tags: Mapping[str, str], key: str | None = None,
-                               script: str | None = None) -> str:
+def get_or_create_pipeline_run(
+    client: MlflowClient,
+    exp_id: str,
+    uri: str,
+    cfg: Config,
+    tags: Mapping[str, str],
+    key: str | None = None,
+    script: str | None = None,
+) -> str:
     key = key or invocation_key()
     source = pipeline_source(script or repo_relative(sys.argv[0]))
     with _store_lock(uri):
-        found = _search_one(client, exp_id, f"tags.`{TAG_INVOCATION}` = '{key}' and "
-                                             f"tags.`{TAG_KIND}` = 'pipeline'")
+        found = _search_one(
+            client, exp_id, f"tags.`{TAG_INVOCATION}` = '{key}' and tags.`{TAG_KIND}` = 'pipeline'"
+        )
         if found is not None:
             client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
-        run_name = pipeline_run_name(tags.get(f"{TAG_PREFIX}.user") or run_user(cfg.tracking.user),
-                                     cfg.model.name, os.environ.get("DVC_EXP_NAME"))
-        run = client.create_run(exp_id, run_name=run_name, tags={
-            **tags, **source_tags(source), TAG_KIND: "pipeline", TAG_INVOCATION: key,
-            "mlflow.note.content": pipeline_note(cfg, tags),
-        })
+        run_name = pipeline_run_name(
+            tags.get(f"{TAG_PREFIX}.user") or run_user(cfg.tracking.user),
+            cfg.model.name,
+            os.environ.get("DVC_EXP_NAME"),
+        )
+        run = client.create_run(
+            exp_id,
+            run_name=run_name,
+            tags={
+                **tags,
+                **source_tags(source),
+                TAG_KIND: "pipeline",
+                TAG_INVOCATION: key,
+                "mlflow.note.content": pipeline_note(cfg, tags),
+            },
+        )
     log_params(client, run.info.run_id, pipeline_params(cfg))
     if tags.get(f"{TAG_PREFIX}.git.dirty") == "true":
-        log.warning("working tree has uncommitted code changes (%s): runs are tagged "
-                    "deep_repro.git.dirty=true and cannot be reproduced from the commit alone",
-                    tags.get(f"{TAG_PREFIX}.git.changed"))
+        log.warning(
+            "working tree has uncommitted code changes (%s): runs are tagged "
+            "deep_repro.git.dirty=true and cannot be reproduced from the commit alone",
+            tags.get(f"{TAG_PREFIX}.git.changed"),
+        )
     return run.info.run_id
 
 
@@ -90,14 +109,22 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
     """
     from mlflow.entities import Param
 
-    items = [Param(k, scrub(json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000])
-             for k, v in params.items()]
+    items = [
+        Param(k, scrub(json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000])
+        for k, v in params.items()
+    ]
     for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start:start + 100])
+        client.log_batch(run_id, params=items[start : start + 100])
 
 
-def end_run(client: MlflowClient, run_id: str, status: str,
-            tags: Mapping[str, str] | None = None, *, missing_ok: bool = False) -> None:
+def end_run(
+    client: MlflowClient,
+    run_id: str,
+    status: str,
+    tags: Mapping[str, str] | None = None,
+    *,
+    missing_ok: bool = False,
+) -> None:
     """The one close-out of a run: its final tags, then its MLflow status.
 
     `missing_ok`: a run that cannot be updated (deleted, or in another store) is only warned
@@ -125,8 +152,9 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def closing(client: MlflowClient, run_id: str, *, parent_id: str | None = None,
-            missing_ok: bool = False) -> Iterator[Outcome]:
+def closing(
+    client: MlflowClient, run_id: str, *, parent_id: str | None = None, missing_ok: bool = False
+) -> Iterator[Outcome]:
     """However the body ends, close the run through `end_run` with the outcome's tags and
     status: FAILED unless the body set another (FINISHED once its work is done), KILLED on
     Ctrl-C. `parent_id` (a pipeline run) ends too: FINISHED only if this run did.
@@ -145,8 +173,13 @@ def closing(client: MlflowClient, run_id: str, *, parent_id: str | None = None,
     finally:
         ends = [(run_id, outcome.status, outcome.tags)]
         if parent_id is not None:
-            ends.append((parent_id, "FINISHED" if outcome.status == "FINISHED" else "FAILED",
-                         {k: v for k, v in outcome.tags.items() if k == TAG_FAIL_REASON}))
+            ends.append(
+                (
+                    parent_id,
+                    "FINISHED" if outcome.status == "FINISHED" else "FAILED",
+                    {k: v for k, v in outcome.tags.items() if k == TAG_FAIL_REASON},
+                )
+            )
         for rid, status, tags in ends:
             try:
                 end_run(client, rid, status, tags, missing_ok=missing_ok)
@@ -174,9 +207,11 @@ def pipeline_note(cfg: Config, tags: Mapping[str, str]) -> str:
     commit = tags.get(f"{TAG_PREFIX}.git.commit", "unknown")
     exp = tags.get(f"{TAG_PREFIX}.dvc_exp_name")
     apply = f"dvc exp apply {exp} && " if exp else ""
-    return (f"Pipeline run of `{cfg.model.name}`. Reproduce: `git checkout {commit} && "
-            f"{apply}uv run dvc repro`. Per-stage details are in the child runs; "
-            "`uv run deep-repro lineage <run id>` prints the chain back to the raw files.")
+    return (
+        f"Pipeline run of `{cfg.model.name}`. Reproduce: `git checkout {commit} && "
+        f"{apply}uv run dvc repro`. Per-stage details are in the child runs; "
+        "`uv run deep-repro lineage <run id>` prints the chain back to the raw files."
+    )
 
 
 # --------------------------------------------------------------------------- stage runs
@@ -194,8 +229,9 @@ class StageRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         log_params(self.client, self.run_id, params)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *,
-                    pipeline: bool = False) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None, *, pipeline: bool = False
+    ) -> None:
         """Log metrics on this stage run (and, for headline numbers, on the pipeline run)."""
         batch = _metric_batch(metrics, step)
         self.client.log_batch(self.run_id, metrics=batch)
@@ -226,17 +262,19 @@ class StageRun:
 def _stage_params(spec: StageSpec, cfg: Config) -> dict[str, Any]:
     flat = flatten(to_dict(cfg))
     wanted = spec.params or ()
-    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".")
-                                                 for p in wanted)}
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in wanted)}
 
 
-def _lock_entry(spec: StageSpec, cfg: Config, deps: dict[str, str], outs: dict[str, str]
-                ) -> dict[str, Any]:
+def _lock_entry(
+    spec: StageSpec, cfg: Config, deps: dict[str, str], outs: dict[str, str]
+) -> dict[str, Any]:
     """This execution's dvc.lock entry (DVC writes the same md5s once the stage ends)."""
-    return {"cmd": f"python {spec.script}",
-            "deps": [{"path": p, "md5": h} for p, h in sorted(deps.items())],
-            "params": {"params.yaml": _stage_params(spec, cfg)},
-            "outs": [{"path": p, "md5": h} for p, h in sorted(outs.items())]}
+    return {
+        "cmd": f"python {spec.script}",
+        "deps": [{"path": p, "md5": h} for p, h in sorted(deps.items())],
+        "params": {"params.yaml": _stage_params(spec, cfg)},
+        "outs": [{"path": p, "md5": h} for p, h in sorted(outs.items())],
+    }
 
 
 @contextlib.contextmanager
@@ -255,16 +293,29 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     key = invocation_key()
     faults.fail_orphan_runs(client, exp_id)  # left RUNNING by a killed stage or dvc
     parent_id = get_or_create_pipeline_run(
-        client, exp_id, uri, cfg, {**tags, **faults.owner_tags(faults.invocation_owner(key))}, key,
-        spec.script)
+        client,
+        exp_id,
+        uri,
+        cfg,
+        {**tags, **faults.owner_tags(faults.invocation_owner(key))},
+        key,
+        spec.script,
+    )
 
     code = file_hashes((spec.script,), root)
     deps = file_hashes(spec.deps, root)
     upstream: dict[str, str] = {}
     user = tags[f"{TAG_PREFIX}.user"]
     for path, md5 in deps.items():
-        producer = producer_run(client, exp_id, path, md5, invocation=key, user=user,
-                                repo=tags.get(f"{TAG_PREFIX}.git.remote"))
+        producer = producer_run(
+            client,
+            exp_id,
+            path,
+            md5,
+            invocation=key,
+            user=user,
+            repo=tags.get(f"{TAG_PREFIX}.git.remote"),
+        )
         if producer is not None:
             upstream[f"{UPSTREAM_PREFIX}{path}"] = producer.info.run_id
             other = producer.data.tags.get(f"{TAG_PREFIX}.user", user)
@@ -272,20 +323,28 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
                 upstream[f"{UPSTREAM_USER_PREFIX}{path}"] = other
         else:
             log.warning("no tracked run produced %s (md5 %s): lineage stops here", path, md5)
-    run = client.create_run(exp_id, run_name=stage, tags={
-        **tags, **source_tags(spec.script), TAG_KIND: "stage", TAG_STAGE: stage,
-        TAG_PARENT: parent_id, TAG_INVOCATION: key, f"{TAG_PREFIX}.dvc_stage": stage,
-        **faults.owner_tags(faults.owner()),
-        f"{TAG_PREFIX}.command": " ".join(sys.argv),
-        **{f"{IN_PREFIX}{p}": h for p, h in deps.items()},
-        **{f"{TAG_PREFIX}.code.{p}": h for p, h in code.items()},
-        **upstream,
-    })
+    run = client.create_run(
+        exp_id,
+        run_name=stage,
+        tags={
+            **tags,
+            **source_tags(spec.script),
+            TAG_KIND: "stage",
+            TAG_STAGE: stage,
+            TAG_PARENT: parent_id,
+            TAG_INVOCATION: key,
+            f"{TAG_PREFIX}.dvc_stage": stage,
+            **faults.owner_tags(faults.owner()),
+            f"{TAG_PREFIX}.command": " ".join(sys.argv),
+            **{f"{IN_PREFIX}{p}": h for p, h in deps.items()},
+            **{f"{TAG_PREFIX}.code.{p}": h for p, h in code.items()},
+            **upstream,
+        },
+    )
     handle = StageRun(client, run.info.run_id, parent_id, spec, exp_id)
     handle.log_params(used_params(cfg, _stage_params(spec, cfg)))
     tail = faults.LogTail().attach()  # a failed run logs its last lines as logs/stage.log
-    log.info("MLflow: stage run %s (pipeline run %s) in %s", run.info.run_id, parent_id,
-             scrub(uri))
+    log.info("MLflow: stage run %s (pipeline run %s) in %s", run.info.run_id, parent_id, scrub(uri))
     import shutil
 
     try:
@@ -294,7 +353,8 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
                 yield handle
             except BaseException as exc:
                 outcome.tags[TAG_FAIL_REASON] = faults.record_failure(
-                    client, handle.run_id, exc, tail, handle._tmp)
+                    client, handle.run_id, exc, tail, handle._tmp
+                )
                 if isinstance(exc, Exception):
                     _note_failure(handle, cfg, tags, exc)
                 raise
@@ -319,8 +379,9 @@ def _note_failure(run: StageRun, cfg: Config, tags: Mapping[str, str], exc: Exce
         try:
             run.client.set_tag(run_id, "mlflow.note.content", note)
         except Exception as note_exc:
-            log.warning("cannot record the failure on MLflow run %s: %s", run_id,
-                        _first_line(note_exc))
+            log.warning(
+                "cannot record the failure on MLflow run %s: %s", run_id, _first_line(note_exc)
+            )
 
 
 # --------------------------------------------------------------------------- trial runs
@@ -343,16 +404,26 @@ class TrialRun:
 
 
 @contextlib.contextmanager
-def trial_run(client: MlflowClient, exp_id: str, name: str, cfg: Config, *, parent_id: str,
-              tags: Mapping[str, str]) -> Iterator[TrialRun]:
+def trial_run(
+    client: MlflowClient,
+    exp_id: str,
+    name: str,
+    cfg: Config,
+    *,
+    parent_id: str,
+    tags: Mapping[str, str],
+) -> Iterator[TrialRun]:
     """Open the MLflow run of one tuning trial, a child of the study run `parent_id`.
 
     The same building blocks as `stage_run`: the full config as params (`log_params`), and
     one close-out (`closing`): a FAIL trial ends FAILED, a COMPLETE or PRUNED one FINISHED
     (pruning is a result), with its state in `deep_repro.trial_state`.
     """
-    run = client.create_run(exp_id, run_name=name, tags={
-        **tags, TAG_KIND: "trial", TAG_PARENT: parent_id, TAG_TRIAL_STATE: "RUNNING"})
+    run = client.create_run(
+        exp_id,
+        run_name=name,
+        tags={**tags, TAG_KIND: "trial", TAG_PARENT: parent_id, TAG_TRIAL_STATE: "RUNNING"},
+    )
     handle = TrialRun(client, run.info.run_id, exp_id)
     log_params(client, handle.run_id, used_params(cfg))
     # missing_ok: a stale-trial sweep of another worker may have closed this run already.
@@ -367,8 +438,9 @@ def trial_run(client: MlflowClient, exp_id: str, name: str, cfg: Config, *, pare
 
 
 # --------------------------------------------------------------------------- datasets
-def log_dataset(run: StageRun, name: str, images: Any, labels: Any, digest: str, source: str,
-                context: str) -> None:
+def log_dataset(
+    run: StageRun, name: str, images: Any, labels: Any, digest: str, source: str, context: str
+) -> None:
     """Log a split as an MLflow dataset input whose digest is the file's content hash.
 
     (MLflow's own numpy digest samples only the first values and collides across subsets.)
@@ -380,7 +452,14 @@ def log_dataset(run: StageRun, name: str, images: Any, labels: Any, digest: str,
 
     with warnings.catch_warnings():  # MLflow warns that a local path has two source readers
         warnings.simplefilter("ignore", UserWarning)
-        dataset = from_numpy(images, targets=labels, name=name, digest=digest[:36],
-                                         source=repo_relative(source))
-    run.client.log_inputs(run.run_id, datasets=[DatasetInput(
-        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+        dataset = from_numpy(
+            images, targets=labels, name=name, digest=digest[:36], source=repo_relative(source)
+        )
+    run.client.log_inputs(
+        run.run_id,
+        datasets=[
+            DatasetInput(
+                dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
+            )
+        ],
+    )

@@ -42,7 +42,9 @@ RETRY_BUDGET_S = 10.0
 _TRANSIENT_TEXT = re.compile(
     r"Max retries exceeded|Connection (refused|reset|aborted)|timed out|Read timed out|"
     r"RemoteDisconnected|failed with exception|error code (5\d\d|429)|"
-    r"TEMPORARILY_UNAVAILABLE|database is locked", re.IGNORECASE)
+    r"TEMPORARILY_UNAVAILABLE|database is locked",
+    re.IGNORECASE,
+)
 
 
 def spool_dir() -> Path:
@@ -57,8 +59,9 @@ def is_transient(exc: BaseException) -> bool:
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, requests.ConnectionError | requests.Timeout | ConnectionError
-                      | TimeoutError):
+        if isinstance(
+            cur, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError
+        ):
             return True
         code = getattr(cur, "error_code", None)
         if code in ("TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED"):
@@ -142,62 +145,108 @@ class ResilientClient:
         return f"{rel}/{src.name}"
 
     # ------------------------------------------------------------------ wrapped writes
-    def create_run(self, experiment_id: str, start_time: int | None = None,
-                   tags: dict[str, Any] | None = None, run_name: str | None = None) -> Any:
-        ok, run = self._call("create_run", experiment_id, start_time=start_time, tags=tags,
-                             run_name=run_name)
+    def create_run(
+        self,
+        experiment_id: str,
+        start_time: int | None = None,
+        tags: dict[str, Any] | None = None,
+        run_name: str | None = None,
+    ) -> Any:
+        ok, run = self._call(
+            "create_run", experiment_id, start_time=start_time, tags=tags, run_name=run_name
+        )
         if ok:
             return run
         run_id = f"{PLACEHOLDER_PREFIX}{uuid.uuid4().hex}"
         start = start_time or int(time.time() * 1000)
-        self._spool({"op": "create_run", "id": run_id, "experiment_id": str(experiment_id),
-                     "start_time": start, "run_name": run_name,
-                     "tags": {k: str(v) for k, v in (tags or {}).items()}}, run_creations=1)
-        info = SimpleNamespace(run_id=run_id, experiment_id=str(experiment_id),
-                               run_name=run_name, start_time=start, status="RUNNING")
-        return SimpleNamespace(info=info, data=SimpleNamespace(
-            tags=dict(tags or {}), params={}, metrics={}))
+        self._spool(
+            {
+                "op": "create_run",
+                "id": run_id,
+                "experiment_id": str(experiment_id),
+                "start_time": start,
+                "run_name": run_name,
+                "tags": {k: str(v) for k, v in (tags or {}).items()},
+            },
+            run_creations=1,
+        )
+        info = SimpleNamespace(
+            run_id=run_id,
+            experiment_id=str(experiment_id),
+            run_name=run_name,
+            start_time=start,
+            status="RUNNING",
+        )
+        return SimpleNamespace(
+            info=info, data=SimpleNamespace(tags=dict(tags or {}), params={}, metrics={})
+        )
 
-    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = (),
-                  synchronous: bool | None = None) -> None:
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Any = (),
+        params: Any = (),
+        tags: Any = (),
+        synchronous: bool | None = None,
+    ) -> None:
         metrics, params, tags = list(metrics or ()), list(params or ()), list(tags or ())
         ok, _ = self._call("log_batch", run_id, metrics=metrics, params=params, tags=tags)
         if ok:
             return
-        self._spool({"op": "log_batch", "run_id": run_id,
-                     "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
-                     "params": [[p.key, p.value] for p in params],
-                     "tags": [[t.key, t.value] for t in tags]},
-                    metrics=len(metrics), params=len(params), tags=len(tags))
+        self._spool(
+            {
+                "op": "log_batch",
+                "run_id": run_id,
+                "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
+                "params": [[p.key, p.value] for p in params],
+                "tags": [[t.key, t.value] for t in tags],
+            },
+            metrics=len(metrics),
+            params=len(params),
+            tags=len(tags),
+        )
 
-    def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool | None = None
-                ) -> None:
+    def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> None:
         from mlflow.entities import RunTag
 
         self.log_batch(run_id, tags=[RunTag(key, str(value))])
 
-    def update_run(self, run_id: str, status: str | None = None, name: str | None = None
-                   ) -> None:
+    def update_run(self, run_id: str, status: str | None = None, name: str | None = None) -> None:
         ok, _ = self._call("update_run", run_id, status=status, name=name)
         if not ok:
-            self._spool({"op": "update_run", "run_id": run_id, "status": status,
-                         "name": name}, run_updates=1)
+            self._spool(
+                {"op": "update_run", "run_id": run_id, "status": status, "name": name},
+                run_updates=1,
+            )
 
-    def set_terminated(self, run_id: str, status: str | None = None,
-                       end_time: int | None = None) -> None:
+    def set_terminated(
+        self, run_id: str, status: str | None = None, end_time: int | None = None
+    ) -> None:
         end = end_time or int(time.time() * 1000)
         ok, _ = self._call("set_terminated", run_id, status=status, end_time=end)
         if not ok:
-            self._spool({"op": "set_terminated", "run_id": run_id,
-                         "status": status or "FINISHED", "end_time": end}, terminal_statuses=1)
+            self._spool(
+                {
+                    "op": "set_terminated",
+                    "run_id": run_id,
+                    "status": status or "FINISHED",
+                    "end_time": end,
+                },
+                terminal_statuses=1,
+            )
 
-    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None
-                     ) -> None:
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
         ok, _ = self._call("log_artifact", run_id, local_path, artifact_path)
         if not ok:
-            self._spool({"op": "log_artifact", "run_id": run_id,
-                         "file": self._copy_artifact(local_path),
-                         "artifact_path": artifact_path}, artifacts=1)
+            self._spool(
+                {
+                    "op": "log_artifact",
+                    "run_id": run_id,
+                    "file": self._copy_artifact(local_path),
+                    "artifact_path": artifact_path,
+                },
+                artifacts=1,
+            )
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str, **kwargs: Any) -> None:
         ok, _ = self._call("log_figure", run_id, figure, artifact_file, **kwargs)
@@ -214,9 +263,14 @@ class ResilientClient:
         if not ok and datasets:
             from google.protobuf.json_format import MessageToDict
 
-            self._spool({"op": "log_inputs", "run_id": run_id,
-                         "datasets": [MessageToDict(d.to_proto()) for d in datasets]},
-                        dataset_inputs=len(datasets))
+            self._spool(
+                {
+                    "op": "log_inputs",
+                    "run_id": run_id,
+                    "datasets": [MessageToDict(d.to_proto()) for d in datasets],
+                },
+                dataset_inputs=len(datasets),
+            )
 
     # ------------------------------------------------------------------ reads while offline
     def search_runs(self, *args: Any, **kwargs: Any) -> Any:
@@ -231,9 +285,11 @@ class ResilientClient:
     def summary(self) -> str:
         parts = [f"{n} {what}" for what, n in self.counts.items() if n > 0]
         runs = ", ".join(sorted(self._runs))
-        return (f"tracking store {scrub(self.uri)} unreachable since {self._since}: spooled "
-                f"{', '.join(parts)} of run(s) {runs} to {self.spool_file}; run "
-                "`uv run deep-repro sync` once it is back")
+        return (
+            f"tracking store {scrub(self.uri)} unreachable since {self._since}: spooled "
+            f"{', '.join(parts)} of run(s) {runs} to {self.spool_file}; run "
+            "`uv run deep-repro sync` once it is back"
+        )
 
     def report(self) -> None:
         """Warn once (one line) about what went to the spool since the last report."""

@@ -18,14 +18,14 @@ log = logging.getLogger(__name__)
 
 
 TAG_PREFIX = "deep_repro"
-TAG_KIND = f"{TAG_PREFIX}.kind"            # pipeline | stage | study | trial
+TAG_KIND = f"{TAG_PREFIX}.kind"  # pipeline | stage | study | trial
 TAG_INVOCATION = f"{TAG_PREFIX}.invocation"
 TAG_STAGE = f"{TAG_PREFIX}.stage"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_TRIAL_STATE = f"{TAG_PREFIX}.trial_state"  # Optuna state of a trial run
 TAG_FAIL_REASON = f"{TAG_PREFIX}.fail_reason"
-IN_PREFIX = f"{TAG_PREFIX}.in."           # + file path -> md5
-OUT_PREFIX = f"{TAG_PREFIX}.out."         # + file path -> md5
+IN_PREFIX = f"{TAG_PREFIX}.in."  # + file path -> md5
+OUT_PREFIX = f"{TAG_PREFIX}.out."  # + file path -> md5
 UPSTREAM_PREFIX = f"{TAG_PREFIX}.upstream."  # + file path -> producing run id
 UPSTREAM_USER_PREFIX = f"{TAG_PREFIX}.upstream_user."  # + file path -> producer's user, if not me
 HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")
@@ -46,9 +46,9 @@ def _view_state() -> str:
     columns = [f"attributes.`{a}`" for a in ("Source", "Version")]
     columns += [f"metrics.`{m}`" for m in ("test_accuracy", "test_macro_f1", "val_accuracy")]
     columns += ["params.`model.name`"]
-    return json.dumps({"selectedColumns": columns, "orderByKey": "attributes.start_time",
-                       "orderByAsc": False})
-
+    return json.dumps(
+        {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    )
 
 
 # --------------------------------------------------------------------------- the store
@@ -135,8 +135,10 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                     if _is_local_sqlite(uri):
                         location = (artifact_root() / experiment).as_uri()
                     exp_id = client.create_experiment(
-                        experiment, artifact_location=location,
-                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: _view_state()})
+                        experiment,
+                        artifact_location=location,
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: _view_state()},
+                    )
                 except MlflowException as exc:  # created concurrently on a remote server
                     if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                         raise
@@ -153,15 +155,21 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                     client.set_experiment_tag(exp_id, VIEW_TAG, _view_state())
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(f"tracking store {scrub(uri)} unreachable or unusable "
-                            f"({type(exc).__name__}: {scrub(first)[:300]}); set "
-                            "tracking.uri or MLFLOW_TRACKING_URI") from None
+        raise TrackingError(
+            f"tracking store {scrub(uri)} unreachable or unusable "
+            f"({type(exc).__name__}: {scrub(first)[:300]}); set "
+            "tracking.uri or MLFLOW_TRACKING_URI"
+        ) from None
     from deep_repro.tracking.spool import ResilientClient  # an outage from here on is spooled
 
     return ResilientClient(client, uri), exp_id  # type: ignore[return-value]
 
 
 def _search_one(client: MlflowClient, exp_id: str, filter_string: str) -> Any | None:
-    runs = client.search_runs([exp_id], filter_string=filter_string,
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=filter_string,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None

@@ -37,9 +37,11 @@ class SyncReport:
         if not self.files:
             return "nothing to sync"
         sent = ", ".join(f"{n} {what}" for what, n in self.counts.items() if n) or "nothing new"
-        return (f"synced {self.completed} of {self.files} spool file(s): sent {sent}"
-                + (f"; {self.files - self.completed} left, rerun `deep-repro sync`"
-                   if self.completed < self.files else ""))
+        return f"synced {self.completed} of {self.files} spool file(s): sent {sent}" + (
+            f"; {self.files - self.completed} left, rerun `deep-repro sync`"
+            if self.completed < self.files
+            else ""
+        )
 
 
 def _state_path(spool: Path) -> Path:
@@ -65,8 +67,10 @@ def sync(client: Any, directory: Path | None = None) -> SyncReport:
                 what = _apply(client, record, ids, path.parent)
             except Exception as exc:
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                report.problems.append(f"{path.name}: op {index + 1} ({record.get('op')}): "
-                                       f"{type(exc).__name__}: {scrub(text)[:300]}")
+                report.problems.append(
+                    f"{path.name}: op {index + 1} ({record.get('op')}): "
+                    f"{type(exc).__name__}: {scrub(text)[:300]}"
+                )
                 if is_transient(exc):
                     return report  # the store is down again: the rest would fail the same way
                 break
@@ -82,8 +86,7 @@ def sync(client: Any, directory: Path | None = None) -> SyncReport:
     return report
 
 
-def _apply(client: Any, record: dict[str, Any], ids: dict[str, str], base: Path
-           ) -> dict[str, int]:
+def _apply(client: Any, record: dict[str, Any], ids: dict[str, str], base: Path) -> dict[str, int]:
     """Send one spooled op; returns what it sent, by kind."""
     from mlflow.entities import Metric, Param, RunTag
 
@@ -119,8 +122,9 @@ def _apply(client: Any, record: dict[str, Any], ids: dict[str, str], base: Path
         from mlflow.entities import DatasetInput
         from mlflow.protos.service_pb2 import DatasetInput as DatasetInputProto
 
-        datasets = [DatasetInput.from_proto(ParseDict(d, DatasetInputProto()))
-                    for d in record["datasets"]]
+        datasets = [
+            DatasetInput.from_proto(ParseDict(d, DatasetInputProto())) for d in record["datasets"]
+        ]
         client.log_inputs(run_id, datasets=datasets)
         return {"dataset inputs": len(datasets)}
     raise ValueError(f"unknown spooled op {op!r}")
@@ -132,12 +136,17 @@ def _create_run(client: Any, record: dict[str, Any], ids: dict[str, str]) -> str
     exp_id, tags = record["experiment_id"], dict(record["tags"])
     found = _search_one(client, exp_id, f"tags.`{TAG_SPOOL_ID}` = '{record['id']}'")
     if found is None and tags.get(TAG_KIND) == "pipeline" and tags.get(TAG_INVOCATION):
-        found = _search_one(client, exp_id, f"tags.`{TAG_INVOCATION}` = "
-                                             f"'{tags[TAG_INVOCATION]}' and "
-                                             f"tags.`{TAG_KIND}` = 'pipeline'")
+        found = _search_one(
+            client,
+            exp_id,
+            f"tags.`{TAG_INVOCATION}` = "
+            f"'{tags[TAG_INVOCATION]}' and "
+            f"tags.`{TAG_KIND}` = 'pipeline'",
+        )
     if found is not None:
         return str(found.info.run_id)
     tags = {k: ids.get(v, v) for k, v in tags.items()} | {TAG_SPOOL_ID: record["id"]}
-    run = client.create_run(exp_id, start_time=record["start_time"], tags=tags,
-                            run_name=record.get("run_name"))
+    run = client.create_run(
+        exp_id, start_time=record["start_time"], tags=tags, run_name=record.get("run_name")
+    )
     return str(run.info.run_id)

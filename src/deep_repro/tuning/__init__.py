@@ -87,8 +87,24 @@ from deep_repro.tuning.study import (
 )
 
 __all__ = [
-    "ATTR_HEARTBEAT", "ATTR_OVERRIDES", "ATTR_OWNER", "ATTR_RETRY_OF", "ATTR_RUN", "SPLIT_FILE",
-    "TAG_STUDY", "TAG_TRIAL_NUMBER", "TAG_TRIAL_STATE", "Param", "SearchSpace", "StudyResult",
-    "check_search_space", "config_groups", "load_search_space", "make_pruner", "make_sampler",
-    "owner", "run_study", "write_experiment",
+    "ATTR_HEARTBEAT",
+    "ATTR_OVERRIDES",
+    "ATTR_OWNER",
+    "ATTR_RETRY_OF",
+    "ATTR_RUN",
+    "SPLIT_FILE",
+    "TAG_STUDY",
+    "TAG_TRIAL_NUMBER",
+    "TAG_TRIAL_STATE",
+    "Param",
+    "SearchSpace",
+    "StudyResult",
+    "check_search_space",
+    "config_groups",
+    "load_search_space",
+    "make_pruner",
+    "make_sampler",
+    "owner",
+    "run_study",
+    "write_experiment",
 ]

@@ -28,9 +28,13 @@ STUDY_ATTR_BASE = "deep_repro.base"
 STUDY_ATTR_OVERRIDES = "deep_repro.base_overrides"
 
 
-def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_dir: Path,
-                       n_train: int, base: tuple[dict[str, Any], dict[str, str]] | None = None
-                       ) -> tuple[SearchSpace, dict[str, Any]]:
+def check_search_space(
+    space: SearchSpace,
+    base_overrides: Sequence[str],
+    conf_dir: Path,
+    n_train: int,
+    base: tuple[dict[str, Any], dict[str, str]] | None = None,
+) -> tuple[SearchSpace, dict[str, Any]]:
     """Check a search space against the composed config and the schema, before any trial.
 
     `base` is the composition of `base_overrides` with its group choices, if already done.
@@ -56,8 +60,9 @@ def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_d
         else:
             params.append(p)
     if not params:
-        raise ConfigError(f"search space {where}: every parameter is fixed on the command line; "
-                          "nothing to search")
+        raise ConfigError(
+            f"search space {where}: every parameter is fixed on the command line; nothing to search"
+        )
     space = SearchSpace(space.path, tuple(params), space.pruners)
 
     # Each option of each searched group changes which keys exist (e.g. optimizer.momentum only
@@ -68,7 +73,8 @@ def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_d
             for choice in p.choices:
                 if choice != base_choices.get(p.key):
                     contexts[f"{p.key}={choice}"] = compose(
-                        [*base_overrides, p.override(choice)], conf_dir)[0]
+                        [*base_overrides, p.override(choice)], conf_dir
+                    )[0]
     flat = [config.flatten(c) for c in contexts.values()]
     searched = [p.key for p in params]
     when_base: dict[str, Any] = {}
@@ -77,24 +83,28 @@ def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_d
             raise ConfigError(f"search space {where}: {p.key} is a section, not a value")
         if not p.group and not any(p.key in f for f in flat):
             ctx = ", ".join(f"{g}={c}" for g, c in base_choices.items())
-            raise ConfigError(f"search space {where}: unknown key {p.key}: not in the composed "
-                              f"config ({ctx})")
+            raise ConfigError(
+                f"search space {where}: unknown key {p.key}: not in the composed config ({ctx})"
+            )
         for other, _ in p.when:
             if other in searched[: searched.index(p.key)]:
                 continue
             if other in searched:
-                raise ConfigError(f"search space {where}: {p.key}: when refers to {other}, which "
-                                  "must be declared before it")
+                raise ConfigError(
+                    f"search space {where}: {p.key}: when refers to {other}, which "
+                    "must be declared before it"
+                )
             if other in base_choices:
                 when_base[other] = base_choices[other]
             elif other in flat[0]:
                 when_base[other] = flat[0][other]
             else:
-                raise ConfigError(f"search space {where}: {p.key}: when refers to unknown key "
-                                  f"{other}")
+                raise ConfigError(
+                    f"search space {where}: {p.key}: when refers to unknown key {other}"
+                )
     for name, raw in contexts.items():
         for p in params:
-            for value in ([None] if p.group else p.candidates()):
+            for value in [None] if p.group else p.candidates():
                 candidate = copy.deepcopy(raw)
                 if not p.group:
                     set_key(candidate, p.key, value)
@@ -103,8 +113,10 @@ def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_d
                 except DeepReproError as exc:
                     what = name if p.group else f"{p.key} = {value!r}"
                     ctx = "" if name == "base" or p.group else f" (with {name})"
-                    raise ConfigError(f"search space {where}: {what}{ctx} gives an invalid "
-                                      f"config: {first_line(exc)}") from None
+                    raise ConfigError(
+                        f"search space {where}: {what}{ctx} gives an invalid "
+                        f"config: {first_line(exc)}"
+                    ) from None
     # Hydra must read each override back as exactly the value sampled (e.g. a string that
     # looks like a number must stay a string): parse every candidate override.
     for p in params:
@@ -112,51 +124,74 @@ def check_search_space(space: SearchSpace, base_overrides: Sequence[str], conf_d
             try:
                 back = parser.parse_override(p.override(value)).value()
             except Exception as exc:
-                raise ConfigError(f"search space {where}: {p.key} = {value!r} cannot be "
-                                  f"written as a Hydra override: {first_line(exc)}") from None
+                raise ConfigError(
+                    f"search space {where}: {p.key} = {value!r} cannot be "
+                    f"written as a Hydra override: {first_line(exc)}"
+                ) from None
             if back != value or type(back) is not type(value):
-                raise ConfigError(f"search space {where}: {p.key} = {value!r} reads back as "
-                                  f"{back!r} in a Hydra override")
+                raise ConfigError(
+                    f"search space {where}: {p.key} = {value!r} reads back as "
+                    f"{back!r} in a Hydra override"
+                )
     return space, when_base
 
 
-
-
-def comparable_setup(raw: dict[str, Any], tune_epochs: int, space: SearchSpace,
-                     data: dict[str, str]) -> dict[str, Any]:
+def comparable_setup(
+    raw: dict[str, Any], tune_epochs: int, space: SearchSpace, data: dict[str, str]
+) -> dict[str, Any]:
     """What makes two trials comparable: the training setup (not the searched keys, not
     train.epochs, which trials do not use) and the exact data files (`{path: md5}`)."""
-    flat = config.flatten({k: v for k, v in raw.items()
-                           if k in ("seed", "model", "optimizer", "scheduler", "augment",
-                                    "train")})
+    flat = config.flatten(
+        {
+            k: v
+            for k, v in raw.items()
+            if k in ("seed", "model", "optimizer", "scheduler", "augment", "train")
+        }
+    )
     searched = {p.key for p in space.params}
-    out = {k: v for k, v in flat.items()
-           if k != "train.epochs" and k not in searched
-           and not any(k.startswith(g + ".") for g in searched)}
+    out = {
+        k: v
+        for k, v in flat.items()
+        if k != "train.epochs"
+        and k not in searched
+        and not any(k.startswith(g + ".") for g in searched)
+    }
     out["tune.epochs"] = tune_epochs
     out.update(data)
     return out
 
 
-def check_study(study: optuna.Study, storage: str, base: dict[str, Any], shown_overrides: str,
-                space: SearchSpace) -> None:
+def check_study(
+    study: optuna.Study,
+    storage: str,
+    base: dict[str, Any],
+    shown_overrides: str,
+    space: SearchSpace,
+) -> None:
     """Refuse to add trials to a study they are not comparable with (`storage`: where it lives,
     for messages); a new study records `base` (see `comparable_setup`) for the reruns to come."""
     where = f"study {study.study_name!r} in {storage}"
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError(f"{where} does not maximise (not created by deep-repro tune): "
-                          "pick another tune.study_name")
+        raise ConfigError(
+            f"{where} does not maximise (not created by deep-repro tune): "
+            "pick another tune.study_name"
+        )
     recorded = study.user_attrs.get(STUDY_ATTR_BASE)
     if recorded is None:
         study.set_user_attr(STUDY_ATTR_BASE, base)
         study.set_user_attr(STUDY_ATTR_OVERRIDES, shown_overrides)
     else:
-        changed = [f"{k}: {recorded[k]!r} -> {base[k]!r}" for k in sorted(base)
-                   if k in recorded and recorded[k] != base[k]]
+        changed = [
+            f"{k}: {recorded[k]!r} -> {base[k]!r}"
+            for k in sorted(base)
+            if k in recorded and recorded[k] != base[k]
+        ]
         if changed:
-            raise ConfigError(f"{where} was run with another setup "
-                              f"({'; '.join(changed[:3])}): its trials would not be "
-                              "comparable; use a new tune.study_name")
+            raise ConfigError(
+                f"{where} was run with another setup "
+                f"({'; '.join(changed[:3])}): its trials would not be "
+                "comparable; use a new tune.study_name"
+            )
     seen: dict[str, BaseDistribution] = {}
     for trial in study.get_trials(deepcopy=False):
         for name, dist in trial.distributions.items():
@@ -164,9 +199,10 @@ def check_study(study: optuna.Study, storage: str, base: dict[str, Any], shown_o
     for p in space.params:
         if p.key in seen:
             try:
-                optuna.distributions.check_distribution_compatibility(seen[p.key],
-                                                                      p.distribution())
+                optuna.distributions.check_distribution_compatibility(seen[p.key], p.distribution())
             except ValueError as exc:
-                raise ConfigError(f"search space {space.where}: {p.key} changed incompatibly "
-                                  f"with study {study.study_name!r} ({first_line(exc)}); use a new "
-                                  "tune.study_name") from None
+                raise ConfigError(
+                    f"search space {space.where}: {p.key} changed incompatibly "
+                    f"with study {study.study_name!r} ({first_line(exc)}); use a new "
+                    "tune.study_name"
+                ) from None

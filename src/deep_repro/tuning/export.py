@@ -41,7 +41,6 @@ def _strip(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k not in ("tune", "tracking")}
 
 
-
 def _diff(best: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[str, Any]:
     """The leaves of `best` that differ from (or are missing in) `ref`, nested."""
     out: dict[str, Any] = {}
@@ -61,12 +60,14 @@ class _ExperimentDumper(yaml.SafeDumper):
 
 
 _ExperimentDumper.add_representer(
-    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data,
-                                                         flow_style=True))
+    list,
+    lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True),
+)
 
 
-def write_experiment(overrides: Sequence[str], model: str, conf_dir: Path,
-                     header: Sequence[str]) -> Path:
+def write_experiment(
+    overrides: Sequence[str], model: str, conf_dir: Path, header: Sequence[str]
+) -> Path:
     """Write the config composed from `overrides` as `conf/experiment/tuned_<model>.yaml`.
 
     The file holds only what differs from the conf/ defaults (group choices as `override /g: x`,
@@ -75,14 +76,23 @@ def write_experiment(overrides: Sequence[str], model: str, conf_dir: Path,
     """
     best, choices = compose(overrides, conf_dir)
     _, defaults = compose([], conf_dir)
-    group_overrides = [f"{g}={c}" for g, c in sorted(choices.items(), key=lambda i: i[0] != "model")
-                       if g == "model" or c != defaults.get(g)]
+    group_overrides = [
+        f"{g}={c}"
+        for g, c in sorted(choices.items(), key=lambda i: i[0] != "model")
+        if g == "model" or c != defaults.get(g)
+    ]
     reference, _ = compose(group_overrides, conf_dir)
     body = _diff(_strip(best), _strip(reference))
     lines = ["# @package _global_", *(f"# {h}" for h in header)]
     text = "\n".join(lines) + "\n"
-    text += yaml.safe_dump({"defaults": [{f"override /{o.split('=')[0]}": o.split("=", 1)[1]}
-                                         for o in group_overrides]}, sort_keys=False)
+    text += yaml.safe_dump(
+        {
+            "defaults": [
+                {f"override /{o.split('=')[0]}": o.split("=", 1)[1]} for o in group_overrides
+            ]
+        },
+        sort_keys=False,
+    )
     name = f"tuned_{model}"
     target = conf_dir / "experiment" / f"{name}.yaml"
     if body:
@@ -90,17 +100,22 @@ def write_experiment(overrides: Sequence[str], model: str, conf_dir: Path,
         # The file goes into git: a password in a URL given on the command line (a private
         # data mirror) is replaced by *** and must be passed again when the file is applied.
         if scrub(values) != values:
-            log.warning("%s: credentials in URLs were replaced by *** (the file is tracked by "
-                        "git); pass them again with -S when applying it", target.name)
+            log.warning(
+                "%s: credentials in URLs were replaced by *** (the file is tracked by "
+                "git); pass them again with -S when applying it",
+                target.name,
+            )
         text += scrub(values)
     with atomic_path(target) as tmp:
         tmp.write_text(text)
     again = _scrubbed(_strip(compose([f"+experiment={name}"], conf_dir)[0]))
     if again != _scrubbed(_strip(best)):
         wanted = _scrubbed(_strip(best))
-        differing = sorted(set(config.flatten(_diff(again, wanted)))
-                           | set(config.flatten(_diff(wanted, again))))
-        raise DeepReproError(f"{target} does not reproduce the best trial's config (differs in "
-                             f"{', '.join(differing[:5])}): please report this")
+        differing = sorted(
+            set(config.flatten(_diff(again, wanted))) | set(config.flatten(_diff(wanted, again)))
+        )
+        raise DeepReproError(
+            f"{target} does not reproduce the best trial's config (differs in "
+            f"{', '.join(differing[:5])}): please report this"
+        )
     return target
-

@@ -37,10 +37,12 @@ def log_tables_and_plots(client: MlflowClient, run_id: str, study: optuna.Study)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     names = {n for t in complete for n in t.params}
-    plots = [("optimization_history", bool(complete)),
-             # fANOVA needs several finished trials varying more than one parameter.
-             ("param_importances", len(complete) >= 2 and len(names) > 1),
-             ("intermediate_values", any(t.intermediate_values for t in trials))]
+    plots = [
+        ("optimization_history", bool(complete)),
+        # fANOVA needs several finished trials varying more than one parameter.
+        ("param_importances", len(complete) >= 2 and len(names) > 1),
+        ("intermediate_values", any(t.intermediate_values for t in trials)),
+    ]
     for name, possible in plots:
         if not possible:
             log.info("plot %s skipped: not enough finished trials yet", name)
@@ -59,5 +61,4 @@ def log_tables_and_plots(client: MlflowClient, run_id: str, study: optuna.Study)
             plt.close(fig)
             client.log_figure(run_id, figure, f"plots/{name}.html")
         except Exception as exc:  # a plot is a convenience: never fail the study for it
-            log.warning("plot %s skipped: %s: %s", name, type(exc).__name__,
-                        first_line(exc))
+            log.warning("plot %s skipped: %s: %s", name, type(exc).__name__, first_line(exc))

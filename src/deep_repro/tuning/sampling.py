@@ -29,8 +29,9 @@ def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.Ba
         if name == "tpe":
             # multivariate+group: lr and optimizer interact, and conditional keys form groups;
             # constant_liar: parallel workers do not all crowd the same promising region.
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                              constant_liar=True)
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, constant_liar=True
+            )
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "cmaes":
@@ -48,16 +49,22 @@ def check_sampler(name: str, space: SearchSpace) -> None:
         import importlib.util
 
         if importlib.util.find_spec("cmaes") is None:
-            raise ConfigError("config error: tune.sampler = 'cmaes' needs the `cmaes` package, "
-                              "which is not installed (`uv add cmaes`), or use tpe/random/grid")
+            raise ConfigError(
+                "config error: tune.sampler = 'cmaes' needs the `cmaes` package, "
+                "which is not installed (`uv add cmaes`), or use tpe/random/grid"
+            )
     if name == "grid":
         for p in space.params:
             if p.when:
-                raise ConfigError(f"search space {where}: {p.key}: tune.sampler=grid cannot "
-                                  "search conditional (when) parameters")
+                raise ConfigError(
+                    f"search space {where}: {p.key}: tune.sampler=grid cannot "
+                    "search conditional (when) parameters"
+                )
             if p.grid_points() is None:
-                raise ConfigError(f"search space {where}: {p.key}: tune.sampler=grid needs "
-                                  "`grid: [values]` or `step` for a float/int range")
+                raise ConfigError(
+                    f"search space {where}: {p.key}: tune.sampler=grid needs "
+                    "`grid: [values]` or `step` for a float/int range"
+                )
 
 
 def make_pruner(name: str, epochs: int, space: SearchSpace) -> optuna.pruners.BasePruner:
@@ -68,13 +75,15 @@ def make_pruner(name: str, epochs: int, space: SearchSpace) -> optuna.pruners.Ba
         if name == "hyperband":
             return optuna.pruners.HyperbandPruner(**{"max_resource": epochs, **args})
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"search space {space.where}: pruners.{name}: {first_line(exc)}"
-                          ) from None
+        raise ConfigError(
+            f"search space {space.where}: pruners.{name}: {first_line(exc)}"
+        ) from None
     return optuna.pruners.NopPruner()
 
 
-def trial_sampler(name: str, seed: int, number: int, space: SearchSpace
-                  ) -> optuna.samplers.BaseSampler:
+def trial_sampler(
+    name: str, seed: int, number: int, space: SearchSpace
+) -> optuna.samplers.BaseSampler:
     """The sampler for trial `number`, seeded by (tune.seed, number): reproducible when run
     sequentially, and parallel workers never replay each other's random draws."""
     import numpy as np
@@ -83,5 +92,6 @@ def trial_sampler(name: str, seed: int, number: int, space: SearchSpace
         # The grid sampler shuffles its grid by the seed and numbers the points in that
         # order: every worker and trial must use the same seed or the ids point elsewhere.
         return make_sampler("grid", seed, space)
-    return make_sampler(name, int(np.random.SeedSequence([seed, number]).generate_state(1)[0]),
-                        space)
+    return make_sampler(
+        name, int(np.random.SeedSequence([seed, number]).generate_state(1)[0]), space
+    )

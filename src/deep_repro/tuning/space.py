@@ -130,17 +130,20 @@ def compose(overrides: Sequence[str], conf_dir: Path) -> tuple[dict[str, Any], d
     except DeepReproError:
         raise
     except Exception as exc:
-        raise ConfigError(f"config error: cannot compose conf/ with overrides "
-                          f"{' '.join(overrides) or '(none)'}: {first_line(exc)}") from None
+        raise ConfigError(
+            f"config error: cannot compose conf/ with overrides "
+            f"{' '.join(overrides) or '(none)'}: {first_line(exc)}"
+        ) from None
     return raw, {g: c for g, c in choices.items() if "/" not in g and g not in NON_GROUPS}
 
 
 def config_groups(conf_dir: Path) -> dict[str, list[str]]:
     """`{"optimizer": ["adamw", "sgd"], ...}` from the conf/ directory layout."""
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
-            for d in sorted(conf_dir.iterdir())
-            if d.is_dir() and d.name not in NON_GROUPS and any(d.glob("*.yaml"))}
-
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(conf_dir.iterdir())
+        if d.is_dir() and d.name not in NON_GROUPS and any(d.glob("*.yaml"))
+    }
 
 
 # --------------------------------------------------------------------------- the search space
@@ -149,14 +152,14 @@ class Param:
     """One searched key of `conf/search/<model>.yaml`."""
 
     key: str
-    type: str                               # float | int | categorical
-    group: bool = False                     # a config group choice (optimizer=sgd)
+    type: str  # float | int | categorical
+    group: bool = False  # a config group choice (optimizer=sgd)
     low: float | None = None
     high: float | None = None
     log: bool = False
     step: float | None = None
     grid: tuple[Any, ...] | None = None
-    choices: tuple[Any, ...] = ()           # real values (lists for architectures)
+    choices: tuple[Any, ...] = ()  # real values (lists for architectures)
     when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     @property
@@ -164,25 +167,37 @@ class Param:
         """The categorical choices as Optuna stores them."""
         return tuple(_encode(c) for c in self.choices)
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """`(low, high)` of a numeric parameter (parsing guarantees both are set)."""
+        assert self.low is not None and self.high is not None, self.key
+        return self.low, self.high
+
     def distribution(self) -> BaseDistribution:
         if self.type == "categorical":
             return CategoricalDistribution(self.labels)
+        low, high = self.bounds
         if self.type == "int":
-            return IntDistribution(int(self.low), int(self.high), log=self.log,  # type: ignore
-                                   step=int(self.step or 1))
-        return FloatDistribution(float(self.low), float(self.high), log=self.log,  # type: ignore
-                                 step=self.step)
+            return IntDistribution(int(low), int(high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(float(low), float(high), log=self.log, step=self.step)
 
     def suggest(self, trial: optuna.Trial) -> Any:
         """Sample (or, for a re-queued trial, read back) this parameter; returns the real value."""
         if self.type == "categorical":
             label = trial.suggest_categorical(self.key, self.labels)
             return self.choices[self.labels.index(label)]
+        low, high = self.bounds
         if self.type == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high),  # type: ignore
-                                     log=self.log, step=int(self.step or 1))
-        return trial.suggest_float(self.key, float(self.low), float(self.high),  # type: ignore
-                                   log=self.log, step=self.step)
+            return trial.suggest_int(
+                self.key, int(low), int(high), log=self.log, step=int(self.step or 1)
+            )
+        return trial.suggest_float(
+            self.key,
+            float(low),
+            float(high),
+            log=self.log,
+            step=self.step,
+        )
 
     def decode(self, stored: Any) -> Any:
         """Optuna's stored value -> the real config value."""
@@ -241,38 +256,49 @@ def _number(where: str, key: str, name: str, value: Any, integer: bool) -> float
         raise ConfigError(f"search space {where}: {key}: {name} = {value!r} is not a number")
     if integer:
         if float(value) != int(value):
-            raise ConfigError(f"search space {where}: {key}: {name} = {value!r} is not an "
-                              "integer (type: int)")
+            raise ConfigError(
+                f"search space {where}: {key}: {name} = {value!r} is not an integer (type: int)"
+            )
         return int(value)
     return float(value)
 
 
-def _parse_param(where: str, key: Any, spec: Any, groups: Mapping[str, list[str]],
-                 declared: Sequence[str]) -> Param:
+def _parse_param(
+    where: str, key: Any, spec: Any, groups: Mapping[str, list[str]], declared: Sequence[str]
+) -> Param:
     if not isinstance(key, str) or not key:
-        raise ConfigError(f"search space {where}: parameter names must be config keys, "
-                          f"got {key!r}")
+        raise ConfigError(f"search space {where}: parameter names must be config keys, got {key!r}")
     if not isinstance(spec, dict):
-        raise ConfigError(f"search space {where}: {key}: expected a mapping like "
-                          "{type: float, low: ..., high: ...}, got " + repr(spec))
+        raise ConfigError(
+            f"search space {where}: {key}: expected a mapping like "
+            "{type: float, low: ..., high: ...}, got " + repr(spec)
+        )
     kind = spec.get("type")
     if kind not in PARAM_KEYS:
-        raise ConfigError(f"search space {where}: {key}: unknown type {kind!r} (expected one of "
-                          f"{', '.join(PARAM_KEYS)})")
+        raise ConfigError(
+            f"search space {where}: {key}: unknown type {kind!r} (expected one of "
+            f"{', '.join(PARAM_KEYS)})"
+        )
     extra = sorted(set(map(str, spec)) - PARAM_KEYS[kind])
     if extra:
-        raise ConfigError(f"search space {where}: {key}: unknown field(s) {', '.join(extra)} "
-                          f"for type {kind} (allowed: {', '.join(sorted(PARAM_KEYS[kind]))})")
+        raise ConfigError(
+            f"search space {where}: {key}: unknown field(s) {', '.join(extra)} "
+            f"for type {kind} (allowed: {', '.join(sorted(PARAM_KEYS[kind]))})"
+        )
     section = key.split(".")[0]
     reason = NOT_SEARCHABLE.get(key) or NOT_SEARCHABLE.get(section)
     if reason:
         raise ConfigError(f"search space {where}: {key} cannot be searched: {reason}")
     if key == "model":
-        raise ConfigError(f"search space {where}: model cannot be searched: the base override "
-                          "model=<name> picks conf/search/<name>.yaml (run one study per model)")
+        raise ConfigError(
+            f"search space {where}: model cannot be searched: the base override "
+            "model=<name> picks conf/search/<name>.yaml (run one study per model)"
+        )
     if key.endswith(".name") and section in groups:
-        raise ConfigError(f"search space {where}: {key}: search the config group `{section}` "
-                          f"instead (e.g. {section}: {{type: categorical, choices: [...]}})")
+        raise ConfigError(
+            f"search space {where}: {key}: search the config group `{section}` "
+            f"instead (e.g. {section}: {{type: categorical, choices: [...]}})"
+        )
     is_group = key in groups
     when = _parse_when(where, key, spec.get("when"), declared)
     if kind == "categorical":
@@ -285,22 +311,28 @@ def _parse_param(where: str, key: Any, spec: Any, groups: Mapping[str, list[str]
         if is_group:
             unknown = [c for c in choices if c not in groups[key]]
             if unknown:
-                raise ConfigError(f"search space {where}: {key}: unknown option(s) {unknown} "
-                                  f"(conf/{key}/ has {', '.join(groups[key])})")
+                raise ConfigError(
+                    f"search space {where}: {key}: unknown option(s) {unknown} "
+                    f"(conf/{key}/ has {', '.join(groups[key])})"
+                )
         return Param(key, kind, group=is_group, choices=tuple(choices), when=when)
     if is_group:
-        raise ConfigError(f"search space {where}: {key} is a config group: use type: "
-                          "categorical with choices from conf/" + key + "/")
+        raise ConfigError(
+            f"search space {where}: {key} is a config group: use type: "
+            "categorical with choices from conf/" + key + "/"
+        )
     integer = kind == "int"
     for name in ("low", "high"):
         if name not in spec:
-            raise ConfigError(f"search space {where}: {key}: missing {name} (type {kind} needs "
-                              "low and high)")
+            raise ConfigError(
+                f"search space {where}: {key}: missing {name} (type {kind} needs low and high)"
+            )
     low = _number(where, key, "low", spec["low"], integer)
     high = _number(where, key, "high", spec["high"], integer)
     if low >= high:
-        raise ConfigError(f"search space {where}: {key}: empty or inverted range: low = {low} "
-                          f">= high = {high}")
+        raise ConfigError(
+            f"search space {where}: {key}: empty or inverted range: low = {low} >= high = {high}"
+        )
     log_scale = spec.get("log", False)
     if not isinstance(log_scale, bool):
         raise ConfigError(f"search space {where}: {key}: log must be true or false")
@@ -314,8 +346,10 @@ def _parse_param(where: str, key: Any, spec: Any, groups: Mapping[str, list[str]
         if log_scale:
             raise ConfigError(f"search space {where}: {key}: step and log cannot be combined")
         if step > high - low:
-            raise ConfigError(f"search space {where}: {key}: step = {step} is larger than the "
-                              f"range [{low}, {high}]")
+            raise ConfigError(
+                f"search space {where}: {key}: step = {step} is larger than the "
+                f"range [{low}, {high}]"
+            )
     grid = None
     if spec.get("grid") is not None:
         if not isinstance(spec["grid"], list) or not spec["grid"]:
@@ -323,18 +357,21 @@ def _parse_param(where: str, key: Any, spec: Any, groups: Mapping[str, list[str]
         grid = tuple(_number(where, key, "grid value", v, integer) for v in spec["grid"])
         outside = [v for v in grid if not low <= v <= high]
         if outside:
-            raise ConfigError(f"search space {where}: {key}: grid values {outside} are outside "
-                              f"[{low}, {high}]")
+            raise ConfigError(
+                f"search space {where}: {key}: grid values {outside} are outside [{low}, {high}]"
+            )
     return Param(key, kind, low=low, high=high, log=log_scale, step=step, grid=grid, when=when)
 
 
-def _parse_when(where: str, key: str, when: Any, declared: Sequence[str]
-                ) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+def _parse_when(
+    where: str, key: str, when: Any, declared: Sequence[str]
+) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     if when is None:
         return ()
     if not isinstance(when, dict) or not when:
-        raise ConfigError(f"search space {where}: {key}: when must be a mapping like "
-                          "{optimizer: sgd}")
+        raise ConfigError(
+            f"search space {where}: {key}: when must be a mapping like {{optimizer: sgd}}"
+        )
     out = []
     for other, accepted in when.items():
         if other == key:
@@ -350,23 +387,32 @@ def _parse_pruners(where: str, raw: Any) -> dict[str, dict[str, Any]]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"search space {where}: pruners must be a mapping like "
-                          "{median: {n_startup_trials: 5}}")
+        raise ConfigError(
+            f"search space {where}: pruners must be a mapping like "
+            "{median: {n_startup_trials: 5}}"
+        )
     classes: dict[str, type[optuna.pruners.BasePruner]] = {
-        "median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+    }
     out: dict[str, dict[str, Any]] = {}
     for name, args in raw.items():
         if name not in classes:
-            raise ConfigError(f"search space {where}: pruners.{name}: unknown pruner (options: "
-                              f"{', '.join(classes)})")
+            raise ConfigError(
+                f"search space {where}: pruners.{name}: unknown pruner (options: "
+                f"{', '.join(classes)})"
+            )
         if not isinstance(args, dict):
-            raise ConfigError(f"search space {where}: pruners.{name} must be a mapping of "
-                              "constructor arguments")
+            raise ConfigError(
+                f"search space {where}: pruners.{name} must be a mapping of constructor arguments"
+            )
         allowed = set(inspect.signature(classes[name]).parameters) - {"self"}
         unknown = sorted(set(args) - allowed)
         if unknown:
-            raise ConfigError(f"search space {where}: pruners.{name}: unknown argument(s) "
-                              f"{', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+            raise ConfigError(
+                f"search space {where}: pruners.{name}: unknown argument(s) "
+                f"{', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})"
+            )
         out[str(name)] = dict(args)
     return out
 
@@ -377,19 +423,25 @@ def load_search_space(path: Path, groups: Mapping[str, list[str]]) -> SearchSpac
     where = space.where
     if not path.is_file():
         have = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"search space {where} not found (have: {', '.join(have) or 'none'}); "
-                          "create it, e.g. by copying conf/search/cnn.yaml")
+        raise ConfigError(
+            f"search space {where} not found (have: {', '.join(have) or 'none'}); "
+            "create it, e.g. by copying conf/search/cnn.yaml"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"search space {where} is not valid YAML: {first_line(exc)}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict) or not raw["params"]:
-        raise ConfigError(f"search space {where}: expected a non-empty `params:` mapping of "
-                          "config keys to {type: ..., ...}")
+        raise ConfigError(
+            f"search space {where}: expected a non-empty `params:` mapping of "
+            "config keys to {type: ..., ...}"
+        )
     unknown = sorted(set(raw) - {"params", "pruners"})
     if unknown:
-        raise ConfigError(f"search space {where}: unknown top-level key(s) {', '.join(unknown)} "
-                          "(allowed: params, pruners)")
+        raise ConfigError(
+            f"search space {where}: unknown top-level key(s) {', '.join(unknown)} "
+            "(allowed: params, pruners)"
+        )
     params: list[Param] = []
     for key, spec in raw["params"].items():
         params.append(_parse_param(where, key, spec, groups, [p.key for p in params]))

@@ -60,9 +60,9 @@ StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 @dataclass
 class StudyStorage:
     storage: optuna.storages.BaseStorage
-    description: str          # redacted, for logs and tags
-    lock_path: Path           # serialises budget checks and trial creation on this machine
-    journal: bool             # no Optuna heartbeat: we keep our own
+    description: str  # redacted, for logs and tags
+    lock_path: Path  # serialises budget checks and trial creation on this machine
+    journal: bool  # no Optuna heartbeat: we keep our own
 
 
 def _resolve_journal(spec: str | None) -> Path | None:
@@ -74,8 +74,9 @@ def _resolve_journal(spec: str | None) -> Path | None:
     return None
 
 
-def open_storage(spec: str | None, study_name: str, heartbeat_interval: int,
-                 on_stale: StaleCallback) -> StudyStorage:
+def open_storage(
+    spec: str | None, study_name: str, heartbeat_interval: int, on_stale: StaleCallback
+) -> StudyStorage:
     """Open the study storage, failing with one line if it is unreachable or unusable."""
     journal = _resolve_journal(spec)
     storage: optuna.storages.BaseStorage
@@ -85,8 +86,10 @@ def open_storage(spec: str | None, study_name: str, heartbeat_interval: int,
             backend = JournalFileBackend(str(journal))
             storage = optuna.storages.JournalStorage(backend)
         except Exception as exc:
-            raise DeepReproError(f"tune.storage journal file {journal} is unusable "
-                                 f"({type(exc).__name__}: {first_line(exc)})") from None
+            raise DeepReproError(
+                f"tune.storage journal file {journal} is unusable "
+                f"({type(exc).__name__}: {first_line(exc)})"
+            ) from None
         lock = journal.with_name(journal.name + ".tune.lock")
         return StudyStorage(storage, f"journal:{journal}", lock, journal=True)
     assert spec is not None
@@ -109,13 +112,19 @@ def open_storage(spec: str | None, study_name: str, heartbeat_interval: int,
         with warnings.catch_warnings(), creation or contextlib.nullcontext():
             warnings.simplefilter("ignore", ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
-                heartbeat_stale_trial_callback=on_stale, **kwargs)
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=2 * heartbeat_interval,
+                heartbeat_stale_trial_callback=on_stale,
+                **kwargs,
+            )
     except Exception as exc:
-        raise DeepReproError(f"tune.storage {shown} is unreachable or unusable "
-                             f"({type(exc).__name__}: {scrub(first_line(exc))}); "
-                             "use a journal file (null or a path ending in .log) or a reachable "
-                             "database URL") from None
+        raise DeepReproError(
+            f"tune.storage {shown} is unreachable or unusable "
+            f"({type(exc).__name__}: {scrub(first_line(exc))}); "
+            "use a journal file (null or a path ending in .log) or a reachable "
+            "database URL"
+        ) from None
     return StudyStorage(storage, shown, lock_path, journal=False)
 
 
@@ -186,9 +195,9 @@ def heartbeat(trial: optuna.Trial, interval: float, enabled: bool) -> Iterator[N
         thread.join()
 
 
-
-def fail_stale_trials(study: optuna.Study, grace_s: float, by_heartbeat: bool,
-                      on_stale: StaleCallback) -> None:
+def fail_stale_trials(
+    study: optuna.Study, grace_s: float, by_heartbeat: bool, on_stale: StaleCallback
+) -> None:
     """Fail the RUNNING trials whose worker is gone and hand each to `on_stale` (which closes
     its MLflow run and calls `requeue`), as Optuna's RDB heartbeat does with its callback."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -207,8 +216,11 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     """Enqueue a failed stale trial again with the same parameters (at most MAX_RETRY times)."""
     retry = copy.deepcopy(trial)
     # The retry must not inherit the dead owner (it would look stale at once) nor the run.
-    retry.user_attrs = {k: v for k, v in trial.user_attrs.items()
-                        if k not in (ATTR_OWNER, ATTR_HEARTBEAT, ATTR_RUN, ATTR_OVERRIDES)}
+    retry.user_attrs = {
+        k: v
+        for k, v in trial.user_attrs.items()
+        if k not in (ATTR_OWNER, ATTR_HEARTBEAT, ATTR_RUN, ATTR_OVERRIDES)
+    }
     retry.user_attrs.setdefault(ATTR_RETRY_OF, trial.number)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLIT_FILE = SPLIT_TRAIN_VAL   # the only data a trial may read
+SPLIT_FILE = SPLIT_TRAIN_VAL  # the only data a trial may read
 STUDY_ATTR_RUN = "deep_repro.mlflow_study_run_id"
 TAG_STUDY = f"{tracking.TAG_PREFIX}.study"
 TAG_TRIAL_NUMBER = f"{tracking.TAG_PREFIX}.trial_number"
@@ -77,22 +77,30 @@ class _Tuner:
         self.study_name = tune.study_name or f"tune-{self.cfg.model.name}"
         self.data_path = self.root / SPLIT_FILE
         if not self.data_path.is_file():
-            raise DataError(f"{self.data_path} not found: tuning uses only the train/val split "
-                            "of the DVC pipeline; run `uv run dvc repro split` first")
+            raise DataError(
+                f"{self.data_path} not found: tuning uses only the train/val split "
+                "of the DVC pipeline; run `uv run dvc repro split` first"
+            )
         from deep_repro.data import load_arrays
 
         arrays = load_arrays(self.data_path)
         missing = {"x_train", "y_train", "x_val", "y_val"} - set(arrays)
         if missing:
-            raise DataError(f"{self.data_path} lacks {sorted(missing)}: rerun "
-                            "`uv run dvc repro split`")
+            raise DataError(
+                f"{self.data_path} lacks {sorted(missing)}: rerun `uv run dvc repro split`"
+            )
         self.data: dict[str, np.ndarray] = arrays
         self.data_md5 = file_digest(self.data_path)
-        space = load_search_space(self.conf_dir / "search" / f"{self.cfg.model.name}.yaml",
-                                  config_groups(self.conf_dir))
+        space = load_search_space(
+            self.conf_dir / "search" / f"{self.cfg.model.name}.yaml", config_groups(self.conf_dir)
+        )
         self.space, self.when_base = check_search_space(
-            space, self.overrides, self.conf_dir, len(arrays["y_train"]),
-            base=(self.raw, base_choices))
+            space,
+            self.overrides,
+            self.conf_dir,
+            len(arrays["y_train"]),
+            base=(self.raw, base_choices),
+        )
         sampling.check_sampler(tune.sampler, self.space)
         self.pruner = sampling.make_pruner(tune.pruner, tune.epochs, self.space)
         self.grace_s = 2.0 * tune.heartbeat_interval
@@ -100,8 +108,9 @@ class _Tuner:
         self.exp_id = ""
         self.study_run_id = ""
         self.owner = storage.owner()
-        self.store = storage.open_storage(tune.storage, self.study_name, tune.heartbeat_interval,
-                                          self._on_stale)
+        self.store = storage.open_storage(
+            tune.storage, self.study_name, tune.heartbeat_interval, self._on_stale
+        )
         self.gate = storage.Gate(self.store.lock_path)
         self.env_tags: dict[str, str] = {}
         self.data_tags: dict[str, str] = {}
@@ -116,15 +125,15 @@ class _Tuner:
         uri = tracking.tracking_uri(self.cfg.tracking.uri)
         self.client, self.exp_id = tracking.connect(uri, self.cfg.tracking.experiment)
         # Study and trial runs: MLflow's Source column shows what started them.
-        self.env_tags = {**tracking.environment_tags(self.cfg),
-                         **source_tags("deep-repro tune")}
+        self.env_tags = {**tracking.environment_tags(self.cfg), **source_tags("deep-repro tune")}
         self.data_tags = {f"{tracking.IN_PREFIX}{SPLIT_FILE}": self.data_md5}
         producer = tracking.find_producer(self.client, self.exp_id, SPLIT_FILE, self.data_md5)
         if producer:
             self.data_tags[f"{tracking.UPSTREAM_PREFIX}{SPLIT_FILE}"] = producer
         else:
-            log.warning("no tracked run produced %s (md5 %s): lineage stops here", SPLIT_FILE,
-                        self.data_md5)
+            log.warning(
+                "no tracked run produced %s (md5 %s): lineage stops here", SPLIT_FILE, self.data_md5
+            )
 
     def _study_run(self, study: optuna.Study) -> str:
         """The study's MLflow run, shared by every worker and rerun (created by the first)."""
@@ -139,21 +148,31 @@ class _Tuner:
                     self.client.update_run(run_id, status="RUNNING")
                     return str(run_id)
         tune = self.cfg.tune
-        run = self.client.create_run(self.exp_id, run_name=self.study_name, tags={
-            **self.env_tags, **self.data_tags, tracking.TAG_KIND: "study",
-            TAG_STUDY: self.study_name, TAG_STORAGE: self.store.description,
-            f"{tracking.TAG_PREFIX}.search_space": self.space.where,
-            f"{tracking.TAG_PREFIX}.search_space_md5": file_digest(self.space.path),
-            "mlflow.note.content": (
-                f"Optuna study `{self.study_name}` ({self.store.description}) over "
-                f"`{self.space.where}` on the train/val split. Each child run is one trial. "
-                f"Rerun `uv run deep-repro tune {self.shown_overrides}` to add trials; "
-                f"apply the best with `uv run dvc exp run -S "
-                f"+experiment=tuned_{self.cfg.model.name}`."),
-        })
-        params = {**{f"tune.{k}": v for k, v in config.to_dict(tune).items()},
-                  "base_overrides": self.shown_overrides[:6000] or "(none)",
-                  "searched": ",".join(p.key for p in self.space.params)}
+        run = self.client.create_run(
+            self.exp_id,
+            run_name=self.study_name,
+            tags={
+                **self.env_tags,
+                **self.data_tags,
+                tracking.TAG_KIND: "study",
+                TAG_STUDY: self.study_name,
+                TAG_STORAGE: self.store.description,
+                f"{tracking.TAG_PREFIX}.search_space": self.space.where,
+                f"{tracking.TAG_PREFIX}.search_space_md5": file_digest(self.space.path),
+                "mlflow.note.content": (
+                    f"Optuna study `{self.study_name}` ({self.store.description}) over "
+                    f"`{self.space.where}` on the train/val split. Each child run is one trial. "
+                    f"Rerun `uv run deep-repro tune {self.shown_overrides}` to add trials; "
+                    f"apply the best with `uv run dvc exp run -S "
+                    f"+experiment=tuned_{self.cfg.model.name}`."
+                ),
+            },
+        )
+        params = {
+            **{f"tune.{k}": v for k, v in config.to_dict(tune).items()},
+            "base_overrides": self.shown_overrides[:6000] or "(none)",
+            "searched": ",".join(p.key for p in self.space.params),
+        }
         tracking.log_params(self.client, run.info.run_id, params)
         self.client.log_artifact(run.info.run_id, str(self.space.path), "search_space")
         study.set_user_attr(STUDY_ATTR_RUN, run.info.run_id)
@@ -162,29 +181,41 @@ class _Tuner:
 
     def _on_stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """A dead worker's trial was failed: close its MLflow run and re-queue its parameters."""
-        log.warning("trial %d was left RUNNING by a worker that died (%s): failed, re-queued",
-                    trial.number, trial.user_attrs.get(ATTR_OWNER, "owner unknown"))
+        log.warning(
+            "trial %d was left RUNNING by a worker that died (%s): failed, re-queued",
+            trial.number,
+            trial.user_attrs.get(ATTR_OWNER, "owner unknown"),
+        )
         run_id = trial.user_attrs.get(ATTR_RUN)
         if run_id and self.client is not None:
-            tracking.end_run(self.client, run_id, "FAILED", {
-                TAG_TRIAL_STATE: "FAIL",
-                tracking.TAG_FAIL_REASON: "stale: its worker process died or lost its heartbeat",
-            }, missing_ok=True)
+            tracking.end_run(
+                self.client,
+                run_id,
+                "FAILED",
+                {
+                    TAG_TRIAL_STATE: "FAIL",
+                    tracking.TAG_FAIL_REASON: (
+                        "stale: its worker process died or lost its heartbeat"
+                    ),
+                },
+                missing_ok=True,
+            )
         storage.requeue(study, trial)
 
     # ------------------------------------------------------------------ one trial
     def objective(self, trial: optuna.Trial) -> float:
         self.gate.release()  # the trial exists now: other workers may count and create theirs
         trial.set_user_attr(ATTR_OWNER, self.owner)
-        with storage.heartbeat(trial, self.cfg.tune.heartbeat_interval,
-                               enabled=self.store.journal):
+        with storage.heartbeat(trial, self.cfg.tune.heartbeat_interval, enabled=self.store.journal):
             context = dict(self.when_base)
             values: dict[str, Any] = {}
             for p in self.space.params:
                 if p.active(context):
                     values[p.key] = context[p.key] = p.suggest(trial)
-            trial_overrides = [self.space.param(k).override(v)  # type: ignore[union-attr]
-                               for k, v in values.items()]
+            trial_overrides = [
+                self.space.param(k).override(v)  # type: ignore[union-attr]
+                for k, v in values.items()
+            ]
             raw, _ = compose([*self.overrides, *trial_overrides], self.conf_dir)
             for key, value in values.items():
                 param = self.space.param(key)
@@ -195,24 +226,39 @@ class _Tuner:
             assert self.client is not None
             retry_of = trial.user_attrs.get(ATTR_RETRY_OF)
             tags = {
-                **self.env_tags, **self.data_tags, TAG_STUDY: self.study_name,
-                TAG_STORAGE: self.store.description, TAG_TRIAL_NUMBER: str(trial.number),
+                **self.env_tags,
+                **self.data_tags,
+                TAG_STUDY: self.study_name,
+                TAG_STORAGE: self.store.description,
+                TAG_TRIAL_NUMBER: str(trial.number),
                 f"{tracking.TAG_PREFIX}.searched": ",".join(values),
                 f"{tracking.TAG_PREFIX}.trial_overrides": " ".join(trial_overrides)[:5000],
                 f"{tracking.TAG_PREFIX}.hostname": str(self.owner["host"]),
                 f"{tracking.TAG_PREFIX}.pid": str(self.owner["pid"]),
-                **({f"{tracking.TAG_PREFIX}.retry_of": str(retry_of)} if retry_of is not None
-                   else {}),
+                **(
+                    {f"{tracking.TAG_PREFIX}.retry_of": str(retry_of)}
+                    if retry_of is not None
+                    else {}
+                ),
             }
-            with tracking.trial_run(self.client, self.exp_id,
-                                    f"{self.study_name}-{trial.number}", cfg,
-                                    parent_id=self.study_run_id, tags=tags) as run:
+            with tracking.trial_run(
+                self.client,
+                self.exp_id,
+                f"{self.study_name}-{trial.number}",
+                cfg,
+                parent_id=self.study_run_id,
+                tags=tags,
+            ) as run:
                 trial.set_user_attr(ATTR_RUN, run.run_id)
                 try:
                     return self._train(trial, cfg, run)
                 finally:
-                    log.info("trial %d %s: %s", trial.number, run.state,
-                             ", ".join(f"{k}={v}" for k, v in values.items()))
+                    log.info(
+                        "trial %d %s: %s",
+                        trial.number,
+                        run.state,
+                        ", ".join(f"{k}={v}" for k, v in values.items()),
+                    )
 
     def _train(self, trial: optuna.Trial, cfg: Config, run: tracking.TrialRun) -> float:
         """Train the trial's config like the train stage does; sets the run's final state."""
@@ -225,16 +271,28 @@ class _Tuner:
             trial.report(metrics.val_accuracy, metrics.step)
             # logreg has one "epoch" (the whole fit): nothing left to save by pruning it.
             if cfg.is_torch_model and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {metrics.step} (val_accuracy "
-                                         f"{metrics.val_accuracy:.4f})")
+                raise optuna.TrialPruned(
+                    f"pruned at epoch {metrics.step} (val_accuracy {metrics.val_accuracy:.4f})"
+                )
 
         x = self.data
         try:
-            result = training.train_model(cfg, x["x_train"], x["y_train"], x["x_val"],
-                                          x["y_val"], on_epoch=on_epoch,
-                                          epochs=cfg.tune.epochs, progress=False)
-            run.log_metrics({"best_val_accuracy": result.best_val_accuracy,
-                             "best_epoch": float(result.best_epoch)})
+            result = training.train_model(
+                cfg,
+                x["x_train"],
+                x["y_train"],
+                x["x_val"],
+                x["y_val"],
+                on_epoch=on_epoch,
+                epochs=cfg.tune.epochs,
+                progress=False,
+            )
+            run.log_metrics(
+                {
+                    "best_val_accuracy": result.best_val_accuracy,
+                    "best_epoch": float(result.best_epoch),
+                }
+            )
         except optuna.TrialPruned:
             run.state = "PRUNED"
             raise
@@ -259,19 +317,35 @@ class _Tuner:
         with self.gate, warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             study = optuna.create_study(
-                storage=self.store.storage, study_name=self.study_name, direction="maximize",
+                storage=self.store.storage,
+                study_name=self.study_name,
+                direction="maximize",
                 sampler=sampling.make_sampler(tune.sampler, tune.seed, self.space),
-                pruner=self.pruner, load_if_exists=True)
-            check_study(study, self.store.description,
-                        comparable_setup(self.raw, self.cfg.tune.epochs, self.space,
-                                         {SPLIT_FILE: self.data_md5}),
-                        self.shown_overrides, self.space)
+                pruner=self.pruner,
+                load_if_exists=True,
+            )
+            check_study(
+                study,
+                self.store.description,
+                comparable_setup(
+                    self.raw, self.cfg.tune.epochs, self.space, {SPLIT_FILE: self.data_md5}
+                ),
+                self.shown_overrides,
+                self.space,
+            )
             self.study_run_id = self._study_run(study)
         n_before = len(study.get_trials(deepcopy=False))
-        log.info("study %r in %s: %d trial(s) so far, budget tune.n_trials = %d (all workers), "
-                 "sampler %s, pruner %s, %d epoch(s) per trial", self.study_name,
-                 self.store.description, n_before, tune.n_trials, tune.sampler, tune.pruner,
-                 tune.epochs)
+        log.info(
+            "study %r in %s: %d trial(s) so far, budget tune.n_trials = %d (all workers), "
+            "sampler %s, pruner %s, %d epoch(s) per trial",
+            self.study_name,
+            self.store.description,
+            n_before,
+            tune.n_trials,
+            tune.sampler,
+            tune.pruner,
+            tune.epochs,
+        )
         with tracking.closing(self.client, self.study_run_id) as outcome:
             self._loop(study)
             result = self._finish(study)
@@ -289,23 +363,26 @@ class _Tuner:
                 log.info("tune.timeout = %ss reached: no new trial started", tune.timeout)
                 break
             with self.gate:
-                storage.fail_stale_trials(study, self.grace_s, self.store.journal,
-                                          self._on_stale)
+                storage.fail_stale_trials(study, self.grace_s, self.store.journal, self._on_stale)
                 trials = study.get_trials(deepcopy=False)
                 waiting = [t.number for t in trials if t.state == TrialState.WAITING]
                 if not waiting and storage.counted(trials) >= tune.n_trials:
                     break
-                sampler = sampling.trial_sampler(tune.sampler, tune.seed,
-                                                 waiting[0] if waiting else len(trials),
-                                                 self.space)
-                if (isinstance(sampler, optuna.samplers.GridSampler) and not waiting
-                        and sampler.is_exhausted(study)):
+                sampler = sampling.trial_sampler(
+                    tune.sampler, tune.seed, waiting[0] if waiting else len(trials), self.space
+                )
+                if (
+                    isinstance(sampler, optuna.samplers.GridSampler)
+                    and not waiting
+                    and sampler.is_exhausted(study)
+                ):
                     log.info("grid exhausted after %d trials", len(trials))
                     break
                 study.sampler = sampler
                 # One trial per call: the gate is re-taken to check the budget before the next.
-                study.optimize(self.objective, n_trials=1, gc_after_trial=False,
-                               show_progress_bar=False)
+                study.optimize(
+                    self.objective, n_trials=1, gc_after_trial=False, show_progress_bar=False
+                )
                 ran += 1
         log.info("this worker ran %d trial(s)", ran)
 
@@ -317,8 +394,9 @@ class _Tuner:
         trials = study.get_trials(deepcopy=False)
         states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
         states = {k: v for k, v in states.items() if v}
-        result = StudyResult(self.study_name, self.store.description, self.study_run_id,
-                             len(trials), states)
+        result = StudyResult(
+            self.study_name, self.store.description, self.study_run_id, len(trials), states
+        )
         metrics = {f"n_{k.lower()}": float(v) for k, v in states.items()}
         tags: dict[str, str] = {}
         if any(t.state == TrialState.COMPLETE for t in trials):
@@ -330,27 +408,42 @@ class _Tuner:
             # same file right now, possibly with a newer best trial.
             with self.gate:
                 result.experiment_file = write_experiment(
-                    [*self.overrides, *result.best_overrides], self.cfg.model.name,
-                    self.conf_dir, self._header(best))
+                    [*self.overrides, *result.best_overrides],
+                    self.cfg.model.name,
+                    self.conf_dir,
+                    self._header(best),
+                )
             metrics["best_val_accuracy"] = float(best.value)  # type: ignore[arg-type]
-            tags = {f"{tracking.TAG_PREFIX}.best_trial": str(best.number),
-                    f"{tracking.TAG_PREFIX}.best_trial_run_id":
-                        str(best.user_attrs.get(ATTR_RUN, "")),
-                    f"{tracking.TAG_PREFIX}.experiment_file":
-                        result.experiment_file.relative_to(self.root).as_posix()}
-            self.client.log_artifact(self.study_run_id, str(result.experiment_file),
-                                     "experiment")
+            tags = {
+                f"{tracking.TAG_PREFIX}.best_trial": str(best.number),
+                f"{tracking.TAG_PREFIX}.best_trial_run_id": str(best.user_attrs.get(ATTR_RUN, "")),
+                f"{tracking.TAG_PREFIX}.experiment_file": result.experiment_file.relative_to(
+                    self.root
+                ).as_posix(),
+            }
+            self.client.log_artifact(self.study_run_id, str(result.experiment_file), "experiment")
         self._log_outcome(metrics, tags)
         log_tables_and_plots(self.client, self.study_run_id, study)
         summary = ", ".join(f"{v} {k.lower()}" for k, v in states.items())
         if result.best_trial is None:
-            raise DeepReproError(f"study {self.study_name!r}: no trial completed ({summary}); "
-                                 "check the failed trials' runs in MLflow")
-        log.info("study %r: %d trials (%s); best trial %d: val_accuracy %.4f with %s",
-                 self.study_name, len(trials), summary, result.best_trial, result.best_value,
-                 ", ".join(f"{k}={v}" for k, v in result.best_params.items()))
-        log.info("wrote %s: train it with `uv run dvc exp run -S +experiment=tuned_%s`",
-                 result.experiment_file, self.cfg.model.name)
+            raise DeepReproError(
+                f"study {self.study_name!r}: no trial completed ({summary}); "
+                "check the failed trials' runs in MLflow"
+            )
+        log.info(
+            "study %r: %d trials (%s); best trial %d: val_accuracy %.4f with %s",
+            self.study_name,
+            len(trials),
+            summary,
+            result.best_trial,
+            result.best_value,
+            ", ".join(f"{k}={v}" for k, v in result.best_params.items()),
+        )
+        log.info(
+            "wrote %s: train it with `uv run dvc exp run -S +experiment=tuned_%s`",
+            result.experiment_file,
+            self.cfg.model.name,
+        )
         return result
 
     def _decoded(self, key: str, value: Any) -> Any:
@@ -365,9 +458,11 @@ class _Tuner:
 
         assert self.client is not None
         now = int(time.time() * 1000)
-        self.client.log_batch(self.study_run_id,
-                              metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                              tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.log_batch(
+            self.study_run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
 
     def _header(self, best: FrozenTrial) -> list[str]:
         """The comment at the top of the experiment file: where it came from, how to use it."""
