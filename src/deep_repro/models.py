@@ -42,7 +42,7 @@ class ModelSpec:
     schema: type[ModelConfig]
     build: Callable[[Any], nn.Module]
     # "torch": `training.fit` (gradient descent, per-epoch metrics, pruning in tuning);
-    # "sklearn": `training.fit_logreg` (one lbfgs fit, weights copied into `build()`'s module).
+    # "sklearn": `logreg.fit_logreg` (one lbfgs fit, weights copied into `build()`'s module).
     trainer: TrainerKind
     # Train/evaluate with NHWC tensors: faster convolutions; pointless for Linear-only nets.
     channels_last: bool

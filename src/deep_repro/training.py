@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,59 +26,13 @@ from deep_repro.config import (
     AugmentConfig,
     Config,
     TorchModelConfig,
-    TrainConfig,
 )
+from deep_repro.device import autocast_dtype, resolve_device, seed_everything
 from deep_repro.errors import TrainingError
-from deep_repro.models import LogRegConfig, build_model, get_spec
+from deep_repro.models import build_model, get_spec
 from deep_repro.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- environment
-def seed_everything(
-    seed: int, *, deterministic: bool = True, num_threads: int | None = None
-) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    if deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic (must be set before first use).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        # Deterministic mode also NaN-fills every new tensor (20-35% of CPU time in a CNN
-        # profile); nothing here reads uninitialised memory, so skip the fill.
-        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def resolve_device(train: TrainConfig) -> torch.device:
-    """`auto` -> cuda if available else cpu; an explicit CUDA request without CUDA is an error."""
-    if train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if train.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError(
-                f"train.device = {train.device!r} but CUDA is not available on "
-                "this machine; use 'auto' or 'cpu'"
-            )
-        index = int(train.device.split(":")[1]) if ":" in train.device else 0
-        if index >= torch.cuda.device_count():
-            raise TrainingError(
-                f"train.device = {train.device!r} but only "
-                f"{torch.cuda.device_count()} CUDA device(s) exist"
-            )
-    return torch.device(train.device)
-
-
-def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default (fast, no loss scaling needed); fp32 on CPU."""
-    if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -398,78 +350,6 @@ def fit(
     return result
 
 
-# --------------------------------------------------------------------------- logistic regression
-def fit_logreg(
-    cfg: Config,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    on_epoch: EpochCallback | None = None,
-) -> TrainResult:
-    """Multinomial logistic regression (scikit-learn, lbfgs) on standardised pixels.
-
-    The fitted coefficients become the weights of the equivalent `models.linear_classifier()`:
-    the scikit-learn model is kept as arrays (no pickle) and served through the same inference
-    path as the networks. One "epoch" = the whole lbfgs fit."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    assert isinstance(cfg.model, LogRegConfig)
-    seed_everything(cfg.seed, num_threads=cfg.train.num_threads)
-    features = normalise(torch.from_numpy(x_train)).flatten(1).numpy()
-    clf = LogisticRegression(
-        C=cfg.model.C, max_iter=cfg.model.max_iter, random_state=cfg.seed, tol=1e-4
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(features, y_train)
-    converged = clf.n_iter_[0] < cfg.model.max_iter
-    if not converged:
-        log.warning("logreg stopped at model.max_iter = %d before converging", cfg.model.max_iter)
-    model = build_model(cfg.model)
-    model.load_state_dict(
-        {
-            "1.weight": torch.from_numpy(clf.coef_.astype(np.float32)),
-            "1.bias": torch.from_numpy(clf.intercept_.astype(np.float32)),
-        }
-    )
-    train_loss, train_accuracy = logit_metrics(
-        evaluate_logits(model, torch.from_numpy(x_train)),
-        torch.from_numpy(y_train.astype(np.int64)),
-    )
-    val_loss, val_accuracy = logit_metrics(
-        evaluate_logits(model, torch.from_numpy(x_val)), torch.from_numpy(y_val.astype(np.int64))
-    )
-    metrics = EpochMetrics(
-        step=1,
-        train_loss=train_loss,
-        train_accuracy=train_accuracy,
-        val_loss=val_loss,
-        val_accuracy=val_accuracy,
-        lr=0.0,
-    )
-    if on_epoch is not None:
-        on_epoch(metrics)
-    log.info(
-        "logreg: %d lbfgs iterations, train acc %.4f, val acc %.4f",
-        clf.n_iter_[0],
-        metrics.train_accuracy,
-        metrics.val_accuracy,
-    )
-    return TrainResult(
-        model=model,
-        history=[metrics],
-        best_epoch=1,
-        best_val_accuracy=metrics.val_accuracy,
-        stop_reason=f"lbfgs {'converged' if converged else 'hit model.max_iter'} "
-        f"after {clf.n_iter_[0]} iterations",
-    )
-
-
 def train_model(
     cfg: Config,
     x_train: np.ndarray,
@@ -488,6 +368,8 @@ def train_model(
     `on_epoch` may raise (e.g. `optuna.TrialPruned`) to stop training.
     """
     if get_spec(cfg.model.name).trainer == "sklearn":
+        from deep_repro.logreg import fit_logreg  # the registry's "sklearn" trainer
+
         return fit_logreg(cfg, x_train, y_train, x_val, y_val, on_epoch=on_epoch)
     return fit(
         cfg, x_train, y_train, x_val, y_val, on_epoch=on_epoch, epochs=epochs, progress=progress

@@ -56,7 +56,6 @@ from deep_repro.tracking.registry import (  # noqa: F401
 from deep_repro.tracking.runs import (  # noqa: F401
     Outcome,
     StageRun,
-    TrialRun,
     _first_line,
     _lock_entry,
     _metric_batch,
@@ -68,7 +67,6 @@ from deep_repro.tracking.runs import (  # noqa: F401
     log_params,
     pipeline_note,
     stage_run,
-    trial_run,
 )
 from deep_repro.tracking.store import (  # noqa: F401
     HEADLINE_METRICS,
@@ -91,3 +89,4 @@ from deep_repro.tracking.store import (  # noqa: F401
     credentials_to_env,
     tracking_uri,
 )
+from deep_repro.tracking.trials import TrialRun, trial_run  # noqa: F401

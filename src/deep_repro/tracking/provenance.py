@@ -159,7 +159,7 @@ def pipeline_run_name(user: str, model: str, exp_name: str | None) -> str:
 # --------------------------------------------------------------------------- what a run used
 # Config keys a trainer kind never reads (models.ModelSpec.trainer): a run logs what it used, so
 # the runs table does not show a logreg with an optimizer, a schedule or epochs. The sklearn
-# trainer (training.fit_logreg) reads model.*, seed and train.num_threads only.
+# trainer (logreg.fit_logreg) reads model.*, seed and train.num_threads only.
 _UNUSED_BY_TRAINER: dict[str, tuple[str, ...]] = {
     "sklearn": (
         "optimizer",

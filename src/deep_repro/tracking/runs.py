@@ -41,7 +41,6 @@ from deep_repro.tracking.store import (
     TAG_PARENT,
     TAG_PREFIX,
     TAG_STAGE,
-    TAG_TRIAL_STATE,
     UPSTREAM_PREFIX,
     UPSTREAM_USER_PREFIX,
     _search_one,
@@ -382,59 +381,6 @@ def _note_failure(run: StageRun, cfg: Config, tags: Mapping[str, str], exc: Exce
             log.warning(
                 "cannot record the failure on MLflow run %s: %s", run_id, _first_line(note_exc)
             )
-
-
-# --------------------------------------------------------------------------- trial runs
-@dataclass
-class TrialRun:
-    """An open MLflow run for one Optuna trial (use via `trial_run`).
-
-    The body sets `state` to the Optuna state the trial ends in (COMPLETE | PRUNED | FAIL,
-    the default) and, for a failure, `fail_reason`; both are tagged when the run closes.
-    """
-
-    client: MlflowClient
-    run_id: str
-    experiment_id: str
-    state: str = "FAIL"
-    fail_reason: str | None = None
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.client.log_batch(self.run_id, metrics=_metric_batch(metrics, step))
-
-
-@contextlib.contextmanager
-def trial_run(
-    client: MlflowClient,
-    exp_id: str,
-    name: str,
-    cfg: Config,
-    *,
-    parent_id: str,
-    tags: Mapping[str, str],
-) -> Iterator[TrialRun]:
-    """Open the MLflow run of one tuning trial, a child of the study run `parent_id`.
-
-    The same building blocks as `stage_run`: the full config as params (`log_params`), and
-    one close-out (`closing`): a FAIL trial ends FAILED, a COMPLETE or PRUNED one FINISHED
-    (pruning is a result), with its state in `deep_repro.trial_state`.
-    """
-    run = client.create_run(
-        exp_id,
-        run_name=name,
-        tags={**tags, TAG_KIND: "trial", TAG_PARENT: parent_id, TAG_TRIAL_STATE: "RUNNING"},
-    )
-    handle = TrialRun(client, run.info.run_id, exp_id)
-    log_params(client, handle.run_id, used_params(cfg))
-    # missing_ok: a stale-trial sweep of another worker may have closed this run already.
-    with closing(client, handle.run_id, missing_ok=True) as outcome:
-        try:
-            yield handle
-        finally:
-            outcome.status = "FAILED" if handle.state == "FAIL" else "FINISHED"
-            outcome.tags[TAG_TRIAL_STATE] = handle.state
-            if handle.fail_reason:
-                outcome.tags[TAG_FAIL_REASON] = handle.fail_reason[:5000]
 
 
 # --------------------------------------------------------------------------- datasets
