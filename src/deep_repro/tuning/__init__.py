@@ -67,8 +67,9 @@ from __future__ import annotations
 
 from deep_repro.tuning.check import check_search_space
 from deep_repro.tuning.export import write_experiment
+from deep_repro.tuning.parse import load_search_space
 from deep_repro.tuning.sampling import make_pruner, make_sampler
-from deep_repro.tuning.space import Param, SearchSpace, config_groups, load_search_space
+from deep_repro.tuning.space import Param, SearchSpace, config_groups
 from deep_repro.tuning.storage import (
     ATTR_HEARTBEAT,
     ATTR_OVERRIDES,

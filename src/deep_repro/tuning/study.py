@@ -30,8 +30,9 @@ from deep_repro.tracking.provenance import source_tags
 from deep_repro.tuning import sampling, storage
 from deep_repro.tuning.check import check_search_space, check_study, comparable_setup
 from deep_repro.tuning.export import write_experiment
+from deep_repro.tuning.parse import load_search_space
 from deep_repro.tuning.report import log_tables_and_plots
-from deep_repro.tuning.space import compose, config_groups, first_line, get_key, load_search_space
+from deep_repro.tuning.space import compose, config_groups, first_line, get_key
 from deep_repro.tuning.storage import ATTR_OVERRIDES, ATTR_OWNER, ATTR_RETRY_OF, ATTR_RUN
 
 if TYPE_CHECKING:
