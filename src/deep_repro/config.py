@@ -9,6 +9,7 @@ hour of training.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -410,4 +411,4 @@ def compose_with_choices(
         for k, v in choices.items()
         if v is not None and not str(k).startswith("hydra/")
     }
-    return raw, groups  # type: ignore[return-value]
+    return typing.cast(dict[str, Any], raw), groups

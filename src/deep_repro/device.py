@@ -35,7 +35,7 @@ def seed_everything(
         torch.use_deterministic_algorithms(True, warn_only=False)
         # Deterministic mode also NaN-fills every new tensor (20-35% of CPU time in a CNN
         # profile); nothing here reads uninitialised memory, so skip the fill.
-        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # not in torch stubs
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 

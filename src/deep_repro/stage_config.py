@@ -45,7 +45,8 @@ class StageConfig:
         key = self._prefix + name
         attr = getattr(type(self._target), name, None)
         if isinstance(attr, property):  # e.g. Config.is_torch_model: evaluated through the view
-            return attr.fget(self)  # type: ignore[misc]
+            assert attr.fget is not None
+            return attr.fget(self)
         value = getattr(self._target, name)
         if any(key == p or key.startswith(p + ".") for p in self._declared):
             return value

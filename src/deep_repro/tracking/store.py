@@ -162,7 +162,7 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
         ) from None
     from deep_repro.tracking.spool import ResilientClient  # an outage from here on is spooled
 
-    return ResilientClient(client, uri), exp_id  # type: ignore[return-value]
+    return ResilientClient(client, uri), exp_id  # type: ignore[return-value]  # a duck-typed MlflowClient proxy
 
 
 def _search_one(client: MlflowClient, exp_id: str, filter_string: str) -> Any | None:

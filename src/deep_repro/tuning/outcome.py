@@ -85,7 +85,8 @@ class StudyOutcome:
                     self.conf_dir,
                     self._header(best),
                 )
-            metrics["best_val_accuracy"] = float(best.value)  # type: ignore[arg-type]
+            assert best.value is not None  # a COMPLETE trial always has its value
+            metrics["best_val_accuracy"] = float(best.value)
             tags = {
                 f"{tracking.TAG_PREFIX}.best_trial": str(best.number),
                 f"{tracking.TAG_PREFIX}.best_trial_run_id": str(best.user_attrs.get(ATTR_RUN, "")),

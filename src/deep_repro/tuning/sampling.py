@@ -39,7 +39,7 @@ def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.Ba
             return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
         if name == "grid":
             grid = {p.key: p.grid_points() for p in space.params}
-            return optuna.samplers.GridSampler(grid, seed=seed)  # type: ignore[arg-type]
+            return optuna.samplers.GridSampler(grid, seed=seed)  # type: ignore[arg-type]  # optuna types the grid too narrowly (it takes any values)
     raise ConfigError(f"config error: tune.sampler = {name!r} unknown")  # pragma: no cover
 
 

@@ -193,13 +193,11 @@ class _Tuner(StudyOutcome):
         with storage.heartbeat(trial, self.cfg.tune.heartbeat_interval, enabled=self.store.journal):
             context = dict(self.when_base)
             values: dict[str, Any] = {}
+            trial_overrides: list[str] = []
             for p in self.space.params:
                 if p.active(context):
                     values[p.key] = context[p.key] = p.suggest(trial)
-            trial_overrides = [
-                self.space.param(k).override(v)  # type: ignore[union-attr]
-                for k, v in values.items()
-            ]
+                    trial_overrides.append(p.override(values[p.key]))
             raw, _ = compose([*self.overrides, *trial_overrides], self.conf_dir)
             for key, value in values.items():
                 param = self.space.param(key)
