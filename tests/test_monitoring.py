@@ -213,7 +213,7 @@ def test_served_pyfunc_model_logs_its_predictions(
         tracking.log_inference_model(run, model_file, splits.x_val[:4], "mon-model")
     assert not (tmp_path / "served").exists()  # the signature probe is not a prediction
     model = mlflow.pyfunc.load_model("models:/mon-model/1")
-    frame = model.predict(splits.x_test[:7])
+    frame = model.predict(splits.x_test[:7].astype(np.float64))  # the float64 signature
     records = [
         json.loads(line)
         for f in (tmp_path / "served").glob("*.jsonl")
