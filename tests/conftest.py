@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from deep_repro import config, data
 
-from .helpers import FIXTURE, REPO, fixture_overrides
+from .helpers import FIXTURE, REPO, Services, fixture_overrides
 
 
 @pytest.fixture
@@ -76,17 +75,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "services: needs PostgreSQL + MLflow server from "
         "scripts/services.sh (skipped without them unless CI=true)",
     )
-
-
-@dataclass(frozen=True)
-class Services:
-    pg_url: str  # postgresql://user:password@127.0.0.1:port/optuna
-    mlflow_url: str  # http://localhost:port (basic-auth app)
-    admin_user: str
-    admin_password: str
-
-    def pg_database(self, name: str) -> str:
-        return self.pg_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from deep_repro import config
@@ -281,3 +282,14 @@ def copy_project(src: Path, dest: Path) -> Path:
                             (str(src), str(dest), str(src)),
                         )
     return dest
+
+
+@dataclass(frozen=True)
+class Services:
+    pg_url: str  # postgresql://user:password@127.0.0.1:port/optuna
+    mlflow_url: str  # http://localhost:port (basic-auth app)
+    admin_user: str
+    admin_password: str
+
+    def pg_database(self, name: str) -> str:
+        return self.pg_url.rsplit("/", 1)[0] + f"/{name}"

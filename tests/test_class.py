@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from deep_repro import cli, config, tracking
-from tests.conftest import REPO, Services
+from tests.helpers import REPO, Services
 
 Make = Callable[..., config.Config]
 Login = Callable[[str, str], None]
@@ -332,8 +332,8 @@ def test_leaderboard_filters_by_user_and_experiment_pattern(
 def test_a_fresh_clone_pulls_from_the_shared_remote_and_runs_nothing(tmp_path: Path) -> None:
     """The README's shared DVC remote: one `dvc push`, then any clone `dvc pull`s the outputs
     and `dvc repro` has nothing left to execute. (Up to `split`: training adds only time.)"""
-    from tests.conftest import make_project, project_env
-    from tests.conftest import run as sh
+    from tests.helpers import make_project, project_env
+    from tests.helpers import run as sh
 
     project = make_project(tmp_path / "alice")
     env = project_env(project)
