@@ -61,6 +61,8 @@ def test_metrics_and_exp_show_fit_120_columns(project: Path) -> None:
     for column in ("test.accuracy", "test.macro_f1", "val.accuracy", "val.macro_f1"):
         assert column in shown
     assert "reports/train/metrics.json" not in shown and "postprocess" not in shown
+    # `--only-changed` (the README's advice) needs something that changed: one experiment.
+    dvc(project, "exp", "run", "-S", "model.C=0.5", "-n", "c-half")
     table = dvc(project, "exp", "show", "--only-changed", "--no-pager")
     assert widest(table) <= WIDTH, table
     header = " ".join(table.splitlines()[:4])
