@@ -312,11 +312,15 @@ def test_a_killed_stage_leaves_no_run_running(project: Path) -> None:
         ]:
             assert dvc_proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
-        stage = next(
+        # DVC starts the stage through a shell; depending on the shell (bash execs a lone
+        # command, some dash versions fork) the stage is the shell itself or its child, so
+        # take the innermost process whose command line names the stage script.
+        matches = [
             p
             for p in psutil.Process(dvc_proc.pid).children(recursive=True)
             if "stages/train.py" in " ".join(p.cmdline())
-        )
+        ]
+        stage = next(p for p in matches if not set(p.children(recursive=True)) & set(matches))
         os.kill(stage.pid, signal.SIGKILL)
         assert dvc_proc.wait(timeout=120) != 0
     finally:
