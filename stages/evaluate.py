@@ -1,8 +1,10 @@
 """Stage 6 — evaluate: final metrics of the *inference* model, and the validation gate.
 
 Loads only models/inference.pt2 (never the training code path), scores validation and test,
-writes DVC metrics/plots, logs figures to MLflow, and promotes the registered model version to
-`@champion` if it beats `evaluate.baseline` and the current champion.
+writes DVC metrics/plots, logs figures to MLflow, and runs the validation gate: the registered
+model version becomes `@champion` if its VALIDATION accuracy beats `evaluate.baseline` and, paired
+image by image with the current champion (McNemar), is better beyond noise (p < `evaluate.alpha`).
+The test accuracy is reported with its 95% interval and never read by a decision.
 """
 
 import logging
@@ -41,17 +43,18 @@ def main() -> None:
     splits = data.load_splits(root / SPLIT_TRAIN_VAL, root / SPLIT_TEST)
     with tracking.stage_run("evaluate", cfg) as run:
         torch.set_num_threads(cfg.train.num_threads)
-        metrics, details, logits, reports = {}, {}, {}, {}
+        metrics, details, logits, reports, digests = {}, {}, {}, {}, {}
         for part, x, y, source in (
             ("val", splits.x_val, splits.y_val, SPLIT_TRAIN_VAL),
             ("test", splits.x_test, splits.y_test, SPLIT_TEST),
         ):
+            digests[part] = data.array_digest(x, y)
             tracking.log_dataset(
                 run,
                 f"fashion-mnist-{part}",
                 x,
                 y,
-                data.array_digest(x, y),
+                digests[part],
                 str(root / source),
                 context=part,
             )
@@ -90,20 +93,31 @@ def main() -> None:
         run.log_artifact(root / METRICS)
         run.log_artifact(root / EVAL_DETAILS)
 
+        # Model validation on the validation images only (see deep_repro.tracking.gate).
+        val = reports["val"]
+        evidence = tracking.Evidence(logits["val"].argmax(axis=1) == splits.y_val, digests["val"])
         decision = tracking.judge_registered_model(
-            run, cfg.tracking.model_name, root, test.accuracy, cfg.evaluate.baseline
+            run,
+            cfg.tracking.model_name,
+            root,
+            evidence,
+            cfg.evaluate.baseline,
+            cfg.evaluate.alpha,
         )
         log.info("validation gate: %s", decision.reason)
-        if cfg.evaluate.fail_below is not None and test.accuracy < cfg.evaluate.fail_below:
+        if cfg.evaluate.fail_below is not None and val.accuracy < cfg.evaluate.fail_below:
             raise ValidationError(
-                f"test accuracy {test.accuracy:.4f} is below "
+                f"validation accuracy {val.accuracy:.4f} is below "
                 f"evaluate.fail_below = {cfg.evaluate.fail_below}"
             )
         log.info(
-            "test accuracy %.4f, macro-F1 %.4f (val %.4f)",
+            "val accuracy %.4f ± %.4f (decides); test accuracy %.4f ± %.4f, macro-F1 %.4f "
+            "(reported only)",
+            val.accuracy,
+            val.accuracy_pm,
             test.accuracy,
+            test.accuracy_pm,
             test.macro_f1,
-            metrics["val"]["accuracy"],
         )
 
 

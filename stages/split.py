@@ -1,7 +1,7 @@
 """Stage 3 — split: stratified train/validation split of the official training set.
 
-Validation is carved out of the 60,000 training images (`split.val_size`, `seed`); the official
-10,000 test images pass through untouched and are only ever used by `evaluate`.
+Validation is carved out of the 60,000 training images (`split.val_size`, `split.seed`); the
+official 10,000 test images pass through untouched and are only ever used by `evaluate`.
 `data.subset` keeps a stratified subset of the training images for quick runs.
 """
 
@@ -25,7 +25,7 @@ def main() -> None:
             train["images"],
             train["labels"],
             val_size=cfg.split.val_size,
-            seed=cfg.seed,
+            seed=cfg.split.seed,
             subset=cfg.data.subset,
         )
         data.save_arrays(root / SPLIT_TRAIN_VAL, **parts)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from deep_repro import cli, config, tracking
-from tests.helpers import REPO, Services
+from tests.helpers import REPO, Services, evidence
 
 Make = Callable[..., config.Config]
 Login = Callable[[str, str], None]
@@ -223,7 +223,7 @@ def _gate_pair(
 
     def first() -> None:
         try:
-            tracking.validation_gate(paused, model, versions[0], order[0], baseline=0.5)
+            tracking.validation_gate(paused, model, versions[0], evidence(order[0]), 0.5, 0.05)
         except BaseException as exc:
             errors.append(exc)
 
@@ -234,7 +234,7 @@ def _gate_pair(
         if paused.calls > after or not thread.is_alive():
             break
         threading.Event().wait(0.1)
-    tracking.validation_gate(client, model, versions[1], order[1], baseline=0.5)
+    tracking.validation_gate(client, model, versions[1], evidence(order[1]), 0.5, 0.05)
     resume.set()
     thread.join(timeout=300)
     assert not thread.is_alive() and not errors, errors
@@ -273,7 +273,7 @@ def test_concurrent_gates_leave_the_best_champion(services: Services, as_user: L
 
     def gate(version: str, score: float) -> None:
         barrier.wait()
-        tracking.validation_gate(_client(services), model, version, score, baseline=0.75)
+        tracking.validation_gate(_client(services), model, version, evidence(score), 0.75, 0.05)
 
     threads = [
         threading.Thread(target=gate, args=pair) for pair in zip(versions, scores, strict=True)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from deep_repro import cli, config, data, inference, tracking, training
 from deep_repro.files import atomic_path
+from tests.helpers import evidence
 
 Make = Callable[..., config.Config]
 
@@ -96,7 +97,7 @@ def test_pyfunc_model_in_process_and_champion_predict(
     with tracking.stage_run("postprocess", cfg) as run:
         version = tracking.log_inference_model(run, exported, splits.x_val[:4], "cli-model")
     assert version == "1"
-    tracking.validation_gate(run.client, "cli-model", version, 0.9, baseline=0.842)
+    tracking.validation_gate(run.client, "cli-model", version, evidence(0.9), 0.842, 0.05)
     model = mlflow.pyfunc.load_model("models:/cli-model@champion")
     # The signature takes float64 pixels so JSON reaches the model's own 0..255 integer check.
     frame = model.predict(splits.x_test[:8].astype(np.float64))
@@ -154,7 +155,7 @@ def two_versions(
                 )
             )
     assert versions == ["1", "2"]
-    tracking.validation_gate(run.client, cfg.tracking.model_name, "1", 0.9, baseline=0.5)
+    tracking.validation_gate(run.client, cfg.tracking.model_name, "1", evidence(0.9), 0.5, 0.05)
     return programs
 
 

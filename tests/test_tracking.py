@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from deep_repro import config, tracking
 from deep_repro.errors import TrackingError, scrub
 from deep_repro.paths import store_root
+from tests.helpers import evidence
 
 Make = Callable[..., config.Config]
 
@@ -117,30 +118,63 @@ def _version(client: Any, name: str) -> str:
     )
 
 
-def test_champion_moves_only_for_better_validated_models(tracking_env: str) -> None:
+def test_champion_moves_only_for_significantly_better_validated_models(tracking_env: str) -> None:
     client, _ = tracking.connect(tracking_env, "gate")
     name = "gate-model"
     client.create_registered_model(name)
+    # (validation accuracy, disagreement offset) -> status, champion after, gate outcome
     steps = [
-        (0.80, "rejected", None),
-        (0.90, "validated", "2"),
-        (0.88, "validated", "2"),
-        (0.93, "validated", "4"),
+        ((0.80, 0), "rejected", None, "rejected"),  # below the baseline
+        ((0.90, 0), "validated", "2", "first"),  # no champion yet: beating the baseline is enough
+        ((0.88, 0), "validated", "2", "kept"),  # worse
+        # 0.905 vs 0.900 disagreeing on ~95 images both ways: McNemar p ~ 0.7, noise
+        ((0.905, 50), "validated", "2", "kept"),
+        ((0.93, 0), "validated", "5", "promoted"),  # right on 30 more images, wrong on none
     ]
-    for accuracy, status, champion in steps:
+    for (accuracy, offset), status, champion, outcome in steps:
         version = _version(client, name)
-        decision = tracking.validation_gate(client, name, version, accuracy, baseline=0.842)
+        decision = tracking.validation_gate(
+            client, name, version, evidence(accuracy, offset=offset), 0.842, 0.05
+        )
+        assert decision.outcome == outcome, decision.reason
         tags = client.get_model_version(name, version).tags
         assert tags["validation_status"] == status
         assert tags["validation_reason"] == decision.reason
+        assert tags["val_accuracy"] == f"{accuracy:.6f}"
         if champion is None:
             with pytest.raises(MlflowException, match="champion"):  # no alias yet
                 client.get_model_version_by_alias(name, "champion")
         else:
             assert str(client.get_model_version_by_alias(name, "champion").version) == champion
+        if outcome in ("kept", "promoted"):  # the decision names both accuracies and the p-value
+            assert decision.champion_accuracy == pytest.approx(0.90)
+            assert decision.p_value is not None and "McNemar p = " in decision.reason
+            assert decision.p_value < 0.05 if outcome == "promoted" else True
+    assert (
+        "not better beyond noise (McNemar p = 0.6"
+        in client.get_model_version(name, "4").tags["validation_reason"]
+    )
     # Re-evaluating the champion itself keeps it.
-    decision = tracking.validation_gate(client, name, "4", 0.93, baseline=0.842)
-    assert decision.validated and not decision.promoted
+    decision = tracking.validation_gate(client, name, "5", evidence(0.93), 0.842, 0.05)
+    assert decision.validated and not decision.promoted and decision.outcome == "champion"
+    # Validated on other images (another data.subset): never paired, never promoted.
+    version = _version(client, name)
+    decision = tracking.validation_gate(
+        client, name, version, evidence(0.99, images="other"), 0.842, 0.05
+    )
+    assert decision.outcome == "incomparable" and "not comparable" in decision.reason
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "5"
+
+
+def test_gate_evidence_round_trips_through_a_tag() -> None:
+    import numpy as np
+
+    from deep_repro.tracking import gate
+
+    correct = np.random.default_rng(0).random(6000) < 0.92
+    value = gate.encode_correct(correct)
+    assert len(value) < 1500  # 6,000 validation images fit a model-version tag easily
+    assert np.array_equal(gate.decode_correct(value), correct)
 
 
 @pytest.mark.slow

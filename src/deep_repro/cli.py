@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from deep_repro.errors import DeepReproError, TrackingError, entrypoint
-from deep_repro.leaderboard import format_table, leaderboard_rows
+from deep_repro.leaderboard import format_table, leaderboard_rows, seed_group_rows
 from deep_repro.predict import _load_predictor, _model_error, load_image
 
 log = logging.getLogger("deep_repro")
@@ -154,7 +154,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     else:
         client, exp_ids, cfg = _tracking(args)
     user = tracking.run_user(cfg.tracking.user) if args.mine else args.user
-    print(format_table(leaderboard_rows(client, exp_ids, args.limit, user=user)))
+    rows = seed_group_rows if args.by_seed else leaderboard_rows
+    print(format_table(rows(client, exp_ids, args.limit, user=user)))
     return 0
 
 
@@ -299,8 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="a run id (stage or pipeline run) or models:/NAME@ALIAS")
     p.set_defaults(func=cmd_lineage)
 
-    p = sub.add_parser("leaderboard", help="best pipeline runs by test accuracy")
+    p = sub.add_parser(
+        "leaderboard", help="best pipeline runs by validation accuracy (test: reported only)"
+    )
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument(
+        "--by-seed",
+        action="store_true",
+        help="one row per config run under several seeds (`dvc exp run -S seed=1,2,3`): "
+        "mean ± std across seeds",
+    )
     who = p.add_mutually_exclusive_group()
     who.add_argument("--user", help="only this user's runs (tag deep_repro.user)")
     who.add_argument(

@@ -41,6 +41,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class SplitConfig:
     val_size: float = field(metadata=rng(gt=0.0, lt=1.0))
+    seed: int
 
 
 # --------------------------------------------------------------------------- architectures
@@ -160,6 +161,7 @@ class PostprocessConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     baseline: float = field(metadata=rng(ge=0.0, le=1.0))
+    alpha: float = field(metadata=rng(gt=0.0, lt=1.0))
     fail_below: float | None = field(metadata=rng(ge=0.0, le=1.0))
 
 

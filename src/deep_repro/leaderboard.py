@@ -1,10 +1,19 @@
-"""The leaderboard: best pipeline runs of one or several experiments, as a plain-text table."""
+"""The leaderboard: best pipeline runs of one or several experiments, as a plain-text table.
+
+Ranked by validation accuracy; every accuracy is shown with its 95% interval (one run) or as
+mean ± std across seeds (`--by-seed`)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Any
 
 from deep_repro.errors import DeepReproError
+
+# Runs are ranked by validation accuracy: ranking by test accuracy across many experiments
+# would select on the test set and make the winner's test number optimistic.
+RANK_METRIC = "val_accuracy"
 
 # column -> pipeline-run param shown in the leaderboard
 LEADERBOARD_PARAMS = {
@@ -26,9 +35,20 @@ def _short(value: str) -> str:
         return value
 
 
-def leaderboard_rows(
-    client: Any, exp_id: str | list[str], limit: int, user: str | None = None
-) -> list[dict[str, str]]:
+def _pm(metrics: dict[str, float], prefix: str) -> str:
+    """`0.9235 ± 0.0052`: the accuracy with the half-width of its 95% Wilson interval."""
+    acc = metrics.get(f"{prefix}_accuracy")
+    if acc is None:
+        return ""
+    low = metrics.get(f"{prefix}_accuracy_ci95_low")
+    high = metrics.get(f"{prefix}_accuracy_ci95_high")
+    if low is None or high is None:
+        return f"{acc:.4f}"
+    return f"{acc:.4f} ± {(high - low) / 2:.4f}"
+
+
+def _pipeline_runs(client: Any, exp_id: str | list[str], user: str | None) -> list[Any]:
+    """Evaluated pipeline runs, best VALIDATION accuracy first (test never decides a rank)."""
     from deep_repro import tracking
 
     where = f"tags.`{tracking.TAG_KIND}` = 'pipeline'"
@@ -39,30 +59,99 @@ def leaderboard_rows(
     runs = client.search_runs(
         [exp_id] if isinstance(exp_id, str) else exp_id,
         filter_string=where,
-        order_by=["metrics.test_accuracy DESC", "attributes.start_time DESC"],
-        max_results=1000,
+        order_by=[f"metrics.{RANK_METRIC} DESC", "attributes.start_time DESC"],
+        max_results=5000,
     )
+    return [r for r in runs if RANK_METRIC in r.data.metrics]
+
+
+def leaderboard_rows(
+    client: Any, exp_id: str | list[str], limit: int, user: str | None = None
+) -> list[dict[str, str]]:
+    from deep_repro import tracking
+
     rows: list[dict[str, str]] = []
-    for run in runs:
-        metrics = run.data.metrics
-        if "test_accuracy" not in metrics:
-            continue
-        tags, params = run.data.tags, run.data.params
+    for run in _pipeline_runs(client, exp_id, user)[:limit]:
+        metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
         rows.append(
             {
                 "rank": str(len(rows) + 1),
-                "test_acc": f"{metrics['test_accuracy']:.4f}",
-                "val_acc": f"{metrics.get('val_accuracy', float('nan')):.4f}",
+                "val_acc (ranks)": _pm(metrics, "val"),
+                "test_acc": _pm(metrics, "test"),
                 "test_f1": f"{metrics.get('test_macro_f1', float('nan')):.4f}",
                 **{col: _short(params.get(key, "")) for col, key in LEADERBOARD_PARAMS.items()},
+                "seed": params.get("seed", ""),
                 "user": tags.get(f"{tracking.TAG_PREFIX}.user", ""),
                 "commit": tags.get(f"{tracking.TAG_PREFIX}.git.commit", "")[:8],
                 "dvc_exp": tags.get(f"{tracking.TAG_PREFIX}.dvc_exp_name", ""),
                 "run_id": run.info.run_id,
             }
         )
-        if len(rows) >= limit:
-            break
+    return rows
+
+
+def _seed_group(run: Any) -> tuple[str, ...]:
+    """What makes two runs "the same experiment but for the seed": every pipeline param except
+    `seed` (tracking.* only says where results go), the user and the code commit."""
+    from deep_repro import tracking
+
+    params = sorted(
+        (k, v) for k, v in run.data.params.items() if k != "seed" and not k.startswith("tracking.")
+    )
+    tags = run.data.tags
+    return (
+        tags.get(f"{tracking.TAG_PREFIX}.user", ""),
+        tags.get(f"{tracking.TAG_PREFIX}.git.commit", ""),
+        *(f"{k}={v}" for k, v in params),
+    )
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def seed_group_rows(
+    client: Any, exp_id: str | list[str], limit: int, user: str | None = None
+) -> list[dict[str, str]]:
+    """One row per config run under several seeds: mean ± standard deviation ACROSS seeds (the
+    seed-to-seed spread, not the interval of one run), ranked by mean validation accuracy. A
+    rerun of the same seed counts once (its latest run)."""
+    from deep_repro import tracking
+
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    for run in _pipeline_runs(client, exp_id, user):
+        seed = run.data.params.get("seed", "")
+        group = groups.setdefault(_seed_group(run), {})
+        latest = group.get(seed)
+        if latest is None or run.info.start_time > latest.info.start_time:
+            group[seed] = run
+    ranked = sorted(
+        groups.values(),
+        key=lambda g: -statistics.fmean(r.data.metrics[RANK_METRIC] for r in g.values()),
+    )
+    rows: list[dict[str, str]] = []
+    for group in ranked[:limit]:
+        runs = [group[s] for s in sorted(group, key=lambda s: (len(s), s))]
+        first = runs[0]
+        params, tags = first.data.params, first.data.tags
+        rows.append(
+            {
+                "rank": str(len(rows) + 1),
+                "val_acc mean ± std (ranks)": _mean_std(
+                    [r.data.metrics[RANK_METRIC] for r in runs]
+                ),
+                "test_acc mean ± std": _mean_std(
+                    [r.data.metrics.get("test_accuracy", math.nan) for r in runs]
+                ),
+                "n": str(len(runs)),
+                "seeds": ",".join(r.data.params.get("seed", "?") for r in runs),
+                **{col: _short(params.get(key, "")) for col, key in LEADERBOARD_PARAMS.items()},
+                "user": tags.get(f"{tracking.TAG_PREFIX}.user", ""),
+                "commit": tags.get(f"{tracking.TAG_PREFIX}.git.commit", "")[:8],
+            }
+        )
     return rows
 
 

@@ -70,7 +70,7 @@ STAGES: dict[str, StageSpec] = {
             "split",
             (PROCESSED_TRAIN, PROCESSED_TEST),
             (SPLIT_TRAIN_VAL, SPLIT_TEST),
-            ("seed", "data.subset", "split"),
+            ("data.subset", "split"),
         ),
         StageSpec(
             "train",

@@ -23,6 +23,13 @@ from deep_repro.tracking.faults import (  # noqa: F401
     owner,
     owner_alive,
 )
+from deep_repro.tracking.gate import (  # noqa: F401
+    CHAMPION,
+    GATE_MAX_ROUNDS,
+    Evidence,
+    GateDecision,
+    validation_gate,
+)
 from deep_repro.tracking.lineage import (  # noqa: F401
     find_producer,
     lineage_chain,
@@ -43,15 +50,10 @@ from deep_repro.tracking.provenance import (  # noqa: F401
     run_user,
 )
 from deep_repro.tracking.registry import (  # noqa: F401
-    CHAMPION,
-    GATE_MAX_ROUNDS,
-    GateDecision,
     _env_unset,
-    best_validated_version,
     judge_registered_model,
     log_inference_model,
     model_version_for_run,
-    validation_gate,
 )
 from deep_repro.tracking.runs import (  # noqa: F401
     Outcome,

@@ -1,4 +1,4 @@
-"""The model registry: logging the inference model, and the validation gate (`@champion`)."""
+"""The model registry: logging the inference model, and judging it with the validation gate."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deep_repro.files import file_digest
 from deep_repro.tracking import spool
+from deep_repro.tracking.gate import Evidence, GateDecision, validation_gate
 from deep_repro.tracking.lineage import find_producer
 from deep_repro.tracking.provenance import invocation_key
 from deep_repro.tracking.runs import (
@@ -122,104 +122,13 @@ def model_version_for_run(client: MlflowClient, model_name: str, run_id: str) ->
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    validated: bool
-    promoted: bool
-    reason: str
-
-
-CHAMPION = "champion"
-GATE_MAX_ROUNDS = 20
-
-
-def _champion_version(client: MlflowClient, model_name: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(model_name, CHAMPION).version)
-    except MlflowException:  # no alias yet
-        return None
-
-
-def best_validated_version(
-    client: MlflowClient, model_name: str, metric: str
-) -> tuple[str, float] | None:
-    """The validated version with the highest `metric` tag (ties: the older version)."""
-    best: tuple[float, int] | None = None
-    for mv in client.search_model_versions(f"name = '{model_name}'"):
-        if mv.tags.get("validation_status") != "validated":
-            continue
-        try:
-            score = float(mv.tags[metric])
-        except (KeyError, ValueError):  # validated under another metric: not comparable
-            continue
-        key = (score, -int(mv.version))
-        if best is None or key > best:
-            best = key
-    return (str(-best[1]), best[0]) if best is not None else None
-
-
-def validation_gate(
-    client: MlflowClient,
-    model_name: str,
-    version: str,
-    score: float,
-    baseline: float,
-    *,
-    metric: str = "test_accuracy",
-) -> GateDecision:
-    """Model validation: a version is *validated* if its `metric` beats the baseline, and
-    `@champion` always points at the best validated version.
-
-    Race-free without locks: gates of concurrent pipelines (a class on one server) first record
-    their own score and status as version tags, then repeat "read the alias, find the best
-    validated version, move the alias there" until the alias already points at the best. The
-    set of validated versions only grows and every gate checks again after its last write, so
-    whichever gate finishes last leaves the right champion, in any interleaving.
-    """
-    previous = _champion_version(client, model_name)
-    # Score before status: a version counted as validated always has a comparable score.
-    client.set_model_version_tag(model_name, version, metric, f"{score:.6f}")
-    validated = score > baseline
-    client.set_model_version_tag(
-        model_name, version, "validation_status", "validated" if validated else "rejected"
-    )
-    champion = previous
-    for _ in range(GATE_MAX_ROUNDS):
-        champion = _champion_version(client, model_name)  # alias first, then the best
-        best = best_validated_version(client, model_name, metric)
-        if best is None or champion == best[0]:
-            break
-        client.set_registered_model_alias(model_name, CHAMPION, best[0])
-    else:
-        log.warning(
-            "@champion of %s still moving after %d rounds; the last gate settles it",
-            model_name,
-            GATE_MAX_ROUNDS,
-        )
-    if not validated:
-        reason = f"{metric} {score:.4f} does not beat evaluate.baseline {baseline:.4f}"
-    elif champion == version and previous == version:
-        reason = f"version {version} is already the champion"
-    elif champion == version:
-        prev = f" (previous: v{previous})" if previous is not None else ""
-        reason = (
-            f"{metric} {score:.4f} beats baseline {baseline:.4f}: version {version} is "
-            f"now @champion{prev}"
-        )
-    else:
-        reason = (
-            f"validated (beats baseline {baseline:.4f}) but does not beat champion "
-            f"v{champion} ({metric} {score:.4f})"
-        )
-    decision = GateDecision(validated, validated and champion == version != previous, reason)
-    client.set_model_version_tag(model_name, version, "validation_reason", decision.reason)
-    return decision
-
-
 def judge_registered_model(
-    run: StageRun, model_name: str, root: Path, test_accuracy: float, baseline: float
+    run: StageRun,
+    model_name: str,
+    root: Path,
+    evidence: Evidence,
+    baseline: float,
+    alpha: float,
 ) -> GateDecision:
     """Run the validation gate on the registry version built from exactly this inference model
     (found by its md5 through the postprocess run that produced it), and record the verdict on
@@ -250,14 +159,21 @@ def judge_registered_model(
         log.warning(decision.reason)
         return decision
     decision = validation_gate(
-        run.client, model_name, str(version.version), test_accuracy, baseline
+        run.client, model_name, str(version.version), evidence, baseline, alpha
     )
     run.set_tags(
         {
             "validation_status": "validated" if decision.validated else "rejected",
             "validation_reason": decision.reason,
+            "gate_decision": decision.outcome,
             "model_version": str(version.version),
         },
         pipeline=True,
     )
+    # The decision's numbers, so the UI can chart them: p-value and the champion it faced.
+    numbers = {
+        "gate_p_value": decision.p_value,
+        "gate_champion_val_accuracy": decision.champion_accuracy,
+    }
+    run.log_metrics({k: v for k, v in numbers.items() if v is not None}, pipeline=True)
     return decision
