@@ -11,6 +11,7 @@ per executed stage), lineage by content hash through cached stages, and byte-rep
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -216,6 +217,37 @@ def test_champion_moves_only_for_a_better_validated_model(experiment: Path) -> N
 
 
 @pytest.mark.slow
+def test_another_seed_keeps_the_split_and_is_paired_with_the_champion(experiment: Path) -> None:
+    client, exp_id = client_for(experiment)
+    tiny = ["-S", "model=mlp", "-S", "model.hidden_sizes=[32]", "-S", "train.epochs=2"]
+    dvc(experiment, "exp", "run", *tiny, "-S", "evaluate.baseline=0.5", "-n", "seed-42")
+    first = runs_of(client, exp_id, "pipeline")[-1]
+    assert first.data.tags["gate_decision"] == "first"  # no validated champion before it
+    dvc(experiment, "exp", "run", *tiny, "-S", "evaluate.baseline=0.5", "-S", "seed=7")
+    latest = runs_of(client, exp_id, "pipeline")[-1]
+    # `seed` retrains; the validation images (split.seed) stay, so the split is not rerun...
+    assert set(children(client, exp_id, latest.info.run_id)) == {"train", "postprocess", "evaluate"}
+    # ...and the gate pairs the new version with the champion image by image: the decision,
+    # its p-value and both validation accuracies are on the pipeline run.
+    metrics, tags = latest.data.metrics, latest.data.tags
+    assert tags["gate_decision"] in ("kept", "promoted"), tags["validation_reason"]
+    assert 0.0 < metrics["gate_p_value"] <= 1.0
+    assert metrics["gate_champion_val_accuracy"] == first.data.metrics["val_accuracy"]
+    assert f"McNemar p = {metrics['gate_p_value']:.3g}" in tags["validation_reason"]
+    champion = client.get_model_version_by_alias("fashion-mnist-classifier", "champion")
+    promoted = tags["gate_decision"] == "promoted"
+    assert (
+        champion.version == tags["model_version"]
+        if promoted
+        else champion.version != tags["model_version"]
+    )
+    # The leaderboard groups the two seeds of this config: mean ± std across seeds.
+    board = run(["deep-repro", "leaderboard", "--by-seed"], experiment, project_env(experiment))
+    row = next(line for line in board.stdout.splitlines() if "7,42" in line)
+    assert re.search(r"0\.\d{4} ± 0\.\d{4}\s+0\.\d{4} ± 0\.\d{4}\s+2\s+7,42\s+mlp", row), row
+
+
+@pytest.mark.slow
 def test_hydra_experiment_config_runs_through_dvc(experiment: Path) -> None:
     # What `deep-repro tune` writes (conf/experiment/tuned_<model>.yaml) must be runnable as
     # `dvc exp run -S +experiment=...`, DVC composing it into params.yaml.
@@ -239,8 +271,10 @@ def test_lineage_and_leaderboard_commands(experiment: Path) -> None:
     assert "reproduce: git checkout" in out and "md5" in out
     board = run(["deep-repro", "leaderboard"], experiment, env).stdout
     lines = board.splitlines()
-    assert lines[0].split()[:3] == ["rank", "test_acc", "val_acc"]
+    # Ranked by validation accuracy, each with its 95% interval; test is shown, never ranks.
+    assert lines[0].split()[:4] == ["rank", "val_acc", "(ranks)", "test_acc"]
     assert len(lines) >= 4 and "logreg" in lines[2]
+    assert re.search(r"^1\s+0\.\d{4} ± 0\.\d{4}\s+0\.\d{4} ± 0\.\d{4}\s", lines[2])
 
 
 def test_stage_fails_fast_when_store_is_unreachable(experiment: Path) -> None:
