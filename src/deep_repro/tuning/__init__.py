@@ -48,8 +48,9 @@ implement it (Optuna 5: it is not a `BaseHeartbeat`). So every trial also record
 (host, pid, process start time) in its user attrs and, on journal storage, a heartbeat timestamp
 every `tune.heartbeat_interval` seconds. Before creating each trial, a worker fails RUNNING trials
 whose owner process on this host is gone (immediately), or, for other hosts, whose heartbeat
-(Optuna's on RDB storages, ours on journal files) is older than the grace period; the failed trial's MLflow run is marked FAILED and the trial is
-re-queued with the same parameters (at most twice).
+(Optuna's on RDB storages, ours on journal files) is older than the grace period; the failed
+trial's MLflow run is marked FAILED and the trial is re-queued with the same parameters
+(at most twice).
 
 MLflow
 ------

@@ -103,24 +103,17 @@ def open_storage(
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         with contextlib.suppress(OSError):  # sqlite creates the file, not its folder
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    gate: Gate
-    creation: contextlib.AbstractContextManager[Any]
-    if is_postgresql(url):
+    gate = study_gate(url, study_name)
+    creation: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if isinstance(gate, AdvisoryGate):
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
-        # Keyed by the study name only: two machines may spell the same server differently.
-        gate = AdvisoryGate(url, advisory_key(f"study\0{study_name}"), f"study {study_name!r}")
         # Optuna creates its tables on first use; two machines doing that at once race.
         creation = AdvisoryGate(url, advisory_key("schema"), "the Optuna schema")
-    else:
-        digest = hashlib.sha256(f"{url}\0{study_name}".encode()).hexdigest()[:16]
-        lock_path = store_root() / "optuna" / "locks" / f"{digest}.lock"
-        gate = FileGate(lock_path)
-        # Creating a fresh sqlite schema from two processes at once races (as for MLflow).
-        creation = contextlib.nullcontext()
-        if url.startswith("sqlite"):
-            from filelock import FileLock
+    elif url.startswith("sqlite"):
+        from filelock import FileLock
 
-            creation = FileLock(str(lock_path) + ".create")
+        # Creating a fresh sqlite schema from two processes at once races (as for MLflow).
+        creation = FileLock(str(gate.path) + ".create")
     try:
         with warnings.catch_warnings(), creation:
             warnings.simplefilter("ignore", ExperimentalWarning)
@@ -154,6 +147,16 @@ def advisory_key(name: str) -> int:
     """A stable signed 64-bit key for `pg_advisory_lock` (advisory locks are per database)."""
     digest = hashlib.sha256(f"deep-repro.tune\0{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def study_gate(url: str, study_name: str) -> FileGate | AdvisoryGate:
+    """The gate of a study in an RDB storage: a lock in the database itself on PostgreSQL
+    (shared by every machine), a file lock under the store root otherwise (sqlite)."""
+    if is_postgresql(url):
+        # Keyed by the study name only: two machines may spell the same server differently.
+        return AdvisoryGate(url, advisory_key(f"study\0{study_name}"), f"study {study_name!r}")
+    digest = hashlib.sha256(f"{url}\0{study_name}".encode()).hexdigest()[:16]
+    return FileGate(store_root() / "optuna" / "locks" / f"{digest}.lock")
 
 
 class Gate:
