@@ -193,6 +193,61 @@ def test_advisory_gate_excludes_a_worker_with_another_store_root(
         pass
 
 
+@pytest.mark.services
+@pytest.mark.slow
+def test_worker_waits_for_the_gate_held_on_another_machine(
+    services: Services,
+    as_user: Login,
+    splits: data.Splits,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    procs: _Procs,
+) -> None:
+    """Regression: a worker took a file lock under its own store root, so a study gate held on
+    another machine did not stop it from creating the study run and its trials."""
+    import threading
+
+    login = _student("tuner", services)
+    url, pg_password = _pg(services)
+    study, experiment = _unique("class-mlp"), _unique("class-tune")
+    cmd = _tune(
+        [
+            "tune.n_trials=1",
+            "tune.epochs=1",
+            f"tune.storage={url}",
+            f"tune.study_name={study}",
+            f"tracking.experiment={experiment}",
+        ]
+    )
+    monkeypatch.setenv("PGPASSWORD", pg_password)
+    monkeypatch.chdir(tmp_path)
+    # Another machine's spelling of the same server: the lock is the study's, not the URL's.
+    held = storage.study_gate(url.replace("127.0.0.1", "localhost"), study)
+    held.acquire()
+    try:
+        env = _env(services, login, pg_password)
+        worker = procs.start(cmd, _machine(tmp_path / "b", splits), env)
+        lines: list[str] = []
+        assert worker.stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(worker.stdout or ()), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + WAIT_S
+        # Logged right before the worker takes the gate (after connecting to MLflow).
+        while not any("no tracked run produced" in line for line in lines):
+            assert worker.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        time.sleep(3)
+        assert worker.poll() is None, "".join(lines)
+        assert _kind(_runs(_client(services), experiment), "study") == []
+    finally:
+        held.release()
+    assert worker.wait(timeout=WAIT_S) == 0, "".join(lines)
+    reader.join(timeout=60)
+    trials = optuna.load_study(study_name=study, storage=services.pg_url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"]
+    assert len(_kind(_runs(_client(services), experiment), "study")) == 1
+
+
 # --------------------------------------------------------------------------- shared studies
 @pytest.mark.services
 @pytest.mark.slow
