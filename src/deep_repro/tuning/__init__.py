@@ -31,9 +31,11 @@ study's is refused (its trials would not be comparable).
 Several workers may run the same command at once: processes on one machine with a journal file,
 several machines with PostgreSQL. `tune.n_trials` is the *total* of the study, across workers and
 reruns (like `optuna.study.MaxTrialsCallback(n_trials, states=None)`): trials in every state count,
-except a stale trial that was re-queued (its retry counts instead). Counting and creating a trial
-happen under a file lock, so on one machine the total is exact; workers on different machines
-(PostgreSQL) may overshoot it by at most one trial each. `tune.timeout` bounds each worker's wall
+except a stale trial that was re-queued (its retry counts instead). Counting and creating a trial,
+and creating the study's MLflow run, happen under a lock (`storage.Gate`), so the total is exact
+and there is one study run: on PostgreSQL a session advisory lock in the database, shared by every
+machine; otherwise a file lock (journal files and sqlite are single-machine stores).
+`tune.timeout` bounds each worker's wall
 time (a running trial is finished, no new one is started). Each worker seeds the sampler with
 `(tune.seed, trial number)`, so sequential runs with the same seed repeat the same trials exactly
 and parallel workers never draw the same random start point.
@@ -45,9 +47,10 @@ Optuna's heartbeat (`tune.heartbeat_interval`, grace period twice that,
 implement it (Optuna 5: it is not a `BaseHeartbeat`). So every trial also records its owner
 (host, pid, process start time) in its user attrs and, on journal storage, a heartbeat timestamp
 every `tune.heartbeat_interval` seconds. Before creating each trial, a worker fails RUNNING trials
-whose owner process on this host is gone (immediately), or, for other hosts, whose heartbeat is
-older than the grace period; the failed trial's MLflow run is marked FAILED and the trial is
-re-queued with the same parameters (at most twice).
+whose owner process on this host is gone (immediately), or, for other hosts, whose heartbeat
+(Optuna's on RDB storages, ours on journal files) is older than the grace period; the failed
+trial's MLflow run is marked FAILED and the trial is re-queued with the same parameters
+(at most twice).
 
 MLflow
 ------

@@ -5,7 +5,10 @@ Storage
 `tune.storage` is null (a journal file at `<store root>/optuna/journal.log`), a path ending in
 `.log` (a journal file; relative paths are under the store root) or any Optuna RDB URL
 (`sqlite:///...`, `postgresql://...`). Counting the study's trials and creating the next one
-happen under a file lock (`Gate`), so workers on one machine never overshoot `tune.n_trials`.
+(and creating the study's MLflow run) happen under a `Gate`, so workers never overshoot
+`tune.n_trials` nor create two study runs: on PostgreSQL a session advisory lock in the study's
+database (`AdvisoryGate`: every machine sharing the database), otherwise a file lock next to the
+journal file or under the store root (`FileGate`: sqlite and journal files are single-machine).
 
 Stale trials (a worker killed mid-trial)
 ----------------------------------------
@@ -14,8 +17,9 @@ Optuna's heartbeat (`tune.heartbeat_interval`, grace period twice that,
 implement it (Optuna 5: it is not a `BaseHeartbeat`). So every trial also records its owner
 (host, pid, process start time) in its user attrs and, on journal storage, a heartbeat timestamp
 every `tune.heartbeat_interval` seconds. Before creating each trial, a worker fails RUNNING trials
-whose owner process on this host is gone (immediately), or, for other hosts, whose heartbeat is
-older than the grace period; the trial is re-queued with the same parameters (at most twice).
+whose owner process on this host is gone (immediately), or, for other hosts, whose heartbeat
+(Optuna's on RDB storages) is older than the grace period; the trial is re-queued with the same
+parameters (at most twice).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 class StudyStorage:
     storage: optuna.storages.BaseStorage
     description: str  # redacted, for logs and tags
-    lock_path: Path  # serialises budget checks and trial creation on this machine
+    gate: Gate  # serialises budget checks, trial creation and the study run's creation
     journal: bool  # no Optuna heartbeat: we keep our own
 
 
@@ -91,7 +95,7 @@ def open_storage(
                 f"({type(exc).__name__}: {first_line(exc)})"
             ) from None
         lock = journal.with_name(journal.name + ".tune.lock")
-        return StudyStorage(storage, f"journal:{journal}", lock, journal=True)
+        return StudyStorage(storage, f"journal:{journal}", FileGate(lock), journal=True)
     assert spec is not None
     url = spec
     shown = scrub(url)
@@ -99,17 +103,19 @@ def open_storage(
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         with contextlib.suppress(OSError):  # sqlite creates the file, not its folder
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    if url.startswith("postgresql"):
-        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10}}
-    digest = hashlib.sha256(f"{url}\0{study_name}".encode()).hexdigest()[:16]
-    lock_path = store_root() / "optuna" / "locks" / f"{digest}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
+    gate = study_gate(url, study_name)
+    creation: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if isinstance(gate, AdvisoryGate):
+        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+        # Optuna creates its tables on first use; two machines doing that at once race.
+        creation = AdvisoryGate(url, advisory_key("schema"), "the Optuna schema")
+    elif url.startswith("sqlite"):
+        from filelock import FileLock
 
-    # Creating a fresh sqlite schema from two processes at once races (as for MLflow).
-    creation = FileLock(str(lock_path) + ".create") if url.startswith("sqlite") else None
+        # Creating a fresh sqlite schema from two processes at once races (as for MLflow).
+        creation = FileLock(str(gate.path) + ".create")
     try:
-        with warnings.catch_warnings(), creation or contextlib.nullcontext():
+        with warnings.catch_warnings(), creation:
             warnings.simplefilter("ignore", ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
                 url,
@@ -125,32 +131,136 @@ def open_storage(
             "use a journal file (null or a path ending in .log) or a reachable "
             "database URL"
         ) from None
-    return StudyStorage(storage, shown, lock_path, journal=False)
+    return StudyStorage(storage, shown, gate, journal=False)
+
+
+# --------------------------------------------------------------------------- the gate
+GATE_TIMEOUT_S = 600  # a worker never waits longer than this for another one's gate
+CONNECT_TIMEOUT_S = 10
+
+
+def is_postgresql(url: str) -> bool:
+    return url.split("://", 1)[0].split("+", 1)[0].lower() in ("postgresql", "postgres")
+
+
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit key for `pg_advisory_lock` (advisory locks are per database)."""
+    digest = hashlib.sha256(f"deep-repro.tune\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def study_gate(url: str, study_name: str) -> FileGate | AdvisoryGate:
+    """The gate of a study in an RDB storage: a lock in the database itself on PostgreSQL
+    (shared by every machine), a file lock under the store root otherwise (sqlite)."""
+    if is_postgresql(url):
+        # Keyed by the study name only: two machines may spell the same server differently.
+        return AdvisoryGate(url, advisory_key(f"study\0{study_name}"), f"study {study_name!r}")
+    digest = hashlib.sha256(f"{url}\0{study_name}".encode()).hexdigest()[:16]
+    return FileGate(store_root() / "optuna" / "locks" / f"{digest}.lock")
 
 
 class Gate:
-    """A file lock held from 'count the study's trials' until 'the new trial exists', so workers
-    on one machine never overshoot `tune.n_trials`. The objective releases it first thing."""
+    """Held from 'count the study's trials' until 'the new trial exists' (and while the study's
+    MLflow run is looked up or created), so workers never overshoot `tune.n_trials` nor create
+    two study runs. The objective releases it first thing; `release` may be called twice."""
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Gate:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class FileGate(Gate):
+    """A file lock: exclusive among the processes of one machine (journal files, sqlite)."""
 
     def __init__(self, path: Path) -> None:
         from filelock import FileLock
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(path), timeout=600)
+        self.path = path
+        self._lock = FileLock(str(path), timeout=GATE_TIMEOUT_S)
         self._held = False
 
-    def __enter__(self) -> Gate:
+    def acquire(self) -> None:
         self._lock.acquire()
         self._held = True
-        return self
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self._lock.release()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+
+class AdvisoryGate(Gate):
+    """A PostgreSQL session advisory lock in the study's database: exclusive among all workers
+    on all machines that share it, whatever their checkouts.
+
+    Each acquisition opens its own connection (no pool), so the lock lives exactly as long as
+    that connection: closing it releases the lock, and so does the death of the worker (the
+    server ends the session when the socket closes)."""
+
+    def __init__(self, url: str, key: int, what: str, timeout_s: float = GATE_TIMEOUT_S) -> None:
+        self.url, self.key, self.what, self.timeout_s = url, key, what, timeout_s
+        self._engine: Any = None
+        self._conn: Any = None
+
+    def acquire(self) -> None:
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        if self._engine is None:
+            self._engine = sqlalchemy.create_engine(
+                self.url,
+                poolclass=NullPool,
+                connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+                # No transaction stays open while the gate is held (idle-in-transaction limits).
+                isolation_level="AUTOCOMMIT",
+            )
+        conn = self._engine.connect()
+        try:
+            conn.execute(
+                sqlalchemy.text("SELECT set_config('lock_timeout', :ms, false)"),
+                {"ms": f"{int(self.timeout_s * 1000)}ms"},
+            )
+            conn.execute(
+                sqlalchemy.text("SELECT pg_advisory_lock(CAST(:key AS bigint))"), {"key": self.key}
+            )
+        except sqlalchemy.exc.OperationalError as exc:
+            conn.close()
+            if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
+                raise DeepReproError(
+                    f"tune.storage {scrub(self.url)}: another worker held the lock on "
+                    f"{self.what} for more than {self.timeout_s:.0f}s; is one stuck?"
+                ) from None
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        import sqlalchemy
+
+        try:
+            conn.execute(
+                sqlalchemy.text("SELECT pg_advisory_unlock(CAST(:key AS bigint))"),
+                {"key": self.key},
+            )
+        except Exception as exc:  # closing the session below releases the lock anyway
+            log.warning("releasing the lock on %s failed: %s", self.what, first_line(exc))
+        finally:
+            conn.close()
 
 
 # --------------------------------------------------------------------------- stale trials
@@ -200,6 +310,13 @@ def fail_stale_trials(
 ) -> None:
     """Fail the RUNNING trials whose worker is gone and hand each to `on_stale` (which closes
     its MLflow run and calls `requeue`), as Optuna's RDB heartbeat does with its callback."""
+    if not by_heartbeat:
+        # RDB: Optuna's heartbeat judges other machines' trials, but by itself only when a trial
+        # starts; checking here (under the gate, before the budget is counted) fails and
+        # re-queues a dead worker's trial even when the budget looks used up.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_stale(trial, grace_s, by_heartbeat=by_heartbeat):
             continue

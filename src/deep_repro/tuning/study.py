@@ -95,7 +95,7 @@ class _Tuner(StudyOutcome):
         self.store = storage.open_storage(
             tune.storage, self.study_name, tune.heartbeat_interval, self._on_stale
         )
-        self.gate = storage.Gate(self.store.lock_path)
+        self.gate = self.store.gate
         self.env_tags: dict[str, str] = {}
         self.data_tags: dict[str, str] = {}
 
