@@ -353,7 +353,11 @@ def test_trial_of_a_worker_killed_on_another_machine_is_retried(
 # --------------------------------------------------------------------------- two students
 def _git(clone: Path, *args: str) -> str:
     proc = subprocess.run(
-        ["git", *args], cwd=clone, env=project_env(clone), capture_output=True, text=True,
+        ["git", *args],
+        cwd=clone,
+        env=project_env(clone),
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

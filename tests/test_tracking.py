@@ -227,13 +227,15 @@ def test_stage_runs_and_leaderboard_against_a_shared_mlflow_server(
         monkeypatch.chdir(tmp_path)
         (tmp_path / "dvc.yaml").write_text("stages: {}\n")
         cfg = make_cfg()
-        for i, accuracy in enumerate((0.91, 0.93)):
+        for i, (val, test) in enumerate(((0.91, 0.95), (0.93, 0.90))):
             monkeypatch.setenv("DEEP_REPRO_INVOCATION", f"student-{i}")
             with tracking.stage_run("evaluate", cfg) as run:
-                run.log_metrics({"test_accuracy": accuracy}, pipeline=True)
+                run.log_metrics({"val_accuracy": val, "test_accuracy": test}, pipeline=True)
         client, exp_id = tracking.connect(uri, cfg.tracking.experiment)
         rows = cli.leaderboard_rows(client, exp_id, limit=10)
-        assert [r["test_acc"] for r in rows] == ["0.9300", "0.9100"]
+        # Ranked by validation accuracy; the higher test accuracy does not move a row up.
+        assert [r["val_acc (ranks)"] for r in rows] == ["0.9300", "0.9100"]
+        assert [r["test_acc"] for r in rows] == ["0.9000", "0.9500"]
         assert all(r["model"] == "cnn" for r in rows)
     finally:
         server.terminate()

@@ -66,8 +66,8 @@ def missing_alias_message(name: str, alias: str, uri: str) -> str:
     how = (
         (
             "a version becomes @champion when `uv run dvc repro` registers it and its evaluate "
-            "stage passes the validation gate (test accuracy above evaluate.baseline and above "
-            "the current champion's)"
+            "stage passes the validation gate (validation accuracy above evaluate.baseline and "
+            "significantly above the current champion's)"
         )
         if alias == "champion"
         else f"set it with MlflowClient().set_registered_model_alias({name!r}, {alias!r}, VERSION)"

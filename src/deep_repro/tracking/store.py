@@ -44,7 +44,8 @@ def _view_state() -> str:
     import json
 
     columns = [f"attributes.`{a}`" for a in ("Source", "Version")]
-    columns += [f"metrics.`{m}`" for m in ("test_accuracy", "test_macro_f1", "val_accuracy")]
+    # Validation first: it is what the gate and the leaderboard decide on.
+    columns += [f"metrics.`{m}`" for m in ("val_accuracy", "test_accuracy", "test_macro_f1")]
     columns += ["params.`model.name`"]
     return json.dumps(
         {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
