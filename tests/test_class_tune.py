@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -24,8 +23,8 @@ import pytest
 from deep_repro import data, tracking, tuning
 from deep_repro.pipeline import STAGES
 from deep_repro.tuning import storage
-from tests.helpers import REPO, Services, make_project, project_env
-from tests.test_tuning import BASE, TINY_SPACE
+from tests.helpers import Services, make_project, project_env
+from tests.test_tuning import BASE, tuning_project
 
 Login = Callable[[str, str], None]
 WAIT_S = 600  # every wait on a subprocess is bounded
@@ -77,19 +76,7 @@ def _env(services: Services, login: tuple[str, str], pg_password: str) -> dict[s
 
 def _machine(root: Path, splits: data.Splits) -> Path:
     """A minimal tuning project (conf/ with the tiny MLP space, dvc.yaml, the split file)."""
-    shutil.copytree(REPO / "conf", root / "conf")
-    for old in (root / "conf/experiment").glob("*.yaml"):
-        old.unlink()
-    (root / "conf/search/mlp.yaml").write_text(TINY_SPACE)
-    (root / "dvc.yaml").write_text("stages: {}\n")
-    data.save_arrays(
-        root / tuning.SPLIT_FILE,
-        x_train=splits.x_train,
-        y_train=splits.y_train,
-        x_val=splits.x_val,
-        y_val=splits.y_val,
-    )
-    return root
+    return tuning_project(root, splits)
 
 
 class _Procs:

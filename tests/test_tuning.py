@@ -25,8 +25,29 @@ from deep_repro.files import file_digest
 from .helpers import REPO, fixture_overrides
 
 EXPERIMENT = "fashion-mnist"
+
+
 # A tiny, fast space that still has every kind of parameter: a log-scale float, an architecture
 # choice (lists), a config group and a parameter conditional on it.
+def tuning_project(root: Path, splits: data.Splits) -> Path:
+    """conf/ (no experiment files, the tiny MLP space), dvc.yaml and the split file at `root`."""
+    shutil.copytree(REPO / "conf", root / "conf")
+    experiments = root / "conf/experiment"
+    experiments.mkdir(exist_ok=True)
+    for old in experiments.glob("*.yaml"):
+        old.unlink()
+    (root / "conf/search/mlp.yaml").write_text(TINY_SPACE)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    data.save_arrays(
+        root / tuning.SPLIT_FILE,
+        x_train=splits.x_train,
+        y_train=splits.y_train,
+        x_val=splits.x_val,
+        y_val=splits.y_val,
+    )
+    return root
+
+
 TINY_SPACE = """\
 params:
   model.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
@@ -42,21 +63,7 @@ def project(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, splits: data.Splits, tracking_env: str
 ) -> Path:
     """A minimal project: conf/ (with the tiny MLP space), dvc.yaml, and the DVC split file."""
-    root = tmp_path / "project"
-    shutil.copytree(REPO / "conf", root / "conf")
-    experiments = root / "conf/experiment"
-    experiments.mkdir(exist_ok=True)
-    for old in experiments.glob("*.yaml"):
-        old.unlink()
-    (root / "conf/search/mlp.yaml").write_text(TINY_SPACE)
-    (root / "dvc.yaml").write_text("stages: {}\n")
-    data.save_arrays(
-        root / tuning.SPLIT_FILE,
-        x_train=splits.x_train,
-        y_train=splits.y_train,
-        x_val=splits.x_val,
-        y_val=splits.y_val,
-    )
+    root = tuning_project(tmp_path / "project", splits)
     monkeypatch.chdir(root)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     return root
