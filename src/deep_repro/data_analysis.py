@@ -139,18 +139,28 @@ def find_duplicates(reference: np.ndarray, test: np.ndarray, threshold: float) -
     nr, nt = (pr.astype(np.float64) ** 2).sum(1), (pt.astype(np.float64) ** 2).sum(1)
     # Squared pooled distance in one product: [t, |t|^2, 1] . [-2r, 1, |r|^2] = |t - r|^2.
     a = np.hstack([pt, nt[:, None], np.ones((len(pt), 1))]).astype(np.float32)
-    b = np.ascontiguousarray(np.hstack([-2 * pr, np.ones((len(pr), 1)), nr[:, None]]).T)
-    b = b.astype(np.float32)
+    b = np.hstack([-2 * pr, np.ones((len(pr), 1)), nr[:, None]]).astype(np.float32)
     # float32 rounding of the product is a few units at these magnitudes: the slack only admits
     # more candidates, which the exact integer distance below then judges.
     limit = pr.shape[1] * threshold**2 + 1e-5 * (nr.max(initial=0) + nt.max(initial=0)) + 1.0
+    # A cheaper bound first: mean intensities differ by at most the RMS difference, so a chunk of
+    # test images sorted by brightness only needs the training images in a narrow band of it.
+    pixels = test_flat.shape[1]
+    sr = ref_flat.sum(1, dtype=np.int64)
+    st = test_flat.sum(1, dtype=np.int64)
+    by_r, by_t = np.argsort(sr, kind="stable"), np.argsort(st, kind="stable")
+    sr_sorted, band = sr[by_r], pixels * threshold + 1
     qi, ri = [], []
     for start in range(0, len(test), CHUNK):
-        d2 = a[start : start + CHUNK] @ b
-        rows = np.flatnonzero(d2.min(axis=1) <= limit)  # most test images have no candidate
+        rows_t = by_t[start : start + CHUNK]
+        lo = np.searchsorted(sr_sorted, st[rows_t[0]] - band, side="left")
+        hi = np.searchsorted(sr_sorted, st[rows_t[-1]] + band, side="right")
+        cols = by_r[lo:hi]
+        d2 = a[rows_t] @ np.ascontiguousarray(b[cols].T)
+        rows = np.flatnonzero(d2.min(axis=1, initial=np.inf) <= limit)  # most have none
         i, j = np.nonzero(d2[rows] <= limit)
-        qi.append(rows[i] + start)
-        ri.append(j)
+        qi.append(rows_t[rows[i]])
+        ri.append(cols[j])
     q = np.concatenate(qi) if qi else np.zeros(0, np.int64)
     r = np.concatenate(ri) if ri else np.zeros(0, np.int64)
     diff = test_flat[q].astype(np.int32) - ref_flat[r].astype(np.int32)
@@ -234,7 +244,7 @@ def analyze(parts: dict[str, Part], threshold: float, examples: int) -> Report:
                     "label": CLASS_NAMES[ref_labels[j]],
                 }
             )
-            title = f"test {t} vs {split} {index}\nRMS {rms:.1f}"
+            title = f"test {t} / {split} {index}: {rms:.1f}"
             pairs.append((test.images[t], reference[j], title))
     conflicts = int((ref_labels[dup.reference] != test.labels[dup.test]).sum())
     summary = {
@@ -253,7 +263,9 @@ def analyze(parts: dict[str, Part], threshold: float, examples: int) -> Report:
             },
         },
         "sizes": sizes,
-        "class_counts": {n: dict(zip(CLASS_NAMES, c.tolist(), strict=True)) for n, c in counts.items()},
+        "class_counts": {
+            n: dict(zip(CLASS_NAMES, c.tolist(), strict=True)) for n, c in counts.items()
+        },
         "pixel_mean": {n: round(float(p.images.mean()), 4) for n, p in parts.items()},
         "duplicates": {
             "between": "test vs train + val (the official training set)",
@@ -279,38 +291,50 @@ def _pyplot() -> Any:
     return plt
 
 
+def _mosaic(tiles: list[np.ndarray], cols: int, gap: int = 2) -> np.ndarray:
+    """Tiles (28x28) in a grid, `gap` blank pixels apart: one image, so one fast imshow."""
+    h, w = IMAGE_SHAPE
+    rows = max(1, -(-len(tiles) // cols))
+    out = np.zeros((rows * (h + gap) - gap, cols * (w + gap) - gap))
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, cols)
+        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
+    return out
+
+
 def mean_images_figure(means: dict[str, np.ndarray]) -> Any:
     plt = _pyplot()
-    fig, axes = plt.subplots(len(means), NUM_CLASSES, figsize=(NUM_CLASSES * 1.2, len(means) * 1.5))
-    for row, (split, images) in zip(np.atleast_2d(axes), means.items(), strict=True):
-        for c, ax in enumerate(row):
-            ax.imshow(images[c], cmap="gray_r", vmin=0, vmax=255)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if split == next(iter(means)):
-                ax.set_title(CLASS_NAMES[c], fontsize=7)
-        row[0].set_ylabel(split)
-    fig.suptitle("Mean image per class and split")
-    fig.tight_layout()
+    fig, ax = plt.subplots(figsize=(11, 1.2 * len(means) + 1.2))
+    ax.imshow(_mosaic([m for split in means.values() for m in split], NUM_CLASSES), cmap="gray_r")
+    step = IMAGE_SHAPE[0] + 2
+    ax.set_xticks([c * step + 13.5 for c in range(NUM_CLASSES)], CLASS_NAMES, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([r * step + 13.5 for r in range(len(means))], list(means))
+    ax.set_title("Mean image per class (columns) and split (rows)", fontsize=9)
     return fig
 
 
 def duplicates_figure(pairs: list[tuple[np.ndarray, np.ndarray, str]], threshold: float) -> Any:
+    """Each pair: the test image, then its nearest training image (titled above the pair)."""
     plt = _pyplot()
     cols = 4  # pairs per row
     rows = max(1, -(-len(pairs) // cols))
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.3, rows * 1.8))
-    flat = np.atleast_1d(axes).ravel()
-    for ax in flat:
-        ax.axis("off")
-    for k, (test_image, train_image, title) in enumerate(pairs):
-        flat[2 * k].imshow(test_image, cmap="gray_r", vmin=0, vmax=255)
-        flat[2 * k].set_title(title, fontsize=6)
-        flat[2 * k + 1].imshow(train_image, cmap="gray_r", vmin=0, vmax=255)
+    fig, ax = plt.subplots(figsize=(10, 1.3 * rows + 0.8))
+    gap = 10  # room for each pair's title
+    tiles = [t for pair in pairs for t in pair[:2]]
+    ax.imshow(_mosaic(tiles, 2 * cols, gap=gap), cmap="gray_r", vmin=0, vmax=255)
+    step = IMAGE_SHAPE[0] + gap
+    for k, (_, _, title) in enumerate(pairs):
+        r, c = divmod(k, cols)
+        ax.text((2 * c + 1) * step - gap / 2, r * step - 1, title, ha="center", fontsize=6)
     if not pairs:
-        flat[0].text(0, 0.5, "no near-duplicates", fontsize=9)
-    fig.suptitle(f"Test images (left) and their nearest training image, RMS <= {threshold:g}")
-    fig.tight_layout()
+        ax.text(2 * cols * step / 2, 14, "no near-duplicates", ha="center", va="center")
+    ax.axis("off")
+    ax.set_title(
+        f"Test image (left) and its nearest training image, RMS <= {threshold:g}",
+        fontsize=9,
+        pad=14,
+    )
     return fig
 
 
