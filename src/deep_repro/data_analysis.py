@@ -264,7 +264,8 @@ def analyze(parts: dict[str, Part], threshold: float, examples: int) -> Report:
         },
         "sizes": sizes,
         "class_counts": {
-            n: dict(zip(CLASS_NAMES, c.tolist(), strict=True)) for n, c in counts.items()
+            # "3 Dress": the summary's keys are sorted, and the index keeps the class order.
+            n: {class_label(i): int(k) for i, k in enumerate(c)} for n, c in counts.items()
         },
         "pixel_mean": {n: round(float(p.images.mean()), 4) for n, p in parts.items()},
         "duplicates": {
