@@ -201,8 +201,16 @@ class Report:
 def analyze(parts: dict[str, Part], threshold: float, examples: int) -> Report:
     counts = {n: np.bincount(p.labels, minlength=NUM_CLASSES) for n, p in parts.items()}
     sizes = {n: len(p.labels) for n, p in parts.items()}
+    # Long format, one row per split and class: DVC's bar template draws one bar per row.
     class_rows = [
-        {"class": class_label(c), **{n: round(int(counts[n][c]) / sizes[n], 6) for n in SPLITS}}
+        {
+            "split_class": f"{n} {class_label(c)}",
+            "split": n,
+            "class": class_label(c),
+            "count": int(counts[n][c]),
+            "share": round(int(counts[n][c]) / sizes[n], 6),
+        }
+        for n in SPLITS
         for c in range(NUM_CLASSES)
     ]
     hist = {
