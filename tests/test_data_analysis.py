@@ -68,7 +68,11 @@ def test_report_counts_match_independent_computations(
         assert sum(float(r["share"]) for r in mine) == pytest.approx(1, abs=1e-5)
     hist = rows(root / "reports/data/intensity_hist.csv")
     assert [int(r["intensity"]) for r in hist] == list(range(0, 256, 8))
-    expected = np.histogram(splits.x_test, bins=np.arange(0, 257, 8))[0] / splits.x_test.size
+    nonzero = splits.x_test[splits.x_test > 0]
+    expected = np.histogram(nonzero, bins=np.arange(0, 257, 8))[0] / nonzero.size
+    assert summary["background_share"]["test"] == pytest.approx(
+        1 - nonzero.size / splits.x_test.size, abs=1e-6
+    )
     assert [float(r["test"]) for r in hist] == pytest.approx(expected, abs=1e-6)
     assert [m for m in report.means["val"][3].ravel()[:5]] == pytest.approx(
         splits.x_val[splits.y_val == 3].mean(axis=0).ravel()[:5]
@@ -106,7 +110,7 @@ def test_pooled_search_equals_brute_force(splits: data.Splits) -> None:
     ref, test, threshold = splits.x_train[:600], splits.x_test[:200], 40.0
     found = data_analysis.find_duplicates(ref, test, threshold)
     ref32 = ref.reshape(600, -1).astype(np.int32)
-    rms = np.stack([np.sqrt(((t.ravel() - ref32) ** 2).mean(axis=1)) for t in test.astype(np.int32)])
+    rms = np.stack([np.sqrt(((t.ravel() - ref32) ** 2).mean(1)) for t in test.astype(np.int32)])
     nearest = rms.argmin(axis=1)  # lowest index among ties, as the search breaks them
     within = np.flatnonzero(rms[np.arange(200), nearest] <= threshold)
     assert len(within) > 10  # the threshold is loose enough that the comparison means something

@@ -48,6 +48,7 @@ REPORT_FILES = (DATA_SUMMARY, CLASS_BALANCE, INTENSITY_HIST, MEAN_IMAGES_PNG, DU
 HIST_BIN_WIDTH = 8  # 32 bins of 8 gray levels: fine enough to compare splits, short enough to read
 POOL = 4  # 28x28 -> 7x7 means for the candidate search
 CHUNK = 512  # test images per matrix product: 512 x 60,000 float32 = 120 MB
+PAIR_BATCH = 1 << 14  # candidate pairs compared at full resolution at once (50 MB of int32)
 CHECKS = (
     "images are an array of shape (n, 28, 28), n > 0",
     "images have dtype uint8",
@@ -130,10 +131,8 @@ def find_duplicates(reference: np.ndarray, test: np.ndarray, threshold: float) -
     `threshold` gray levels (the module docstring explains why the pooled search misses none)."""
     ref_flat = reference.reshape(len(reference), -1)
     test_flat = test.reshape(len(test), -1)
-    first: dict[bytes, int] = {}
-    for j, row in enumerate(ref_flat):
-        first.setdefault(row.tobytes(), j)
-    n_exact = sum(row.tobytes() in first for row in test_flat)
+    seen = {row.tobytes() for row in ref_flat}
+    n_exact = sum(row.tobytes() in seen for row in test_flat)
 
     pr, pt = _pooled(reference), _pooled(test)
     nr, nt = (pr.astype(np.float64) ** 2).sum(1), (pt.astype(np.float64) ** 2).sum(1)
@@ -150,7 +149,9 @@ def find_duplicates(reference: np.ndarray, test: np.ndarray, threshold: float) -
     st = test_flat.sum(1, dtype=np.int64)
     by_r, by_t = np.argsort(sr, kind="stable"), np.argsort(st, kind="stable")
     sr_sorted, band = sr[by_r], pixels * threshold + 1
-    qi, ri = [], []
+    # Running nearest reference image of every test image within the threshold (-1: none yet).
+    best_ss = np.full(len(test), np.iinfo(np.int64).max)
+    best_r = np.full(len(test), -1)
     for start in range(0, len(test), CHUNK):
         rows_t = by_t[start : start + CHUNK]
         lo = np.searchsorted(sr_sorted, st[rows_t[0]] - band, side="left")
@@ -159,19 +160,21 @@ def find_duplicates(reference: np.ndarray, test: np.ndarray, threshold: float) -
         d2 = a[rows_t] @ np.ascontiguousarray(b[cols].T)
         rows = np.flatnonzero(d2.min(axis=1, initial=np.inf) <= limit)  # most have none
         i, j = np.nonzero(d2[rows] <= limit)
-        qi.append(rows_t[rows[i]])
-        ri.append(cols[j])
-    q = np.concatenate(qi) if qi else np.zeros(0, np.int64)
-    r = np.concatenate(ri) if ri else np.zeros(0, np.int64)
-    diff = test_flat[q].astype(np.int32) - ref_flat[r].astype(np.int32)
-    ss = np.einsum("ij,ij->i", diff, diff, dtype=np.int64)  # exact sum of squares
-    keep = ss <= threshold**2 * test_flat.shape[1]
-    q, r, ss = q[keep], r[keep], ss[keep]
-    order = np.lexsort((r, ss, q))  # per test image: smallest distance, then lowest index
-    q, r, ss = q[order], r[order], ss[order]
-    nearest = np.flatnonzero(np.r_[True, q[1:] != q[:-1]]) if len(q) else np.zeros(0, np.int64)
-    q, r, ss = q[nearest], r[nearest], ss[nearest]
-    rms = np.sqrt(ss / test_flat.shape[1])
+        for at in range(0, len(i), PAIR_BATCH):  # bounded memory, whatever the threshold
+            q, r = rows_t[rows[i[at : at + PAIR_BATCH]]], cols[j[at : at + PAIR_BATCH]]
+            diff = test_flat[q].astype(np.int32) - ref_flat[r].astype(np.int32)
+            ss = np.einsum("ij,ij->i", diff, diff, dtype=np.int64)  # exact sum of squares
+            keep = ss <= threshold**2 * pixels
+            q, r, ss = q[keep], r[keep], ss[keep]
+            order = np.lexsort((r, ss, q))  # per test image: smallest distance, lowest index
+            q, r, ss = q[order], r[order], ss[order]
+            first = np.r_[True, q[1:] != q[:-1]] if len(q) else np.zeros(0, bool)
+            q, r, ss = q[first], r[first], ss[first]
+            better = (ss < best_ss[q]) | ((ss == best_ss[q]) & (r < best_r[q]))
+            best_ss[q[better]], best_r[q[better]] = ss[better], r[better]
+    q = np.flatnonzero(best_r >= 0)
+    r, ss = best_r[q], best_ss[q]
+    rms = np.sqrt(ss / pixels)
     order = np.lexsort((q, ss))
     return Duplicates(q[order], r[order], rms[order], int(n_exact))
 
@@ -213,10 +216,10 @@ def analyze(parts: dict[str, Part], threshold: float, examples: int) -> Report:
         for n in SPLITS
         for c in range(NUM_CLASSES)
     ]
-    hist = {
-        n: np.bincount(p.images.ravel(), minlength=256).reshape(-1, HIST_BIN_WIDTH).sum(1)
-        for n, p in parts.items()
-    }
+    levels = {n: np.bincount(p.images.ravel(), minlength=256) for n, p in parts.items()}
+    # Half the pixels are background (exactly 0): a bar that tall would flatten the rest of the
+    # histogram, so it covers the non-zero pixels and the summary gives the background share.
+    hist = {n: np.r_[0, c[1:]].reshape(-1, HIST_BIN_WIDTH).sum(1) for n, c in levels.items()}
     hist_rows = [
         {
             "intensity": b * HIST_BIN_WIDTH,
@@ -237,7 +240,7 @@ def analyze(parts: dict[str, Part], threshold: float, examples: int) -> Report:
     def where(j: int) -> tuple[str, int]:
         return ("train", j) if j < len(train.images) else ("val", j - len(train.images))
 
-    shown = []
+    shown: list[dict[str, Any]] = []
     pairs = []
     for t, j, rms in zip(dup.test.tolist(), dup.reference.tolist(), dup.rms.tolist(), strict=True):
         split, index = where(j)
@@ -276,6 +279,7 @@ def analyze(parts: dict[str, Part], threshold: float, examples: int) -> Report:
             n: {class_label(i): int(k) for i, k in enumerate(c)} for n, c in counts.items()
         },
         "pixel_mean": {n: round(float(p.images.mean()), 4) for n, p in parts.items()},
+        "background_share": {n: round(int(c[0]) / int(c.sum()), 6) for n, c in levels.items()},
         "duplicates": {
             "between": "test vs train + val (the official training set)",
             "near_definition": "RMS pixel difference to the nearest training image <= "
