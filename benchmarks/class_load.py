@@ -1,7 +1,7 @@
 """A class logging at once: N simulated students against the class MLflow server (loopback only).
 
 Each student is a process that logs what one `dvc exp run` logs, without training: a pipeline
-run with six stage children, params, per-epoch metrics and a small artifact. All start together.
+run with seven stage children, params, per-epoch metrics and a small artifact. All start together.
 
     scripts/services.sh start && eval "$(scripts/services.sh env)"
     uv run python benchmarks/class_load.py            # N=30
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-STAGES = ("download", "preprocess", "split", "train", "postprocess", "evaluate")
+STAGES = ("download", "preprocess", "split", "analyze", "train", "postprocess", "evaluate")
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -39,7 +39,7 @@ def _timed(latencies: list[float], fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def student(index: int, url: str, experiment: str, epochs: int, barrier: Any, out_dir: str) -> None:
-    """One simulated `dvc exp run`: pipeline run + six stage runs, like deep_repro.tracking."""
+    """One simulated `dvc exp run`: pipeline run + seven stage runs, like deep_repro.tracking."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 

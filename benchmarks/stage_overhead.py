@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ("download", "preprocess", "split", "train", "postprocess", "evaluate")
+ALL_STAGES = (
+    "download",
+    "preprocess",
+    "split",
+    "analyze",
+    "train",
+    "postprocess",
+    "evaluate",
+)
 # The stage whose run is opened in the tracking measurement (two input files to look up).
 TRACKED_STAGE = "split"
 

@@ -163,6 +163,11 @@ def test_every_training_group_composes(group: str, choice: str) -> None:
             "optimizer.weight_decay = -inf: expected a finite number",
         ),
         (["evaluate.fail_below=nan"], "evaluate.fail_below = nan: expected a finite number"),
+        (
+            ["analyze.near_duplicate_threshold=40"],
+            "analyze.near_duplicate_threshold = 40.0: expected a value <= 32",
+        ),
+        (["analyze.duplicate_examples=-1"], "analyze.duplicate_examples = -1: expected a value >="),
         (["model.channels=[]"], "model.channels = []: expected a non-empty list of integers >= 1"),
         (["model.channels=[8,8,8,8]"], "model.channels = [8, 8, 8, 8]: expected at most 3 conv"),
         (["optimizer.betas=[0.9,1.5]"], "optimizer.betas = [0.9, 1.5]: expected two numbers"),

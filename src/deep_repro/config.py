@@ -166,6 +166,15 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class AnalyzeConfig:
+    # RMS pixel difference (gray levels, 0..255) under which a test image counts as a
+    # near-duplicate of its nearest training image (deep_repro.data_analysis); 0: exact only.
+    # At most 32: beyond that the pairs are different garments and the search takes minutes.
+    near_duplicate_threshold: float = field(metadata=rng(ge=0.0, le=32.0))
+    duplicate_examples: int = field(metadata=rng(ge=0))  # pairs drawn in duplicates.png
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None
     experiment: str
@@ -198,6 +207,7 @@ class Config:
     train: TrainConfig
     postprocess: PostprocessConfig
     evaluate: EvaluateConfig
+    analyze: AnalyzeConfig
     tracking: TrackingConfig
     tune: TuneConfig
 

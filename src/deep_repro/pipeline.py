@@ -24,6 +24,11 @@ PROCESSED_TRAIN = "data/processed/train.npz"
 PROCESSED_TEST = "data/processed/test.npz"
 SPLIT_TRAIN_VAL = "data/split/train_val.npz"
 SPLIT_TEST = "data/split/test.npz"
+DATA_SUMMARY = "reports/data/summary.json"  # checks, sizes, class counts, duplicate counts
+CLASS_BALANCE = "reports/data/class_balance.csv"
+INTENSITY_HIST = "reports/data/intensity_hist.csv"
+MEAN_IMAGES_PNG = "reports/data/mean_images.png"
+DUPLICATES_PNG = "reports/data/duplicates.png"
 CHECKPOINT = "models/checkpoint.pt"
 INFERENCE_MODEL = "models/inference.pt2"
 TRAIN_HISTORY = "reports/train/history.csv"
@@ -71,6 +76,13 @@ STAGES: dict[str, StageSpec] = {
             (PROCESSED_TRAIN, PROCESSED_TEST),
             (SPLIT_TRAIN_VAL, SPLIT_TEST),
             ("data.subset", "split"),
+        ),
+        # A report only: nothing downstream depends on it, so it never delays or reruns training.
+        StageSpec(
+            "analyze",
+            (SPLIT_TRAIN_VAL, SPLIT_TEST),
+            (DATA_SUMMARY, CLASS_BALANCE, INTENSITY_HIST, MEAN_IMAGES_PNG, DUPLICATES_PNG),
+            ("analyze",),
         ),
         StageSpec(
             "train",

@@ -64,6 +64,7 @@ NOT_SEARCHABLE = {
     "split": "trials read the split file produced by DVC; change it and rerun `dvc repro split`",
     "postprocess": "it is not used while training",
     "evaluate": "it is not used while training (the test set never takes part in selection)",
+    "analyze": "it configures the data report, not training",
     "train.epochs": "trials train for tune.epochs (the pipeline for train.epochs)",
 }
 PARAM_KEYS = {
