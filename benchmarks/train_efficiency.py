@@ -65,15 +65,13 @@ def matmul_peak(sizes: Sequence[int], repeats: int) -> dict[int, float]:
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.mm(a, b)  # warm-up: page in, pick the kernel
-        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
         peak[n] = 2 * n**3 / best / 1e9
     return peak
-
-
-def _timed(fn: object) -> float:
-    start = time.perf_counter()
-    fn()  # type: ignore[operator]
-    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- the real step
@@ -118,11 +116,17 @@ class Step:
 
     def run(self, steps: int) -> StepTimes:
         times = StepTimes([], [], [])
-        for i in range(WARMUP + steps):
-            marks = [time.perf_counter()]
-            xb, yb = self.batch()
+        marks: list[float] = []
+
+        def mark(_: str = "") -> None:
             marks.append(time.perf_counter())
-            training.train_step(self.st, xb, yb, on_phase=lambda _: marks.append(time.perf_counter()))
+
+        for i in range(WARMUP + steps):
+            marks.clear()
+            mark()
+            xb, yb = self.batch()
+            mark()
+            training.train_step(self.st, xb, yb, on_phase=mark)
             if i >= WARMUP:
                 times.step.append(marks[-1] - marks[0])
                 times.forward.append(marks[2] - marks[1])
