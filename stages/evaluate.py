@@ -13,6 +13,7 @@ import time
 import torch
 
 from deep_repro import data, evaluation, inference, tracking
+from deep_repro.device import resolve_num_threads
 from deep_repro.errors import ValidationError, entrypoint
 from deep_repro.files import write_json
 from deep_repro.paths import repo_root
@@ -42,7 +43,7 @@ def main() -> None:
     model = inference.load_inference_model(root / INFERENCE_MODEL)
     splits = data.load_splits(root / SPLIT_TRAIN_VAL, root / SPLIT_TEST)
     with tracking.stage_run("evaluate", cfg) as run:
-        torch.set_num_threads(cfg.train.num_threads)
+        torch.set_num_threads(resolve_num_threads(cfg.train.num_threads))
         metrics, details, logits, reports, digests = {}, {}, {}, {}, {}
         for part, x, y, source in (
             ("val", splits.x_val, splits.y_val, SPLIT_TRAIN_VAL),

@@ -73,7 +73,15 @@ def main() -> None:
                 "parameters": summary["parameters"],
             }
         )
-        run.set_tags({"stop_reason": result.stop_reason, "device": str(device)})
+        # The thread count in force (what `train.num_threads: auto` resolved to): results are
+        # byte-identical only between runs with the same count.
+        run.set_tags(
+            {
+                "stop_reason": result.stop_reason,
+                "device": str(device),
+                "num_threads": str(torch.get_num_threads()),
+            }
+        )
         run.log_artifact(root / TRAIN_HISTORY)
 
 

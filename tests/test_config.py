@@ -150,6 +150,11 @@ def test_every_training_group_composes(group: str, choice: str) -> None:
         (["optimizer.name=rmsprop"], "optimizer.name = 'rmsprop': expected one of 'adamw', 'sgd'"),
         (["scheduler.name=step"], "scheduler.name = 'step'"),
         (["train.device=tpu"], "train.device = 'tpu'"),
+        (["train.num_threads=0"], "train.num_threads = 0: expected a value >= 1"),
+        (
+            ["train.num_threads=fast"],
+            "train.num_threads = 'fast': expected an integer or one of 'auto'",
+        ),
         (["data.subset=-5"], "data.subset = -5: expected a value >= 20"),
         (["data.mirrors=[ftp://x]"], "data.mirrors[0] = 'ftp://x'"),
         (["data.sha256.train-images-idx3-ubyte=abc"], "data.sha256.train-images-idx3-ubyte"),
@@ -182,6 +187,12 @@ def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("value", ["auto", "1", "3"])
+def test_num_threads_is_auto_or_a_positive_int(value: str) -> None:
+    cfg = config.validate(config.compose([f"train.num_threads={value}"], REPO / "conf"))
+    assert cfg.train.num_threads == (value if value == "auto" else int(value))
 
 
 def test_a_key_of_another_option_of_the_group_is_ignored() -> None:

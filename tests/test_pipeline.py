@@ -149,6 +149,8 @@ def test_one_pipeline_run_with_seven_linked_stage_runs(first_repro: Path) -> Non
     ]
     assert parent.data.tags["mlflow.source.name"] == "dvc repro"
     assert stages["train"].data.tags["mlflow.source.name"] == "stages/train.py"
+    # The thread count in force (what `num_threads: auto` would resolve to) is on the run.
+    assert stages["train"].data.tags["num_threads"] == parent.data.params["train.num_threads"]
     parent = client.get_run(parent.info.run_id)
     assert {"val_accuracy", "test_accuracy", "test_macro_f1"} <= set(parent.data.metrics)
     # Datasets logged with content digests.

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from deep_repro import config, data, inference, training
+from deep_repro import config, data, device, inference, training
 from deep_repro.config import LightAugmentConfig, NoAugmentConfig
 from deep_repro.errors import TrainingError
 from deep_repro.files import atomic_path
@@ -224,3 +227,24 @@ def test_new_architecture_trains_and_exports_through_the_registry(
         reference, got, splits.y_val, quantize="none", atol=1e-4, max_acc_drop=0.005
     )
     assert eq.max_abs_diff <= 1e-4
+
+
+def test_free_cores_counts_other_processes_not_ours() -> None:
+    n = device.usable_cores()
+    assert 1 <= device.free_cores(0.1) <= n
+    assert device.resolve_num_threads(3) == 3
+    before = torch.get_num_threads()
+    try:
+        used = device.seed_everything(0, deterministic=False, num_threads="auto")
+        assert 1 <= used == torch.get_num_threads() <= n
+    finally:
+        torch.set_num_threads(before)
+    if n < 2:
+        return
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let the interpreter start and spin
+        assert device.free_cores(0.3) <= n - 1
+    finally:
+        busy.kill()
+        busy.wait()

@@ -146,7 +146,8 @@ class TrainConfig:
     device: str
     precision: Literal["auto", "fp32", "bf16"]
     deterministic: bool
-    num_threads: int = field(metadata=rng(ge=1))
+    # `auto`: the cores free of other processes when training starts (device.free_cores).
+    num_threads: int | Literal["auto"] = field(metadata=rng(ge=1))
     channels_last: bool
 
 

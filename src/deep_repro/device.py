@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 
 import numpy as np
+import psutil
 import torch
 
 from deep_repro.config import (
@@ -21,14 +23,59 @@ from deep_repro.errors import TrainingError
 log = logging.getLogger(__name__)
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def free_cores(interval: float = 0.3) -> int:
+    """Cores not used by OTHER processes, measured over `interval` seconds; 1..usable_cores().
+
+    Our own CPU time in the window is subtracted, so a process that already runs threads does
+    not count itself as load. Rounded to the nearest core: background noise (a shell, a
+    logger) does not cost a whole thread, one busy process does.
+    """
+    n = usable_cores()
+    me = psutil.Process()
+    psutil.cpu_percent(None)  # starts the system-wide window
+    own_before = sum(me.cpu_times()[:2])
+    start = time.perf_counter()
+    time.sleep(interval)
+    busy_pct = psutil.cpu_percent(None)  # mean over all CPUs of the machine since the start
+    elapsed = time.perf_counter() - start
+    own = (sum(me.cpu_times()[:2]) - own_before) / elapsed
+    machine = psutil.cpu_count() or n
+    others = max(0.0, busy_pct / 100.0 * machine - own)
+    # `others` is counted on the whole machine; with an affinity mask it is an upper bound of
+    # the load on our own CPUs, which errs towards fewer threads (never oversubscribes).
+    return max(1, min(n, round(n - others)))
+
+
+def resolve_num_threads(num_threads: int | str) -> int:
+    """`train.num_threads`: an int is used as is; `auto` = free_cores() at this moment.
+
+    `auto` gives up byte-identical results across runs (float reductions are split by thread
+    count) for speed on a machine shared with other CPU-bound work.
+    """
+    if num_threads == "auto":
+        chosen = free_cores()
+        log.info("train.num_threads = auto: %d of %d cores free", chosen, usable_cores())
+        return chosen
+    return int(num_threads)
+
+
 def seed_everything(
-    seed: int, *, deterministic: bool = True, num_threads: int | None = None
-) -> None:
+    seed: int, *, deterministic: bool = True, num_threads: int | str | None = None
+) -> int:
+    """Seed every RNG and fix kernels/threads; returns the torch thread count now in force."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if num_threads:
-        torch.set_num_threads(num_threads)
+        torch.set_num_threads(resolve_num_threads(num_threads))
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic (must be set before first use).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -38,6 +85,7 @@ def seed_everything(
         torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # not in torch stubs
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+    return torch.get_num_threads()
 
 
 def resolve_device(train: TrainConfig) -> torch.device:

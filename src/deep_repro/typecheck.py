@@ -115,6 +115,8 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
         return
     values = value if isinstance(value, list) else [value]
     for v in values:
+        if isinstance(v, str):  # a named option of a numeric field (`num_threads: auto`)
+            continue
         for op, bound in meta.items():
             if bound is None:
                 continue
