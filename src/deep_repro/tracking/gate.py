@@ -197,8 +197,9 @@ def validation_gate(
         decision = GateDecision(
             True,
             champion == version != previous,
-            f"{ours} beats evaluate.baseline {baseline:.4f} and there is no earlier "
-            f"champion: version {version} is {'now ' if previous != version else ''}@champion",
+            f"{ours} beats evaluate.baseline {baseline:.4f} and no earlier version carries "
+            f"validation evidence: version {version} is "
+            f"{'now ' if previous != version else ''}@champion",
             outcome="first",
         )
     elif not verdict.comparable:
