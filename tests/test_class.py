@@ -332,29 +332,36 @@ def test_leaderboard_filters_by_user_and_experiment_pattern(
 @pytest.mark.slow
 def test_a_fresh_clone_pulls_from_the_shared_remote_and_runs_nothing(tmp_path: Path) -> None:
     """The README's shared DVC remote: one `dvc push`, then any clone `dvc pull`s the outputs
-    and `dvc repro` has nothing left to execute. (Up to `split`: training adds only time.)"""
+    and `dvc repro` has nothing left to execute (the whole pipeline; the fast logreg)."""
     from tests.helpers import make_project, project_env
     from tests.helpers import run as sh
 
-    project = make_project(tmp_path / "alice")
+    project = make_project(
+        tmp_path / "alice",
+        edits={
+            "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
+            "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")],
+        },
+    )
     env = project_env(project)
     remote = tmp_path / "shared-remote"
     sh(["dvc", "remote", "add", "-d", "class", str(remote)], project, env)
-    sh(["dvc", "repro", "split"], project, env)
+    sh(["dvc", "repro"], project, env)
     sh(["git", "add", "-A"], project, env)
     sh(["git", "commit", "-qm", "results"], project, env)
     sh(["dvc", "push"], project, env)
 
     clone = tmp_path / "bob"
     sh(["git", "clone", "-q", str(project), str(clone)], tmp_path, env)
-    from deep_repro.pipeline import SPLIT_TRAIN_VAL
+    from deep_repro.pipeline import INFERENCE_MODEL, SPLIT_TRAIN_VAL
 
-    assert not (clone / SPLIT_TRAIN_VAL).exists()
-    sh(["dvc", "pull", "--with-deps", "split"], clone, env)
-    assert (clone / SPLIT_TRAIN_VAL).is_file()
-    repro = sh(["dvc", "repro", "split"], clone, env)
+    assert not (clone / SPLIT_TRAIN_VAL).exists() and not (clone / INFERENCE_MODEL).exists()
+    sh(["dvc", "pull"], clone, env)
+    for out in (SPLIT_TRAIN_VAL, INFERENCE_MODEL):
+        assert (clone / out).read_bytes() == (project / out).read_bytes()
+    repro = sh(["dvc", "repro"], clone, env)
     assert "Running stage" not in repro.stdout + repro.stderr
-    assert "up to date" in sh(["dvc", "status", "split"], clone, env).stdout
+    assert "up to date" in sh(["dvc", "status"], clone, env).stdout
 
 
 # --------------------------------------------------------------------------- lineage across users
