@@ -197,17 +197,22 @@ def test_predict_fast_path_imports_no_mlflow(
         "import sys; from deep_repro import cli; rc = cli.main(['predict', {!r}{}]); "
         "heavy = sorted({{m.split('.')[0] for m in sys.modules}} & "
         "{{'mlflow', 'hydra', 'optuna', 'matplotlib', 'sqlalchemy'}}); "
-        "print('HEAVY', heavy); sys.exit(rc)"
+        "print('HEAVY', heavy, 'DYNAMO', 'torch._dynamo' in sys.modules); sys.exit(rc)"
     )
     for extra in (f", '--model', {str(two_versions[0])!r}", ""):  # .pt2, champion
-        proc = subprocess.run(
-            [sys.executable, "-c", code.format(str(images["raw"]), extra)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+        for attempt in ("first", "again"):
+            proc = subprocess.run(
+                [sys.executable, "-c", code.format(str(images["raw"]), extra)],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+            # torch.export.load (and its compiler stack) only the first time a program is seen:
+            # then the verified fast-start copy runs (deep_repro.fast_program).
+            if attempt == "again":
+                assert "DYNAMO False" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_missing_champion_says_what_to_do(

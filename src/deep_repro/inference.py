@@ -14,8 +14,10 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,10 +145,16 @@ def load_inference_model(path: Path) -> nn.Module:
     `torch.export.load` by itself unpickles (weights_only=False) whatever a crafted archive asks
     it to, so the archive is checked first and refused unless it is a plain tensor-only program.
     """
+    module: nn.Module = load_exported_program(path).module()
+    return module
+
+
+def load_exported_program(path: Path) -> Any:
+    """The checked `ExportedProgram` (see `load_inference_model`)."""
     if not path.exists():
         raise DataError(f"{path} not found: run the postprocess stage first (`dvc repro`)")
     try:
-        return safe_archive.load_pt2(path)
+        return safe_archive.load_exported(path)
     except safe_archive.UnsafeArchiveError as exc:
         raise DataError(
             f"{path}: refused to load model ({exc}); re-export it with `dvc repro postprocess`"
@@ -179,7 +187,9 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, images_u8: np.ndarray | torch.Tensor, batch_size: int = 1024
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    images_u8: np.ndarray | torch.Tensor,
+    batch_size: int = 1024,
 ) -> torch.Tensor:
     """Logits for uint8 images `[N, 28, 28]`, `[N, 1, 28, 28]` or `[N, 784]`, batched."""
     x = torch.as_tensor(images_u8)

@@ -73,9 +73,13 @@ def _program_predictor(program_path: Path, identity: dict[str, str]) -> Any:
     through the safe-archive check; writes the opt-in prediction log like the pyfunc model."""
     import torch
 
-    from deep_repro.inference import load_inference_model, predict_logits
+    from deep_repro import fast_program
+    from deep_repro.inference import predict_logits
+    from deep_repro.paths import store_root
 
-    program = load_inference_model(program_path)
+    # A verified fast-start copy of the program (see fast_program): torch.export.load itself
+    # costs about as much again as `import torch`, once per distinct file.
+    program = fast_program.load(program_path, store_root() / ".cache" / "programs")
 
     def predict_program(x: Any) -> Any:
         probs = torch.softmax(predict_logits(program, x), dim=1).numpy()

@@ -281,7 +281,12 @@ def read_checked(path: str | Path) -> bytes:
 
 def load_pt2(path: str | Path) -> Any:
     """Check, then load the exported program from the checked bytes as a callable module."""
+    return load_exported(path).module()
+
+
+def load_exported(path: str | Path) -> Any:
+    """Check, then load the `ExportedProgram` itself from the checked bytes."""
     import torch
 
     data = read_checked(path)
-    return torch.export.load(io.BytesIO(data)).module()
+    return torch.export.load(io.BytesIO(data))
