@@ -10,6 +10,7 @@ per executed stage), lineage by content hash through cached stages, and byte-rep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -115,6 +116,9 @@ def test_repro_produces_outputs_and_metrics(first_repro: Path) -> None:
     assert set(metrics["test"]) == {"accuracy", "ci95", "macro_f1"}  # the rest: details.json
     details = json.loads((root / "reports/eval/details.json").read_text())
     assert {"accuracy", "macro_f1", "top2_accuracy", "ece"} <= set(details["test"])
+    # The postprocess stage left predict's verified fast-start copy of the very same program.
+    program_sha = hashlib.sha256((root / "models/inference.pt2").read_bytes()).hexdigest()
+    assert (root / ".cache/programs" / program_sha / "graph.json").is_file()
     confusion = (root / "reports/eval/confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 501
     shown = dvc(root, "metrics", "show", "--json").stdout

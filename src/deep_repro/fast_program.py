@@ -193,6 +193,13 @@ def _build(program: Any, folder: Path) -> GraphProgram | None:
     return fast
 
 
+def default_cache() -> Path:
+    """Next to the MLflow store and the champion copies (outlives queued experiments' copies)."""
+    from deep_repro.paths import store_root
+
+    return store_root() / ".cache" / "programs"
+
+
 def load(path: Path, cache_root: Path) -> Any:
     """A callable uint8 images -> logits for the `.pt2` at `path`: the verified fast copy when
     there is one, else the (checked) program, leaving a fast copy for the next call."""

@@ -75,11 +75,10 @@ def _program_predictor(program_path: Path, identity: dict[str, str]) -> Any:
 
     from deep_repro import fast_program
     from deep_repro.inference import predict_logits
-    from deep_repro.paths import store_root
 
     # A verified fast-start copy of the program (see fast_program): torch.export.load itself
     # costs about as much again as `import torch`, once per distinct file.
-    program = fast_program.load(program_path, store_root() / ".cache" / "programs")
+    program = fast_program.load(program_path, fast_program.default_cache())
 
     def predict_program(x: Any) -> Any:
         probs = torch.softmax(predict_logits(program, x), dim=1).numpy()
