@@ -42,7 +42,8 @@ def main() -> None:
         target = root / INFERENCE_MODEL
         with atomic_path(target) as tmp:
             inference.export(module, torch.from_numpy(x_val[:2]), tmp)
-            exported = inference.load_inference_model(tmp)
+            program = inference.load_exported_program(tmp)  # through the safe-archive check
+            exported = program.module()
             eq = inference.check_equivalence(
                 reference,
                 inference.predict_logits(exported, x_val),
@@ -62,7 +63,7 @@ def main() -> None:
         write_json(root / POSTPROCESS_REPORT, report)
         # Serving: leave `deep-repro predict`'s verified fast-start copy of this very program in
         # its (untracked) cache, so the first prediction after `dvc repro` is as fast as the next.
-        fast_program.load(target, fast_program.default_cache())
+        fast_program.warm(target, program, fast_program.default_cache())
         # Latency varies run to run: MLflow only, never in a DVC-tracked file.
         latency = {
             f"latency_ms_batch{b}": 1e3 * inference.measure_latency(exported, x_val, b)

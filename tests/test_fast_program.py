@@ -89,3 +89,15 @@ def test_no_copy_for_a_refused_archive_and_a_missing_file_says_so(tmp_path: Path
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
     with pytest.raises(DataError, match="not found"):
         fast_program.load(tmp_path / "missing.pt2", tmp_path / "cache")
+
+
+def test_the_exporter_warms_the_copy_from_the_program_it_already_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program_path = _export("mlp", tmp_path)
+    program = inference.load_exported_program(program_path)
+    fast_program.warm(program_path, program, tmp_path / "cache")
+    monkeypatch.setattr(inference, "load_exported_program", _no_export_load)
+    assert isinstance(
+        fast_program.load(program_path, tmp_path / "cache"), fast_program.GraphProgram
+    )

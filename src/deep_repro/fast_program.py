@@ -200,6 +200,14 @@ def default_cache() -> Path:
     return store_root() / ".cache" / "programs"
 
 
+def warm(path: Path, program: Any, cache_root: Path) -> None:
+    """Leave the fast-start copy of `program`, already loaded (and checked) from `path`, so that
+    the exporter does not pay `torch.export.load` a second time for it."""
+    folder = cache_root / hashlib.sha256(path.read_bytes()).hexdigest()
+    if _load_cached(folder) is None:
+        _build(program, folder)
+
+
 def load(path: Path, cache_root: Path) -> Any:
     """A callable uint8 images -> logits for the `.pt2` at `path`: the verified fast copy when
     there is one, else the (checked) program, leaving a fast copy for the next call."""
