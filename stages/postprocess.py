@@ -1,9 +1,9 @@
 """Stage 5 — postprocess: trained network -> deployable inference model.
 
 Rewrites the trained network into its inference architecture (eval mode, dropout removed,
-BatchNorm folded, normalisation baked in, optional int8), exports it with `torch.export` to
-models/inference.pt2, proves on the validation set that it computes what the trained model
-computes, measures size and latency, and registers it in the MLflow model registry.
+BatchNorm folded, normalisation baked in, optional test-time augmentation and int8), exports it
+with `torch.export` to models/inference.pt2, proves on the validation set that it computes what
+the trained model computes, measures size and latency, and registers it in the MLflow registry.
 """
 
 import os
@@ -37,8 +37,9 @@ def main() -> None:
     x_val, y_val = tv["x_val"], tv["y_val"]
     with tracking.stage_run("postprocess", cfg) as run:
         training.seed_everything(cfg.seed, num_threads=cfg.train.num_threads)
-        module = inference.build_inference_module(net, cfg.postprocess.quantize)
-        reference = training.evaluate_logits(net.eval(), torch.from_numpy(x_val))
+        pp = cfg.postprocess
+        module = inference.build_inference_module(net, pp.quantize, pp.tta)
+        reference = training.evaluate_logits(net.eval(), torch.from_numpy(x_val), tta=pp.tta)
         target = root / INFERENCE_MODEL
         with atomic_path(target) as tmp:
             inference.export(module, torch.from_numpy(x_val[:2]), tmp)
@@ -48,14 +49,15 @@ def main() -> None:
                 reference,
                 inference.predict_logits(exported, x_val),
                 y_val,
-                quantize=cfg.postprocess.quantize,
-                atol=cfg.postprocess.atol,
-                max_acc_drop=cfg.postprocess.int8_max_acc_drop,
+                quantize=pp.quantize,
+                atol=pp.atol,
+                max_acc_drop=pp.int8_max_acc_drop,
             )
         report = {
             "file_bytes": os.path.getsize(target),
             "parameters": count_parameters(net),
-            "quantize": cfg.postprocess.quantize,
+            "quantize": pp.quantize,
+            "tta": pp.tta,
             "max_abs_logit_diff": float(f"{eq.max_abs_diff:.3g}"),
             "val_accuracy_trained": round(eq.reference_accuracy, 6),
             "val_accuracy_exported": round(eq.exported_accuracy, 6),

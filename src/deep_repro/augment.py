@@ -7,6 +7,8 @@ what the inference model bakes in (see `deep_repro.inference`), so training and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from deep_repro.config import AugmentConfig, NoAugmentConfig
@@ -19,6 +21,12 @@ def normalise(images_u8: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3:
         x = x.unsqueeze(1)
     return x.sub_(PIXEL_MEAN).div_(PIXEL_STD)
+
+
+def hflip_mean(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation (`postprocess.tta: hflip`): the mean logits of each image and its
+    mirror image, `x` being a normalised batch `[N, 1, 28, 28]`."""
+    return (net(x) + net(x.flip(-1))) * 0.5
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:

@@ -155,6 +155,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PostprocessConfig:
     quantize: Literal["none", "int8"]
+    # Test-time augmentation baked into the exported program: `hflip` averages the logits of
+    # each image and its mirror image (the same flip the training augmentation uses).
+    tta: Literal["none", "hflip"]
     atol: float = field(metadata=rng(gt=0.0))
     int8_max_acc_drop: float = field(metadata=rng(ge=0.0, le=1.0))
 

@@ -140,6 +140,12 @@ def mlp(cfg: MLPConfig) -> nn.Sequential:
 class CNNConfig(TorchModelConfig):
     name: Literal["cnn"]
     channels: list[int]
+    # Convolutions per block (all of width channels[i]); the last one of a block is pooled.
+    convs_per_block: int = field(metadata=rng(ge=1, le=4))
+    # Pool right after the block's last convolution, before its BatchNorm and ReLU: the same
+    # layers, but BN and ReLU (memory-bound: a few FLOPs per byte) run on a quarter of the
+    # pixels. On two CPU cores that alone makes the training step ~1.6x faster (benchmarks/).
+    pool_before_bn: bool
     hidden: int = field(metadata=rng(ge=1))
 
     def check(self) -> None:
@@ -150,13 +156,23 @@ class CNNConfig(TorchModelConfig):
 
 @register(CNNConfig, trainer="torch", channels_last=True)
 def cnn(cfg: CNNConfig) -> nn.Sequential:
-    """conv-BN-ReLU-maxpool blocks (28 -> 14 -> 7 [-> 3]), then Linear-ReLU-Dropout-Linear."""
+    """VGG-style blocks (28 -> 14 -> 7 [-> 3] pixels), each `convs_per_block` 3x3 convolutions
+    with BN and ReLU and one 2x2 max-pool, then Linear-ReLU-Dropout-Linear."""
     from torch import nn
 
     layers: list[nn.Module] = []
     cin, size = 1, 28
     for cout in cfg.channels:
-        layers += [*_conv_bn_relu(cin, cout), nn.MaxPool2d(2)]
+        for _ in range(cfg.convs_per_block - 1):
+            layers += _conv_bn_relu(cin, cout)
+            cin = cout
+        if cfg.pool_before_bn:
+            # max-pool commutes with ReLU, not with BN: a (slightly) different model than
+            # conv-BN-ReLU-pool, trained as such; at inference this BN stays unfolded.
+            conv, bn, relu = _conv_bn_relu(cin, cout)
+            layers += [conv, nn.MaxPool2d(2), bn, relu]
+        else:
+            layers += [*_conv_bn_relu(cin, cout), nn.MaxPool2d(2)]
         cin, size = cout, size // 2
     layers += [
         nn.Flatten(),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deep_repro.augment import augment_batch, normalise
+from deep_repro.augment import augment_batch, hflip_mean, normalise
 from deep_repro.config import (
     AugmentConfig,
     Config,
@@ -76,8 +76,10 @@ def evaluate_logits(
     *,
     channels_last: bool = False,
     amp: torch.dtype | None = None,
+    tta: str = "none",
 ) -> torch.Tensor:
-    """Logits of a training-space model (float input) over uint8 images, in eval mode."""
+    """Logits of a training-space model (float input) over uint8 images, in eval mode; with
+    `tta="hflip"` what the inference model with that test-time augmentation computes."""
     model.eval()
     out = []
     for start in range(0, len(x_u8), batch_size):
@@ -85,7 +87,7 @@ def evaluate_logits(
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(xb.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out.append(model(xb).float())
+            out.append((hflip_mean(model, xb) if tta == "hflip" else model(xb)).float())
     return torch.cat(out) if out else torch.empty(0, 10)
 
 
