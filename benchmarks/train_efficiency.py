@@ -147,6 +147,12 @@ def no_mkldnn() -> Iterator[None]:
 LEVERS: dict[str, tuple[tuple[str, ...], object]] = {
     # name: (config overrides, context manager factory)
     "default": ((), contextlib.nullcontext),
+    # The default CNN before issue 14: two conv-BN-ReLU-pool blocks (BN/ReLU at full size).
+    "old default cnn": (
+        ("model.channels=[32,64]", "model.pool_before_bn=false"),
+        contextlib.nullcontext,
+    ),
+    "pool_before_bn=false": (("model.pool_before_bn=false",), contextlib.nullcontext),
     "channels_last=false": (("train.channels_last=false",), contextlib.nullcontext),
     "deterministic=false": (("train.deterministic=false",), contextlib.nullcontext),
     "mkldnn off": ((), no_mkldnn),
@@ -165,7 +171,7 @@ def measure_levers(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, steps
                 times[name] += step.run(steps).step
     training.seed_everything(0, deterministic=True)  # back to the pipeline's kernels
     base = statistics.median(times["default"])
-    print("\nlevers (median step, same run, interleaved rounds):")
+    print("\nlevers (median step, same run, interleaved rounds; img/s relative to default):")
     for name, t in times.items():
         med = statistics.median(t)
         print(

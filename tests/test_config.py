@@ -175,6 +175,9 @@ def test_every_training_group_composes(group: str, choice: str) -> None:
         (["analyze.duplicate_examples=-1"], "analyze.duplicate_examples = -1: expected a value >="),
         (["model.channels=[]"], "model.channels = []: expected a non-empty list of integers >= 1"),
         (["model.channels=[8,8,8,8]"], "model.channels = [8, 8, 8, 8]: expected at most 3 conv"),
+        (["model.convs_per_block=0"], "model.convs_per_block = 0: expected a value >= 1"),
+        (["model.pool_before_bn=maybe"], "model.pool_before_bn = 'maybe': expected"),
+        (["postprocess.tta=vflip"], "postprocess.tta = 'vflip': expected one of"),
         (["optimizer.betas=[0.9,1.5]"], "optimizer.betas = [0.9, 1.5]: expected two numbers"),
         (["+optimizer.momentun=0.9"], "unknown key optimizer.momentun"),
         (["+model.channels=[8]", "model=mlp"], "unknown key model.channels"),
@@ -193,6 +196,14 @@ def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
 def test_num_threads_is_auto_or_a_positive_int(value: str) -> None:
     cfg = config.validate(config.compose([f"train.num_threads={value}"], REPO / "conf"))
     assert cfg.train.num_threads == (value if value == "auto" else int(value))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "conf/experiment").glob("*.yaml")), ids=str)
+def test_every_committed_experiment_validates(path: Path) -> None:
+    """`dvc exp run -S +experiment=<name>` must not fail on a config error after a conf/ change
+    (tuned_cnn pins the architecture it was tuned with when the cnn defaults moved on)."""
+    cfg = config.validate(config.compose([f"+experiment={path.stem}"], REPO / "conf"))
+    assert cfg.model.name in MODELS
 
 
 def test_a_key_of_another_option_of_the_group_is_ignored() -> None:

@@ -16,29 +16,52 @@ from deep_repro.files import atomic_path
 Make = Callable[..., config.Config]
 
 SMALL = {
-    "logreg": ["model.max_iter=30"],
-    "mlp": ["model.hidden_sizes=[64]"],
-    "cnn": ["model.channels=[8,16]", "model.hidden=32"],
-    "resnet": ["model.width=8", "model.blocks=[1,1]"],
+    "logreg": ["model=logreg", "model.max_iter=30"],
+    "mlp": ["model=mlp", "model.hidden_sizes=[64]"],
+    "cnn": ["model=cnn", "model.channels=[8,16]", "model.hidden=32"],
+    "cnn-vgg": [
+        "model=cnn",
+        "model.channels=[8,16]",
+        "model.convs_per_block=2",
+        "model.pool_before_bn=false",
+        "model.hidden=32",
+    ],
+    "resnet": ["model=resnet", "model.width=8", "model.blocks=[1,1]"],
 }
 
 
 def _trained(make_cfg: Make, splits: data.Splits, name: str) -> torch.nn.Module:
-    cfg = make_cfg(f"model={name}", "train.epochs=1", *SMALL[name])
+    cfg = make_cfg("train.epochs=1", *SMALL[name])
     return training.train_model(
         cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val
     ).model
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn", "resnet"])
+def _unfolded_batchnorms(module: torch.nn.Module) -> list[str]:
+    """BatchNorms left directly after a conv/linear layer (those must have been folded)."""
+    left = []
+    for name, seq in module.named_modules():
+        if isinstance(seq, torch.nn.Sequential):
+            children = list(seq.children())
+            for first, second in zip(children, children[1:], strict=False):
+                if isinstance(first, torch.nn.Conv2d | torch.nn.Linear) and isinstance(
+                    second, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d
+                ):
+                    left.append(name)
+    return left
+
+
+@pytest.mark.parametrize("name", list(SMALL))
 def test_export_is_equivalent_for_every_model(
     make_cfg: Make, splits: data.Splits, tmp_path: Path, name: str
 ) -> None:
     net = _trained(make_cfg, splits, name)
     module = inference.build_inference_module(net)
-    # Dropout gone, BatchNorm folded away.
+    # Dropout gone, BatchNorm folded into the conv/linear before it (a BN after a max-pool,
+    # `model.pool_before_bn`, cannot be: max does not commute with a negative BN scale).
     kinds = {type(m).__name__ for m in module.modules()}
-    assert not kinds & {"Dropout", "BatchNorm2d", "BatchNorm1d"}
+    assert "Dropout" not in kinds
+    assert _unfolded_batchnorms(module) == []
     target = tmp_path / "inference.pt2"
     with atomic_path(target) as tmp:
         inference.export(module, torch.from_numpy(splits.x_val[:2]), tmp)
@@ -52,6 +75,40 @@ def test_export_is_equivalent_for_every_model(
     # Any batch size and both input layouts work; no training code needed to run it.
     assert exported(torch.from_numpy(splits.x_val[:1])).shape == (1, 10)
     assert inference.predict_logits(exported, splits.x_val[:3, None]).shape == (3, 10)
+
+
+def test_hflip_tta_is_baked_into_the_program(
+    make_cfg: Make, splits: data.Splits, tmp_path: Path
+) -> None:
+    """`postprocess.tta: hflip`: the exported program alone averages each image's logits with
+    those of its mirror image, and the equivalence check compares like with like."""
+    net = _trained(make_cfg, splits, "cnn").eval()
+    target = tmp_path / "inference.pt2"
+    with atomic_path(target) as tmp:
+        inference.export(
+            inference.build_inference_module(net, tta="hflip"),
+            torch.from_numpy(splits.x_val[:2]),
+            tmp,
+        )
+    exported = inference.load_inference_model(target)
+    x = torch.from_numpy(splits.x_val)
+    got = inference.predict_logits(exported, splits.x_val)
+    plain = training.evaluate_logits(net, x)
+    mirrored = training.evaluate_logits(net, x.flip(-1))
+    assert torch.allclose(got, (plain + mirrored) / 2, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3)  # TTA really changed the logits
+    eq = inference.check_equivalence(
+        training.evaluate_logits(net, x, tta="hflip"),
+        got,
+        splits.y_val,
+        quantize="none",
+        atol=1e-4,
+        max_acc_drop=0.005,
+    )
+    assert eq.max_abs_diff <= 1e-4
+    # Mirror images get the same answer: the program is symmetric by construction.
+    flipped = inference.predict_logits(exported, splits.x_val[:, :, ::-1].copy())
+    assert torch.allclose(flipped, got, atol=1e-4)
 
 
 def test_broken_export_fails_the_check(make_cfg: Make, splits: data.Splits) -> None:

@@ -187,6 +187,31 @@ def test_models_build_from_every_config(make_cfg: Make) -> None:
         assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("pool_before_bn", [True, False])
+def test_cnn_blocks_follow_the_config(make_cfg: Make, pool_before_bn: bool) -> None:
+    """`convs_per_block` 3x3 convolutions per block; the block's last one pooled either before
+    its BN-ReLU (BN/ReLU on a quarter of the pixels) or after them."""
+    cfg = make_cfg(
+        "model=cnn",
+        "model.channels=[8,16,32]",
+        "model.convs_per_block=2",
+        f"model.pool_before_bn={str(pool_before_bn).lower()}",
+    )
+    net = build_model(cfg.model)
+    kinds = [type(m).__name__ for m in net]
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 8, 16, 16, 32, 32]
+    block = ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] if pool_before_bn else [
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "MaxPool2d",
+    ]
+    assert kinds[3:7] == block  # the first block's second (pooled) convolution
+    assert kinds.count("MaxPool2d") == 3
+    assert net.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_fit_refuses_a_model_it_does_not_train(make_cfg: Make, splits: data.Splits) -> None:
     with pytest.raises(TrainingError, match=r"model = logreg is not trained by gradient descent"):
         training.fit(
