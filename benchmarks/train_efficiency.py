@@ -11,11 +11,13 @@ In one run, on the same threads:
              of the timed steps after warm-up; FLOPs / time, split into forward and backward.
 
 `--levers` times variants of the step side by side (same run, interleaved) to find what raises
-the fraction. `--contended` starts ONE CPU-bound busy process and compares img/s idle with 2
-threads, contended with 2 threads and contended with `train.num_threads: auto`.
+the fraction; `--profile` prints torch.profiler's operator table of the step. `--contended`
+starts ONE CPU-bound busy process and compares img/s idle with 2 threads, contended with 2
+threads and contended with `train.num_threads: auto`.
 
     .venv/bin/python benchmarks/train_efficiency.py                      # peak, FLOPs, fraction
-    .venv/bin/python benchmarks/train_efficiency.py --levers --contended
+    .venv/bin/python benchmarks/train_efficiency.py --levers --contended --profile
+    .venv/bin/python benchmarks/train_efficiency.py --override +experiment=best_cpu
 """
 
 from __future__ import annotations
@@ -135,6 +137,18 @@ class Step:
         return times
 
 
+def profile_table(step: Step, steps: int, rows: int = 15) -> str:
+    """Where a step's time goes: torch.profiler's operator table over `steps` real steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step.run(1)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            xb, yb = step.batch()
+            training.train_step(step.st, xb, yb)
+    return str(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 # --------------------------------------------------------------------------- levers
 @contextlib.contextmanager
 def no_mkldnn() -> Iterator[None]:
@@ -223,6 +237,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levers", action="store_true", help="time step variants side by side")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of --levers")
     p.add_argument("--contended", action="store_true", help="also measure under 1 busy process")
+    p.add_argument("--profile", action="store_true", help="operator table of 10 real steps")
     p.add_argument("--busy-seconds", type=float, default=120.0)
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
@@ -273,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"achieved {achieved:.1f} GFLOP/s = {frac:.0%} of the matmul peak {top:.1f} GFLOP/s "
         f"(whole step incl. batch + optimizer; target >= {TARGET_FRACTION:.0%}: {verdict})"
     )
+    if args.profile:
+        print(f"\nwhere the time goes (torch.profiler, 10 steps):\n{profile_table(step, 10)}")
     if args.levers:
         measure_levers(args, x, y, args.steps)
     if args.contended:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,8 +43,7 @@ def _unfolded_batchnorms(module: torch.nn.Module) -> list[str]:
     left = []
     for name, seq in module.named_modules():
         if isinstance(seq, torch.nn.Sequential):
-            children = list(seq.children())
-            for first, second in zip(children, children[1:], strict=False):
+            for first, second in itertools.pairwise(seq.children()):
                 if isinstance(first, torch.nn.Conv2d | torch.nn.Linear) and isinstance(
                     second, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d
                 ):

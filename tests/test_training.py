@@ -201,12 +201,9 @@ def test_cnn_blocks_follow_the_config(make_cfg: Make, pool_before_bn: bool) -> N
     kinds = [type(m).__name__ for m in net]
     convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [8, 8, 16, 16, 32, 32]
-    block = ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] if pool_before_bn else [
-        "Conv2d",
-        "BatchNorm2d",
-        "ReLU",
-        "MaxPool2d",
-    ]
+    pooled_first = ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
+    pooled_last = ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    block = pooled_first if pool_before_bn else pooled_last
     assert kinds[3:7] == block  # the first block's second (pooled) convolution
     assert kinds.count("MaxPool2d") == 3
     assert net.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
