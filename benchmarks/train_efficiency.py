@@ -141,6 +141,7 @@ def profile_table(step: Step, steps: int, rows: int = 15) -> str:
     """Where a step's time goes: torch.profiler's operator table over `steps` real steps."""
     from torch.profiler import ProfilerActivity, profile
 
+    step.st.sched = None  # the one-cycle schedule is sized for the timed steps only
     step.run(1)  # warm
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
