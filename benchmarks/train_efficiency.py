@@ -203,26 +203,54 @@ def img_per_s(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, threads: i
     return cfg.train.batch_size / statistics.median(step.run(args.steps).step)
 
 
-def measure_contention(args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> None:
-    idle = [img_per_s(args, x, y, 2)]
+def contended(args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> tuple[int, float, float]:
+    """With ONE busy process running: (threads `auto` picks, img/s with 2 threads, with auto)."""
     busy = subprocess.Popen([sys.executable, "-c", BUSY.format(seconds=args.busy_seconds)])
     try:
         time.sleep(0.3)  # interpreter start-up: the loop must spin before we measure
         auto = device.resolve_num_threads("auto")
-        two = img_per_s(args, x, y, 2)
-        chosen = img_per_s(args, x, y, auto)
+        return auto, img_per_s(args, x, y, 2), img_per_s(args, x, y, auto)
     finally:
         busy.kill()
         busy.wait()
-    time.sleep(0.3)
-    idle.append(img_per_s(args, x, y, 2))  # idle before and after: the mean is the yardstick
-    base = statistics.mean(idle)
-    verdict = "met" if chosen / base >= TARGET_CONTENDED else "NOT met"
-    print(f"\ncontention: 1 busy process, {device.usable_cores()} usable cores")
-    print(f"  idle,       2 threads : {base:8.0f} img/s (runs: {idle[0]:.0f}, {idle[1]:.0f})")
-    print(f"  contended,  2 threads : {two:8.0f} img/s = {two / base:.2f}x idle")
+        time.sleep(0.3)
+
+
+def measure_contention(args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> None:
+    """`--rounds` rounds of idle (2 threads, then 1) / contended (2 threads, then auto), and a
+    last idle run: medians, so that a drift of the machine's speed hits both sides alike."""
+    idle: list[float] = []
+    idle_one: list[float] = []
+    two: list[float] = []
+    chosen: list[float] = []
+    picks: list[int] = []
+    for _ in range(args.rounds):
+        idle.append(img_per_s(args, x, y, 2))
+        idle_one.append(img_per_s(args, x, y, 1))
+        auto, t, c = contended(args, x, y)
+        picks.append(auto)
+        two.append(t)
+        chosen.append(c)
+    idle.append(img_per_s(args, x, y, 2))
+    base = statistics.median(idle)
+    ratio = statistics.median(chosen) / base
+    verdict = "met" if ratio >= TARGET_CONTENDED else "NOT met"
+    runs = ", ".join(f"{v:.0f}" for v in idle)
     print(
-        f"  contended, auto = {auto:>2}  : {chosen:8.0f} img/s = {chosen / base:.2f}x idle "
+        f"\ncontention: 1 busy process, {device.usable_cores()} usable cores, {args.rounds} rounds"
+    )
+    print(f"  idle,       2 threads : {base:8.0f} img/s (median of {runs})")
+    print(
+        f"  idle,       1 thread  : {statistics.median(idle_one):8.0f} img/s = "
+        f"{statistics.median(idle_one) / base:.2f}x idle (what 1 free core can do)"
+    )
+    print(
+        f"  contended,  2 threads : {statistics.median(two):8.0f} img/s = "
+        f"{statistics.median(two) / base:.2f}x idle"
+    )
+    print(
+        f"  contended, auto = {'/'.join(map(str, sorted(set(picks))))}   : "
+        f"{statistics.median(chosen):8.0f} img/s = {ratio:.2f}x idle "
         f"(target >= {TARGET_CONTENDED}x: {verdict})"
     )
 
@@ -236,7 +264,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--repeats", type=int, default=3, help="matmul repeats (best is kept)")
     p.add_argument("--levers", action="store_true", help="time step variants side by side")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of --levers")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds of --levers and --contended"
+    )
     p.add_argument("--contended", action="store_true", help="also measure under 1 busy process")
     p.add_argument("--profile", action="store_true", help="operator table of 10 real steps")
     p.add_argument("--busy-seconds", type=float, default=120.0)
