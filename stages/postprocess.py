@@ -1,9 +1,10 @@
 """Stage 5 — postprocess: trained network -> deployable inference model.
 
 Rewrites the trained network into its inference architecture (eval mode, dropout removed,
-BatchNorm folded, normalisation baked in, optional test-time augmentation and int8), exports it
-with `torch.export` to models/inference.pt2, proves on the validation set that it computes what
-the trained model computes, measures size and latency, and registers it in the MLflow registry.
+BatchNorm folded, normalisation baked in, test-time augmentation where validation says it
+helps, optional int8), exports it with `torch.export` to models/inference.pt2, proves on the
+validation set that it computes what the trained model computes, measures size and latency, and
+registers it in the MLflow registry.
 """
 
 import os
@@ -38,8 +39,9 @@ def main() -> None:
     with tracking.stage_run("postprocess", cfg) as run:
         training.seed_everything(cfg.seed, num_threads=cfg.train.num_threads)
         pp = cfg.postprocess
-        module = inference.build_inference_module(net, pp.quantize, pp.tta)
-        reference = training.evaluate_logits(net.eval(), torch.from_numpy(x_val), tta=pp.tta)
+        tta = inference.choose_tta(net.eval(), x_val, y_val, pp.tta)  # decided on val only
+        module = inference.build_inference_module(net, pp.quantize, tta.tta)
+        reference = tta.reference
         target = root / INFERENCE_MODEL
         with atomic_path(target) as tmp:
             inference.export(module, torch.from_numpy(x_val[:2]), tmp)
@@ -57,7 +59,10 @@ def main() -> None:
             "file_bytes": os.path.getsize(target),
             "parameters": count_parameters(net),
             "quantize": pp.quantize,
-            "tta": pp.tta,
+            "tta": tta.tta,
+            "tta_rule": tta.rule,
+            "val_accuracy_without_tta": round(tta.val_accuracy["none"], 6),
+            "val_accuracy_with_hflip": round(tta.val_accuracy["hflip"], 6),
             "max_abs_logit_diff": float(f"{eq.max_abs_diff:.3g}"),
             "val_accuracy_trained": round(eq.reference_accuracy, 6),
             "val_accuracy_exported": round(eq.exported_accuracy, 6),
@@ -73,7 +78,7 @@ def main() -> None:
         }
         run.log_metrics({k: v for k, v in report.items() if not isinstance(v, str)} | latency)
         version = tracking.log_inference_model(run, target, x_val[:4], cfg.tracking.model_name)
-        run.set_tags({"registered_model": f"{cfg.tracking.model_name}/{version}"})
+        run.set_tags({"registered_model": f"{cfg.tracking.model_name}/{version}", "tta": tta.tta})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,14 @@ SMALL = {
         "model.hidden=32",
     ],
     "resnet": ["model=resnet", "model.width=8", "model.blocks=[1,1]"],
+    "mobilenet": ["model=mobilenet", "model.width=8", "model.channels=[8,16]"],
 }
+
+
+def test_every_registered_model_kind_is_exported_here() -> None:
+    from deep_repro.models import MODELS
+
+    assert set(MODELS) == {name.split("-")[0] for name in SMALL}
 
 
 def _trained(make_cfg: Make, splits: data.Splits, name: str) -> torch.nn.Module:
@@ -75,6 +82,15 @@ def test_export_is_equivalent_for_every_model(
     # Any batch size and both input layouts work; no training code needed to run it.
     assert exported(torch.from_numpy(splits.x_val[:1])).shape == (1, 10)
     assert inference.predict_logits(exported, splits.x_val[:3, None]).shape == (3, 10)
+    # `postprocess.tta: auto`, measured on every registered model kind: the flip is kept only
+    # where it does not lose validation accuracy, and the reference is what the program computes.
+    choice = inference.choose_tta(net, splits.x_val, splits.y_val, "auto")
+    assert choice.val_accuracy[choice.tta] == max(choice.val_accuracy.values())
+    assert (choice.tta == "hflip") == (choice.val_accuracy["hflip"] >= choice.val_accuracy["none"])
+    assert torch.equal(
+        choice.reference,
+        training.evaluate_logits(net, torch.from_numpy(splits.x_val), tta=choice.tta),
+    )
 
 
 def test_hflip_tta_is_baked_into_the_program(
@@ -187,3 +203,36 @@ def test_latency_is_measured(splits: data.Splits) -> None:
         torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     )
     assert 0 < inference.measure_latency(module, splits.x_val, 1, repeats=3) < 1
+
+
+def test_tta_auto_never_lowers_validation_accuracy_of_a_linear_model(
+    make_cfg: Make, splits: data.Splits, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (issue 20 §6): the default flip TTA was applied to a logistic regression trained
+    without flips (test accuracy 0.842 -> 0.673 on the full data). The default now decides on
+    validation; an explicit `hflip` is obeyed but warned about."""
+    cfg = make_cfg("model=logreg", "model.max_iter=30")  # the default postprocess config
+    assert cfg.postprocess.tta == "auto"
+    net = _trained(make_cfg, splits, "logreg").eval()
+    caplog.clear()
+    choice = inference.choose_tta(net, splits.x_val, splits.y_val, cfg.postprocess.tta)
+    assert choice.val_accuracy["hflip"] < choice.val_accuracy["none"]  # the flip hurts it here
+    assert choice.tta == "none" and choice.rule == "auto"
+    assert all(r.levelname == "INFO" for r in caplog.records)
+    forced = inference.choose_tta(net, splits.x_val, splits.y_val, "hflip")
+    assert forced.tta == "hflip"
+    assert any("lowers validation accuracy" in r.getMessage() for r in caplog.records)
+    # A model that is mirror-symmetric by construction ties, and a tie keeps the flip.
+    symmetric = _Symmetric(net)
+    tie = inference.choose_tta(symmetric, splits.x_val, splits.y_val, "auto")
+    assert tie.val_accuracy["hflip"] == tie.val_accuracy["none"] and tie.tta == "hflip"
+    assert inference.choose_tta(symmetric, splits.x_val, splits.y_val, "none").tta == "none"
+
+
+class _Symmetric(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.net(x.flip(-1))

@@ -116,6 +116,12 @@ def test_repro_produces_outputs_and_metrics(first_repro: Path) -> None:
     assert set(metrics["test"]) == {"accuracy", "ci95", "macro_f1"}  # the rest: details.json
     details = json.loads((root / "reports/eval/details.json").read_text())
     assert {"accuracy", "macro_f1", "top2_accuracy", "ece"} <= set(details["test"])
+    # Test-time augmentation decided on validation (the default `auto`): the baked-in program
+    # is the better of with/without the flip on val, and the report shows the evidence.
+    pp = json.loads((root / "reports/postprocess.json").read_text())
+    assert pp["tta_rule"] == "auto"
+    candidates = {"none": pp["val_accuracy_without_tta"], "hflip": pp["val_accuracy_with_hflip"]}
+    assert pp["val_accuracy_trained"] == candidates[pp["tta"]] == max(candidates.values())
     # The postprocess stage left predict's verified fast-start copy of the very same program.
     program_sha = hashlib.sha256((root / "models/inference.pt2").read_bytes()).hexdigest()
     assert (root / ".cache/programs" / program_sha / "graph.json").is_file()

@@ -141,6 +141,12 @@ def test_champion_moves_only_for_significantly_better_validated_models(tracking_
         assert tags["validation_status"] == status
         assert tags["validation_reason"] == decision.reason
         assert tags["val_accuracy"] == f"{accuracy:.6f}"
+        # Regression (issue 20 §7): the README promised these as version tags; they were not.
+        assert tags["gate_decision"] == outcome
+        assert ("gate_p_value" in tags) == (decision.p_value is not None)
+        if decision.p_value is not None:
+            assert float(tags["gate_p_value"]) == pytest.approx(decision.p_value, rel=1e-5)
+            assert float(tags["gate_champion_val_accuracy"]) == pytest.approx(0.90)
         if champion is None:
             with pytest.raises(MlflowException, match="champion"):  # no alias yet
                 client.get_model_version_by_alias(name, "champion")

@@ -39,6 +39,9 @@ TAG_REASON = "validation_reason"
 TAG_CORRECT = "val_correct"  # which validation images the version got right (packed bits)
 TAG_IMAGES = "val_images"  # digest of the validation images + labels those bits refer to
 TAG_ALPHA = "gate_alpha"
+TAG_DECISION = "gate_decision"  # first | promoted | kept | rejected | incomparable | champion
+TAG_P_VALUE = "gate_p_value"  # McNemar vs the champion it faced (when paired)
+TAG_CHAMPION_ACCURACY = "gate_champion_val_accuracy"
 
 
 @dataclass(frozen=True)
@@ -239,5 +242,16 @@ def validation_gate(
             decision.champion_accuracy,
             "champion",
         )
+    # The decision and its numbers on the version itself, where the registry UI shows them
+    # (also logged on the evaluate and pipeline runs: `registry.judge_registered_model`).
+    for key, value in {
+        TAG_DECISION: decision.outcome,
+        TAG_P_VALUE: decision.p_value,
+        TAG_CHAMPION_ACCURACY: decision.champion_accuracy,
+    }.items():
+        if value is not None:
+            client.set_model_version_tag(
+                model_name, version, key, value if isinstance(value, str) else f"{value:.6g}"
+            )
     client.set_model_version_tag(model_name, version, TAG_REASON, decision.reason)
     return decision
