@@ -41,6 +41,7 @@ def test_dvc_yaml_matches_stage_specs() -> None:
             outs |= _paths(stage.get(key, []))
         assert outs == set(spec.outs), name
         assert _paths(stage.get("params", [])) == set(spec.params), name
+        assert stage.get("always_changed", False) == spec.always_changed, name
         for dep in deps:
             assert (
                 dep in outs or (REPO / dep).exists() or any(dep in s.outs for s in STAGES.values())
