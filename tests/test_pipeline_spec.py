@@ -196,7 +196,7 @@ def test_stage_view_of_train_passes_real_sections_and_properties(make_cfg: Make)
 
 
 def test_load_stage_config_validates_the_whole_config_first(tmp_path: Path) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = config.compose([], REPO / "conf")  # not the workspace params.yaml: see test_config
     raw["train"]["epochs"] = 0  # not a param of preprocess, still rejected there
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"train\.epochs = 0: expected a value >= 1"):
