@@ -230,14 +230,14 @@ def test_a_password_given_with_dash_s_is_rejected_and_stored_nowhere(
     params = (project / "params.yaml").read_bytes()
     proc = dvc(project, "exp", "run", "-S", override, check=False)
     assert proc.returncode != 0
+    # DVC wrote the override into params.yaml before validate ran; validate put back the
+    # committed file, so the next `git commit -a` cannot take the password along.
+    assert (project / "params.yaml").read_bytes() == params
     assert [line.split(" = ")[0] for line in error_lines(proc)] == [f"error: config error: {key}"]
     assert SECRET not in proc.stdout + proc.stderr
     assert SECRET not in git_text(project)  # no experiment ref records that params.yaml
     assert SECRET.encode() not in store_bytes(project / "mlflow.db")
     assert outputs(project) == before
-    # DVC wrote the override into params.yaml before validate ran; validate put back the
-    # committed file, so the next `git commit -a` cannot take the password along.
-    assert (project / "params.yaml").read_bytes() == params
 
 
 # --------------------------------------------------------------------------- 2. bad configs
