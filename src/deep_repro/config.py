@@ -78,7 +78,7 @@ class ModelConfig:
     def footprint(self) -> tuple[int, int]:
         """(parameters, activation values per image in one forward pass), from the config
         alone (no torch): `preflight` refuses a model that cannot fit in memory before the
-        train stage deletes the last checkpoint. tests/test_config.py compares the parameters
+        train stage deletes the last checkpoint. tests/test_preflight.py compares the parameters
         with torch's count for every registered model."""
         raise NotImplementedError(self.name)
 
