@@ -28,7 +28,7 @@ def main() -> None:
     raw, found = urls.remove_credentials(params)
     if found:
         keys = ", ".join(key for key, _ in found)
-        log.warning("params.yaml: removed the credentials in %s (committed values restored)", keys)
+        log.warning("params.yaml: credentials removed from %s (committed values put back)", keys)
         validate(raw)  # the URL type's refusal, naming the key (raises for a URL-typed key)
         key, url = found[0]
         raise ConfigError(

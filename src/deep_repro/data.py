@@ -64,7 +64,10 @@ def netrc_login(host: str) -> tuple[str, str] | None:
     path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
     try:
         entry = netrc.netrc(path).authenticators(host)
-    except (OSError, netrc.NetrcParseError):
+    except FileNotFoundError:
+        return None
+    except (OSError, netrc.NetrcParseError) as exc:  # e.g. readable by others: say so, go on
+        log.warning("%s not used: %s", path, exc)
         return None
     return (entry[0] or "", entry[2] or "") if entry else None
 
