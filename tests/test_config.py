@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deep_repro import config
+from deep_repro import config, urls
 from deep_repro.errors import ConfigError
 from deep_repro.models import MODELS
 
@@ -100,16 +102,22 @@ def test_every_model_in_conf_is_registered_with_a_search_space() -> None:
     assert conf_models == {p.stem for p in (REPO / "conf/search").glob("*.yaml")}
 
 
-def test_validation_imports_no_torch() -> None:
-    # Every stage and CLI command validates its config first: that must stay cheap.
+def test_validation_imports_no_torch(tmp_path: Path) -> None:
+    # Every stage and CLI command validates its config first: that must stay cheap, and so must
+    # the validate stage's checks of this machine (preflight) for a CPU config.
+    # The composition of conf/, not the workspace params.yaml: after a user's
+    # `dvc exp run -S model=logreg` that file holds another model (and once failed this test).
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(config.compose([], REPO / "conf")))
     code = (
-        "import sys; from deep_repro import config; "
-        "cfg = config.load_config(); assert cfg.is_torch_model; "
+        "import sys; from pathlib import Path; from deep_repro import config, preflight; "
+        f"cfg = config.load_config(Path({str(params)!r})); assert cfg.is_torch_model; "
+        f"preflight.check(cfg, Path({str(tmp_path)!r})); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=REPO,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
@@ -181,6 +189,11 @@ def test_every_training_group_composes(group: str, choice: str) -> None:
         (["optimizer.betas=[0.9,1.5]"], "optimizer.betas = [0.9, 1.5]: expected two numbers"),
         (["+optimizer.momentun=0.9"], "unknown key optimizer.momentun"),
         (["+model.channels=[8]", "model=mlp"], "unknown key model.channels"),
+        # numpy's seeding takes 0..2**32-1: out of it, train failed with a traceback.
+        (["seed=-1"], "seed = -1: expected a value >= 0"),
+        ([f"seed={2**70}"], f"seed = {2**70}: expected a value <= 4294967295"),
+        (["split.seed=-1"], "split.seed = -1: expected a value >= 0"),
+        ([f"tune.seed={2**32}"], f"tune.seed = {2**32}: expected a value <= 4294967295"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
@@ -254,3 +267,107 @@ def test_flatten() -> None:
         "a.c.d": [1, 2],
         "e": None,
     }
+
+
+# --------------------------------------------------------------------------- URL-valued keys
+# Every URL-valued key, by schema path (`[]`: each item of a list). A new one must be declared
+# with a URL type of deep_repro.config (checked by deep_repro.urls) and added here.
+URL_KEYS = {"data.mirrors[]": "MIRROR", "tracking.uri": "TRACKING", "tune.storage": "STORAGE"}
+URL_LIKE_NAME = re.compile(r"ur[il]|mirror|storage|endpoint|host|server|dsn|remote", re.I)
+
+
+def _leaves(tp: Any, key: str) -> list[tuple[str, Any]]:
+    """(schema path, annotation) of every non-dataclass field under `tp`, with Annotated kept."""
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp, include_extras=True)
+        return [
+            leaf
+            for f in dataclasses.fields(tp)
+            for leaf in _leaves(hints[f.name], _at(key, f.name))
+        ]
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return _leaves(typing.get_args(tp)[0], f"{key}[]")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return [leaf for a in args for leaf in _leaves(a, key)]
+    return [(key, tp)]
+
+
+def _at(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _all_leaves() -> list[tuple[str, Any]]:
+    found = _leaves(config.Config, "")
+    for spec in MODELS.values():
+        found += _leaves(spec.schema, "model")
+    return found
+
+
+def _url_rule(tp: Any) -> urls.UrlRule | None:
+    if typing.get_origin(tp) is typing.Annotated:
+        return next((m for m in typing.get_args(tp)[1:] if isinstance(m, urls.UrlRule)), None)
+    return None
+
+
+def test_every_url_valued_key_has_the_url_type() -> None:
+    typed = {key: rule for key, tp in _all_leaves() if (rule := _url_rule(tp)) is not None}
+    assert {k: r for k, r in typed.items()} == {k: getattr(urls, v) for k, v in URL_KEYS.items()}
+    # A string key that looks like a URL (by name, or a `://` value anywhere in conf/) but was
+    # declared as a plain `str` would escape the credential check: list it with its type.
+    values: dict[str, list[str]] = {}
+    for path in (REPO / "conf").rglob("*.yaml"):
+        group = path.parent.name if path.parent != REPO / "conf" else ""
+        for key, value in urls.strings(yaml.safe_load(path.read_text()) or {}, group):
+            values.setdefault(re.sub(r"\[\d+\]", "[]", key), []).append(value)
+    untyped = [
+        key
+        for key, tp in _all_leaves()
+        if key not in typed
+        and str in {tp, *typing.get_args(tp)}
+        and (
+            URL_LIKE_NAME.search(key.rsplit(".", 1)[-1])
+            or any("://" in v for v in values.get(key, []))
+        )
+    ]
+    assert untyped == []
+
+
+SECRET = "-".join(("S3CRET", "x9"))  # joined at run time: test projects copy this file into git
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (f"data.mirrors=[http://u:{SECRET}@mirror.example/fmnist]", "data.mirrors[0]"),
+        (f"data.mirrors=[file:///x,https://ghp_{SECRET}@github.example/f]", "data.mirrors[1]"),
+        (f"data.mirrors=['https://b.example/f?X-Amz-Signature={SECRET}']", "data.mirrors[0]"),
+        (f"data.mirrors=['https://b.example/f?a=1&X-Amz-Credential={SECRET}']", "data.mirrors[0]"),
+        (f"data.mirrors=['https://b.example/f?sv=1&sig={SECRET}']", "data.mirrors[0]"),
+        (f"tracking.uri=https://{SECRET}@mlflow.example", "tracking.uri"),
+        (f"tracking.uri='https://mlflow.example/?access_token={SECRET}'", "tracking.uri"),
+        (f"tune.storage=postgresql://alice:{SECRET}@db.example/optuna", "tune.storage"),
+        (
+            f"tune.storage='postgresql://alice@db.example/optuna?sslpassword={SECRET}'",
+            "tune.storage",
+        ),
+        (f"tune.storage='mysql://db.example/optuna?Password={SECRET}'", "tune.storage"),
+    ],
+)
+def test_a_credential_in_any_url_key_is_refused_in_one_line(override: str, key: str) -> None:
+    raw = config.compose([override], REPO / "conf")
+    with pytest.raises(ConfigError) as info:
+        config.validate(raw)
+    message = str(info.value)
+    assert message.startswith(f"config error: {key} = '") and "***" in message
+    assert "expected a URL without credentials" in message
+    assert SECRET not in message and "\n" not in message
+
+
+def test_a_database_role_name_is_not_a_credential() -> None:
+    # libpq takes the role from the URL and its password from PGPASSWORD / ~/.pgpass.
+    cfg = config.validate(
+        config.compose(["tune.storage=postgresql://alice@db.example/optuna"], REPO / "conf")
+    )
+    assert cfg.tune.storage == "postgresql://alice@db.example/optuna"

@@ -182,3 +182,42 @@ def test_npz_is_byte_reproducible_and_pickle_free(tmp_path: Path) -> None:
 def test_scrub() -> None:
     assert scrub("https://u:p@host:8080/x") == "https://***@host:8080/x"
     assert scrub("file:///a/b") == "file:///a/b"
+
+
+def test_a_private_mirror_takes_its_login_from_netrc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config never holds credentials (deep_repro.urls), so a mirror behind basic auth gets
+    its login from ~/.netrc, or the file $NETRC names, as curl and requests would."""
+    import base64
+
+    payload = (FIXTURE / f"{NAME}.gz").read_bytes()
+    expected = "Basic " + base64.b64encode(b"ana:s3cret").decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.headers.get("Authorization") == expected
+            body = payload if ok else b"login required"
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    mirror = f"http://127.0.0.1:{server.server_address[1]}/fmnist"
+    try:
+        monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+        with pytest.raises(DataError, match="HTTPError: Unauthorized"):
+            data.download_file(NAME, fixture_sha256()[NAME], [mirror], tmp_path / "raw")
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login ana password s3cret\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        used = data.download_file(NAME, fixture_sha256()[NAME], [mirror], tmp_path / "raw")
+        assert used == mirror
+    finally:
+        server.shutdown()

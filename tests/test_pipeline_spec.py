@@ -41,10 +41,20 @@ def test_dvc_yaml_matches_stage_specs() -> None:
             outs |= _paths(stage.get(key, []))
         assert outs == set(spec.outs), name
         assert _paths(stage.get("params", [])) == set(spec.params), name
+        assert stage.get("always_changed", False) == spec.always_changed, name
         for dep in deps:
             assert (
                 dep in outs or (REPO / dep).exists() or any(dep in s.outs for s in STAGES.values())
             ), dep
+
+
+def test_only_validate_runs_on_every_repro() -> None:
+    # Its checks depend on the machine (memory, CUDA, the tracking host), not only on its deps;
+    # its output is constant, so running it every time reruns nothing after it.
+    assert [name for name, spec in STAGES.items() if spec.always_changed] == ["validate"]
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["validate"]["always_changed"] is True
+    assert stages["validate"]["outs"] == [{VALIDATED: {"cache": False, "persist": True}}]
 
 
 def test_no_stage_imports_another_stage() -> None:
@@ -195,7 +205,7 @@ def test_stage_view_of_train_passes_real_sections_and_properties(make_cfg: Make)
 
 
 def test_load_stage_config_validates_the_whole_config_first(tmp_path: Path) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = config.compose([], REPO / "conf")  # not the workspace params.yaml: see test_config
     raw["train"]["epochs"] = 0  # not a param of preprocess, still rejected there
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"train\.epochs = 0: expected a value >= 1"):

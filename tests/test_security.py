@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from deep_repro import cli, config, data, inference, safe_archive, tracking, training
@@ -258,8 +259,10 @@ def test_predict_cli_refuses_crafted_model(
 def _stage_dir(tmp_path: Path) -> Path:
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy2(REPO / name, work / name)
+    shutil.copy2(REPO / "dvc.yaml", work / "dvc.yaml")
+    # The composition of conf/, not the workspace params.yaml (a user's `dvc exp run -S` changes
+    # that one).
+    (work / "params.yaml").write_text(yaml.safe_dump(config.compose([], REPO / "conf")))
     return work
 
 

@@ -12,11 +12,12 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 
-from deep_repro.errors import ConfigError, scrub
+from deep_repro import urls
+from deep_repro.errors import ConfigError
 from deep_repro.paths import repo_root
 from deep_repro.typecheck import _build, _fail, rng
 
@@ -30,10 +31,21 @@ if TYPE_CHECKING:
 # tagged unions: one dataclass per option, picked by `name`.
 
 
+# Every URL-valued key has one of these types (deep_repro.urls: no credentials, a usable
+# scheme and host); tests/test_config.py lists them all.
+MirrorUrl = Annotated[str, urls.MIRROR]
+TrackingUri = Annotated[str, urls.TRACKING]
+StorageUrl = Annotated[str, urls.STORAGE]
+
+# numpy's legacy seeding (np.random.seed, Optuna's samplers) takes 0..2**32-1; torch and
+# default_rng take more, but one range for every seed fails in validate, not in train.
+SEED = rng(ge=0, le=2**32 - 1)
+
+
 # --------------------------------------------------------------------------- data / split
 @dataclass(frozen=True)
 class DataConfig:
-    mirrors: list[str]
+    mirrors: list[MirrorUrl]
     sha256: dict[str, str]
     subset: int | None = field(metadata=rng(ge=20))
 
@@ -41,7 +53,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class SplitConfig:
     val_size: float = field(metadata=rng(gt=0.0, lt=1.0))
-    seed: int
+    seed: int = field(metadata=SEED)
 
 
 # --------------------------------------------------------------------------- architectures
@@ -62,6 +74,13 @@ class ModelConfig:
 
     def check(self) -> None:
         """Cross-field rules of this architecture; raise ConfigError naming `model.<key>`."""
+
+    def footprint(self) -> tuple[int, int]:
+        """(parameters, activation values per image in one forward pass), from the config
+        alone (no torch): `preflight` refuses a model that cannot fit in memory before the
+        train stage deletes the last checkpoint. tests/test_preflight.py compares the parameters
+        with torch's count for every registered model."""
+        raise NotImplementedError(self.name)
 
 
 @dataclass(frozen=True)
@@ -182,7 +201,7 @@ class AnalyzeConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str | None
+    uri: TrackingUri | None
     experiment: str
     model_name: str
     user: str | None
@@ -194,8 +213,8 @@ class TuneConfig:
     epochs: int = field(metadata=rng(ge=1))
     sampler: Literal["tpe", "cmaes", "random", "grid"]
     pruner: Literal["median", "hyperband", "none"]
-    seed: int
-    storage: str | None
+    seed: int = field(metadata=SEED)
+    storage: StorageUrl | None
     study_name: str | None
     timeout: float | None = field(metadata=rng(gt=0.0))
     heartbeat_interval: int = field(metadata=rng(ge=1))
@@ -203,7 +222,7 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int
+    seed: int = field(metadata=SEED)
     data: DataConfig
     split: SplitConfig
     model: ModelConfig
@@ -246,14 +265,6 @@ def _semantic_checks(cfg: Config) -> None:
             raise _fail(f"data.sha256.{name}", digest, "64 lowercase hex digits")
     if not cfg.data.mirrors:
         raise _fail("data.mirrors", cfg.data.mirrors, "a non-empty list of base URLs")
-    for i, url in enumerate(cfg.data.mirrors):
-        if not url.startswith(("http://", "https://", "file://")):
-            raise _fail(
-                f"data.mirrors[{i}]", url, "a URL starting with http://, https:// or file://"
-            )
-    check_tracking_uri("tracking.uri", cfg.tracking.uri)
-    if cfg.tune.storage is not None and "://" in cfg.tune.storage:
-        reject_password("tune.storage", cfg.tune.storage)
     device = cfg.train.device
     if not (
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
@@ -264,74 +275,6 @@ def _semantic_checks(cfg: Config) -> None:
         betas = cfg.optimizer.betas
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise _fail("optimizer.betas", betas, "two numbers in [0, 1)")
-
-
-# --------------------------------------------------------------------------- URIs
-# A URI in the config ends up in params.yaml, git (the `dvc exp` refs) and MLflow params, so it
-# must never hold a password: each store reads it from the environment instead.
-_PASSWORD_HOME = {
-    "tracking.uri": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead",
-    "tune.storage": "for PostgreSQL set PGPASSWORD or use ~/.pgpass (libpq/psycopg read both)",
-}
-# Schemes MLflow can track to (a database scheme may name its driver: postgresql+psycopg2).
-_TRACKING_SCHEMES = (
-    "http",
-    "https",
-    "file",
-    "sqlite",
-    "postgresql",
-    "mysql",
-    "mssql",
-    "databricks",
-    "databricks-uc",
-    "uc",
-)
-_NEEDS_HOST = ("http", "https", "postgresql", "mysql", "mssql")
-
-
-def reject_password(key: str, uri: str) -> None:
-    """A URI carrying a password (in the userinfo or as a `password=` query) is an error that
-    names where the password belongs; the message never repeats the URI."""
-    from urllib.parse import parse_qs, urlsplit
-
-    try:
-        parts = urlsplit(uri)
-        has_password = parts.password is not None or "password" in parse_qs(parts.query)
-    except ValueError:  # an unparsable port etc.: the scheme/host check reports it
-        has_password = "@" in uri.split("://", 1)[-1].split("/", 1)[0]
-    if has_password:
-        raise ConfigError(
-            f"config error: {key} contains a password, which would be stored in "
-            f"params.yaml, git and MLflow; remove it and {_PASSWORD_HOME[key]}"
-        )
-
-
-def check_tracking_uri(key: str, uri: str | None) -> None:
-    """`tracking.uri` is null or a URI MLflow can use: a known scheme, and a host where the
-    scheme needs one (so `garbage` fails in the first second, not at the first MLflow call)."""
-    if uri is None:
-        return
-    from urllib.parse import urlsplit
-
-    expected = (
-        f"a tracking URI with a scheme among {', '.join(_TRACKING_SCHEMES)} "
-        "(e.g. http://host:5000, sqlite:///path/mlflow.db), or null"
-    )
-    if uri in ("databricks", "databricks-uc"):
-        return
-    try:
-        parts = urlsplit(uri)
-        parts.port  # noqa: B018  (raises ValueError for a non-numeric port)
-    except ValueError:
-        raise _fail(key, scrub(uri), expected) from None
-    scheme = parts.scheme.split("+", 1)[0].lower()
-    if scheme not in _TRACKING_SCHEMES or "://" not in uri:
-        raise _fail(key, scrub(uri), expected)
-    reject_password(key, uri)
-    if scheme in _NEEDS_HOST and not parts.hostname:
-        raise _fail(key, uri, f"a host after {scheme}://")
-    if scheme in ("sqlite", "file") and not parts.path.strip("/"):
-        raise _fail(key, uri, f"a path after {scheme}:///")
 
 
 DATA_FILES: tuple[str, ...] = (

@@ -54,6 +54,24 @@ class MirrorFailure:
     reason: str
 
 
+def netrc_login(host: str) -> tuple[str, str] | None:
+    """A private mirror's (login, password) from ~/.netrc or the file $NETRC names: the config
+    never holds credentials (deep_repro.urls), and urllib, unlike curl or requests, does not
+    read netrc by itself. None when there is no file or no entry for `host`."""
+    import netrc
+    import os
+
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except FileNotFoundError:
+        return None
+    except (OSError, netrc.NetrcParseError) as exc:  # e.g. readable by others: say so, go on
+        log.warning("%s not used: %s", path, exc)
+        return None
+    return (entry[0] or "", entry[2] or "") if entry else None
+
+
 def _fetch(url: str, dest: Path, desc: str) -> None:
     """Copy `url` (http(s) or file) to `dest` with a progress bar."""
     import base64
@@ -69,6 +87,9 @@ def _fetch(url: str, dest: Path, desc: str) -> None:
             parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
         )
         token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        request.add_header("Authorization", f"Basic {base64.b64encode(token).decode()}")
+    elif parts.scheme in ("http", "https") and (login := netrc_login(parts.hostname or "")):
+        token = f"{login[0]}:{login[1]}".encode()
         request.add_header("Authorization", f"Basic {base64.b64encode(token).decode()}")
     with urllib.request.urlopen(request, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None

@@ -81,6 +81,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _linear(fan_in: int, fan_out: int) -> int:
+    """Parameters of `nn.Linear` (weights and bias)."""
+    return (fan_in + 1) * fan_out
+
+
+def _conv_bn(cin: int, cout: int, kernel: int = 3) -> int:
+    """Parameters of a bias-free convolution and its BatchNorm (`_conv_bn_relu`)."""
+    return cin * cout * kernel * kernel + 2 * cout
+
+
 def _conv_bn_relu(
     cin: int, cout: int, stride: int = 1, groups: int = 1, kernel: int = 3
 ) -> list[nn.Module]:
@@ -101,6 +111,9 @@ class LogRegConfig(ModelConfig):
     C: float = field(metadata=rng(gt=0.0))
     max_iter: int = field(metadata=rng(ge=1))
 
+    def footprint(self) -> tuple[int, int]:
+        return _linear(28 * 28, NUM_CLASSES), 28 * 28 + NUM_CLASSES
+
 
 @register(LogRegConfig, trainer="sklearn")
 def linear_classifier(cfg: LogRegConfig | None = None) -> nn.Sequential:
@@ -119,6 +132,12 @@ class MLPConfig(TorchModelConfig):
 
     def check(self) -> None:
         check_sizes("hidden_sizes", self.hidden_sizes)
+
+    def footprint(self) -> tuple[int, int]:
+        params, acts, width = 0, 28 * 28, 28 * 28
+        for size in self.hidden_sizes:
+            params, acts, width = params + _linear(width, size), acts + 3 * size, size
+        return params + _linear(width, NUM_CLASSES), acts + NUM_CLASSES
 
 
 @register(MLPConfig, trainer="torch")
@@ -152,6 +171,18 @@ class CNNConfig(TorchModelConfig):
         check_sizes(
             "channels", self.channels, at_most=3, too_many="at most 3 conv blocks (28 -> 3 pixels)"
         )
+
+    def footprint(self) -> tuple[int, int]:
+        params, acts, cin, size = 0, 0, 1, 28
+        for cout in self.channels:
+            for _ in range(self.convs_per_block):
+                params += _conv_bn(cin, cout)
+                acts += 2 * cout * size * size  # conv, BN (ReLU in place); an upper bound
+                cin = cout
+            size //= 2
+            acts += cout * size * size  # max-pool
+        params += _linear(cin * size * size, self.hidden) + _linear(self.hidden, NUM_CLASSES)
+        return params, acts + 2 * self.hidden + NUM_CLASSES
 
 
 @register(CNNConfig, trainer="torch", channels_last=True)
@@ -193,6 +224,22 @@ class ResNetConfig(TorchModelConfig):
 
     def check(self) -> None:
         check_sizes("blocks", self.blocks, at_most=3, too_many="at most 3 stages")
+
+    def footprint(self) -> tuple[int, int]:
+        params, size = _conv_bn(1, self.width), 28
+        acts, cin = 2 * self.width * size * size, self.width
+        for stage, n_blocks in enumerate(self.blocks):
+            cout = self.width * 2**stage
+            for i in range(n_blocks):
+                if i == 0 and stage > 0:
+                    size = (size - 1) // 2 + 1  # 3x3, stride 2, padding 1
+                params += _conv_bn(cin, cout) + _conv_bn(cout, cout)
+                acts += 5 * cout * size * size  # two conv-BN pairs and the sum
+                if i == 0 and (stage > 0 or cin != cout):
+                    params += _conv_bn(cin, cout, kernel=1)
+                    acts += 2 * cout * size * size
+                cin = cout
+        return params + _linear(cin, NUM_CLASSES), acts + 2 * cin + NUM_CLASSES
 
 
 @functools.cache
@@ -261,6 +308,16 @@ class MobileNetConfig(TorchModelConfig):
             at_most=3,
             too_many="at most 3 stride-2 blocks (28 -> 4 pixels)",
         )
+
+    def footprint(self) -> tuple[int, int]:
+        params, size = _conv_bn(1, self.width), 28
+        acts, cin = 2 * self.width * size * size, self.width
+        for cout in self.channels:
+            size = (size - 1) // 2 + 1  # depthwise 3x3, stride 2, padding 1
+            params += _conv_bn(1, cin) + _conv_bn(cin, cout, kernel=1)  # depthwise: 1 in/group
+            acts += 2 * (cin + cout) * size * size
+            cin = cout
+        return params + _linear(cin, NUM_CLASSES), acts + 2 * cin + NUM_CLASSES
 
 
 @register(MobileNetConfig, trainer="torch", channels_last=True)

@@ -51,6 +51,9 @@ class StageSpec:
     outs: tuple[str, ...]
     params: tuple[str, ...]
     tracked: bool = True  # whether the stage records an MLflow stage run
+    # Runs on every `dvc repro` (dvc.yaml `always_changed`), for checks that depend on more
+    # than its deps: the machine, the network.
+    always_changed: bool = False
 
     @property
     def script(self) -> str:
@@ -62,13 +65,14 @@ class StageSpec:
 # it would rerun. Every other stage depends on VALIDATED in dvc.yaml for ORDER only: the file's
 # bytes never change, so it is not a data dep here (no md5 tag, no lineage link) and a param change
 # reruns a stage only through that stage's own params. It records no MLflow run (nothing to
-# track; and it must not need a reachable store).
+# track; and it must not need a reachable store). It is `always_changed`: its checks of this
+# machine (memory, CUDA, the tracking host) must run even when no param or code changed.
 ALL_PARAMS = "params.yaml"
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
-        StageSpec("validate", (), (VALIDATED,), (ALL_PARAMS,), tracked=False),
+        StageSpec("validate", (), (VALIDATED,), (ALL_PARAMS,), tracked=False, always_changed=True),
         StageSpec("download", (), RAW_FILES, ("data.mirrors", "data.sha256")),
         StageSpec("preprocess", RAW_FILES, (PROCESSED_TRAIN, PROCESSED_TEST), ()),
         StageSpec(

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from deep_repro.errors import ConfigError
 
@@ -31,6 +31,8 @@ def rng(
 # --------------------------------------------------------------------------- validation
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -53,6 +55,14 @@ def _fail(key: str, value: Any, expected: str) -> ConfigError:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widened to float)."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        # `Annotated[str, rule]`: the base type first, then every rule's `check(key, value)`
+        # (e.g. urls.UrlRule: every URL-valued key is checked by the same code).
+        base, *rules = typing.get_args(tp)
+        value = _coerce(key, value, base)
+        for rule in rules:
+            rule.check(key, value)
+        return value
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise _fail(key, value, _type_name(tp))
@@ -129,7 +139,7 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise _fail(prefix, raw, "a mapping")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:

@@ -1,0 +1,196 @@
+"""Checks of a valid config against this machine and this data, run by the `validate` stage.
+
+DVC deletes a stage's outputs right before running it, so a value that a later stage would fail
+on must be refused here, while the last good checkpoint and split still exist: a split that
+would leave a class out of train or val, a model that cannot fit in memory, a CUDA device that is
+not there, a tracking host that does not exist. They depend on the machine as much as on the
+params, which is why `validate` is `always_changed` in dvc.yaml (its output stays constant, so
+nothing downstream reruns because of it).
+
+Cheap on purpose (every `dvc repro` runs it): no torch unless `train.device` names CUDA, one
+small label file read, one name lookup.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from deep_repro.config import Config
+from deep_repro.data import NUM_CLASSES
+from deep_repro.errors import ConfigError
+from deep_repro.files import file_digest
+from deep_repro.pipeline import RAW_DIR
+
+# The published training labels: 6,000 images of each class. Other data (the test fixture, a
+# changed data.sha256) is counted from data/raw once downloaded.
+OFFICIAL_TRAIN_LABELS = "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+OFFICIAL_CLASS_COUNTS = (6000,) * NUM_CLASSES
+# The validation set chooses the epoch kept (early stopping) and judges the model against the
+# champion: with fewer than 10 images of a class (100 in all) its accuracy moves 10 points per
+# image, so a smaller one is refused like an empty one (which the split stage fails on).
+MIN_VAL_PER_CLASS = 10
+# Bytes per parameter while training: fp32 weights, gradients and AdamW's two moments; bytes
+# per activation value: the fp32 output kept for backward and its gradient.
+BYTES_PER_PARAM = 16
+BYTES_PER_ACTIVATION = 8
+
+
+def check(cfg: Config, root: Path) -> None:
+    """Every machine- and data-dependent check; raise a one-line ConfigError naming the key."""
+    check_split(cfg, root)
+    check_memory(cfg)
+    check_device(cfg.train.device)
+    check_tracking_host(cfg.tracking.uri)
+
+
+# --------------------------------------------------------------------------- split sizes
+def class_counts(cfg: Config, root: Path) -> tuple[int, ...] | None:
+    """Training images per class of the data `data.sha256` names, or None while unknown."""
+    expected = cfg.data.sha256["train-labels-idx1-ubyte"]
+    path = root / RAW_DIR / "train-labels-idx1-ubyte.gz"
+    try:
+        # The file download would keep (it re-fetches one whose checksum differs).
+        if path.is_file() and file_digest(path, "sha256", decompress=True) == expected:
+            with gzip.open(path, "rb") as fh:
+                labels = np.frombuffer(fh.read(), dtype=np.uint8, offset=8)
+            return tuple(np.bincount(labels, minlength=NUM_CLASSES).tolist())
+    except (OSError, EOFError, ValueError):
+        pass  # a damaged file: the download stage replaces it and reports what is wrong
+    return OFFICIAL_CLASS_COUNTS if expected == OFFICIAL_TRAIN_LABELS else None
+
+
+def split_sizes(
+    counts: tuple[int, ...], val_size: float, subset: int | None
+) -> tuple[list[int], list[int]]:
+    """(train, val) images per class, exactly as `data.make_split` draws them."""
+    total = sum(counts)
+    if subset is not None and subset < total:
+        fraction = subset / total  # data.stratified_subset -> stratified_indices
+        counts = tuple(round(c * fraction) for c in counts)
+    val = [round(c * val_size) for c in counts]
+    return [c - v for c, v in zip(counts, val, strict=True)], val
+
+
+def check_split(cfg: Config, root: Path) -> None:
+    counts = class_counts(cfg, root)
+    if counts is None:
+        return  # unknown data: the split stage checks it once downloaded
+    total = sum(counts)
+    subset, val_size = cfg.data.subset, cfg.split.val_size
+    if subset is not None and subset > total:
+        raise ConfigError(
+            f"config error: data.subset = {subset}: expected at most {total} "
+            "(the number of training images), or null for all of them"
+        )
+    train, val = split_sizes(counts, val_size, subset)
+    images = min(subset or total, total)
+    what = f"split.val_size = {val_size}" + (f" (data.subset = {subset})" if subset else "")
+    if min(val) < MIN_VAL_PER_CLASS:
+        raise ConfigError(
+            f"config error: {what}: expected a fraction that leaves every "
+            f"class at least {MIN_VAL_PER_CLASS} validation images (of {images} images it "
+            f"holds out {min(val)} of some class)"
+        )
+    if min(train) < 1:
+        raise ConfigError(
+            f"config error: {what}: expected a fraction that leaves every "
+            f"class at least one training image (of {images} images it keeps {min(train)} of "
+            "some class)"
+        )
+
+
+# --------------------------------------------------------------------------- memory
+def available_memory() -> int:
+    """Bytes this process can still allocate: free RAM, or less under a cgroup memory limit."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),  # cgroup v1
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # "max": no limit
+            available = min(available, max(0, int(limit) - usage))
+    return available
+
+
+def training_bytes(cfg: Config) -> tuple[int, int]:
+    """(parameters, estimated bytes to train one batch) of `cfg.model`, from the config alone."""
+    params, activations = cfg.model.footprint()
+    batch = min(cfg.train.batch_size, sum(OFFICIAL_CLASS_COUNTS))  # a batch holds at most N
+    return params, params * BYTES_PER_PARAM + batch * activations * BYTES_PER_ACTIVATION
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def check_memory(cfg: Config, available: int | None = None) -> None:
+    params, needed = training_bytes(cfg)
+    available = available_memory() if available is None else available
+    if needed > available:
+        raise ConfigError(
+            f"config error: model = {cfg.model.name} with {params:,} parameters needs about "
+            f"{_size(needed)} to train (weights, gradients, optimizer state and the "
+            f"activations of a batch of {cfg.train.batch_size}): expected at most the "
+            f"{_size(available)} this machine has available; make the model or "
+            "train.batch_size smaller"
+        )
+
+
+# --------------------------------------------------------------------------- device
+def check_device(device: str) -> None:
+    """A CUDA device must exist here; torch is imported only when one is asked for."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= found:
+        raise ConfigError(
+            f"config error: train.device = {device!r}: expected a device this machine has "
+            f"({found} CUDA device(s) available); use 'auto' or 'cpu'"
+        )
+
+
+# --------------------------------------------------------------------------- tracking host
+def check_tracking_host(uri: str | None) -> None:
+    """A tracking host the resolver says does not exist is a typo: refuse it now, not after the
+    checkpoint is gone. A host that exists but is down, or a resolver that cannot be reached
+    (offline: EAI_AGAIN), keeps the spooling of deep_repro.tracking."""
+    if uri is None or os.environ.get("MLFLOW_TRACKING_URI"):
+        return  # the environment's URI wins over tracking.uri (deep_repro.tracking.store)
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None)):
+            return
+        raise ConfigError(
+            f"config error: tracking.uri = {uri!r}: expected a host that exists "
+            f"({parts.hostname!r} does not resolve: {exc.strerror})"
+        ) from None
+    except (UnicodeError, OSError):
+        return

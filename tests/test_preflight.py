@@ -1,0 +1,198 @@
+"""The validate stage's checks of this machine and this data (deep_repro.preflight), and the
+removal of a credential that `dvc exp run -S` wrote into params.yaml (deep_repro.urls).
+End to end through `dvc exp run` / `dvc repro`: tests/test_faults.py."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from deep_repro import config, preflight, urls
+from deep_repro.errors import ConfigError
+from deep_repro.models import MODELS, build_model, count_parameters
+
+from .helpers import FIXTURE, REPO, fixture_overrides, project_env, run
+
+SECRET = "-".join(("S3CRET", "x9"))  # joined at run time: test projects copy this file into git
+
+
+def _check(*overrides: str, root: Path) -> None:
+    """deep_repro.preflight itself, in-process."""
+    preflight.check(config.validate(config.compose(list(overrides), REPO / "conf")), root)
+
+
+def validate_stage(root: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """Run the validate stage on the composition of conf/ with `overrides` in `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    raw = config.compose(list(overrides), REPO / "conf")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages/validate.py")],
+        cwd=root,
+        env=project_env(root),  # no MLFLOW_TRACKING_URI: tracking.uri is the one used
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # The published data: 6,000 training images of each class.
+        (
+            "data.subset=1000000",
+            "data.subset = 1000000: expected at most 60000 (the number of training images)",
+        ),
+        (
+            "split.val_size=0.0001",
+            "split.val_size = 0.0001: expected a fraction that leaves every class at least 10 "
+            "validation images (of 60000 images it holds out 1 of some class)",
+        ),
+        ("split.val_size=0.99999", "expected a fraction that leaves every class at least one "),
+        ("model.hidden=1000000000", "config error: model = cnn with 1,163,000,092,906 parameters"),
+        (
+            "tracking.uri=http://no-such-host.invalid:5000",
+            "tracking.uri = 'http://no-such-host.invalid:5000': expected a host that exists",
+        ),
+        pytest.param(
+            "train.device=cuda",
+            "config error: train.device = 'cuda': expected a device this machine has",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA"),
+        ),
+    ],
+)
+def test_a_value_a_later_stage_would_fail_on_is_refused_by_validate(
+    override: str, message: str, tmp_path: Path
+) -> None:
+    proc = validate_stage(tmp_path, override)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert message in line
+    assert not (tmp_path / "reports").exists()
+
+
+def test_the_default_config_passes_validate(tmp_path: Path) -> None:
+    proc = validate_stage(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "reports/validate.json").is_file()
+
+
+def test_the_data_on_disk_sets_the_split_limits(tmp_path: Path) -> None:
+    # The fixture: 2,000 training images (200 per class), named by its checksums.
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    shutil.copy2(FIXTURE / "train-labels-idx1-ubyte.gz", raw)
+    base = fixture_overrides()
+    with pytest.raises(ConfigError, match=r"data\.subset = 5000: expected at most 2000 "):
+        _check(*base, "data.subset=5000", root=tmp_path)
+    with pytest.raises(ConfigError, match=r"split\.val_size = 0\.1 \(data\.subset = 500\)"):
+        _check(*base, "data.subset=500", root=tmp_path)  # 5 of a class in validation
+    _check(*base, "data.subset=1000", root=tmp_path)  # 10 per class: enough
+    _check(*base, "split.val_size=0.05", root=tmp_path)
+
+
+def test_a_known_host_that_is_down_still_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing listens on port 9: the stages spool to disk as before (tests/test_outage.py).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    preflight.check_tracking_host("http://127.0.0.1:9")
+    preflight.check_tracking_host("http://localhost:9")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_parameter_estimate_is_torch_s_count(name: str) -> None:
+    overrides = {
+        "cnn": ["model.convs_per_block=2", "model.channels=[8,16,32]"],
+        "resnet": ["model.blocks=[1,2,1]"],
+    }.get(name, [])
+    cfg = config.validate(config.compose([f"model={name}", *overrides], REPO / "conf"))
+    assert cfg.model.footprint()[0] == count_parameters(build_model(cfg.model))
+
+
+def test_the_memory_refusal_shows_the_estimate() -> None:
+    cfg = config.validate(config.compose([], REPO / "conf"))
+    params, needed = preflight.training_bytes(cfg)
+    preflight.check_memory(cfg, available=needed)
+    with pytest.raises(ConfigError) as info:
+        preflight.check_memory(cfg, available=needed - 1)
+    assert f"with {params:,} parameters needs about " in str(info.value)
+    assert preflight.available_memory() > needed  # the default model fits any machine
+
+
+# --------------------------------------------------------------------------- params.yaml
+def _git_project(tmp_path: Path) -> Path:
+    env = project_env(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(config.compose([], REPO / "conf")))
+    run(["git", "init", "-q"], tmp_path, env)
+    run(["git", "add", "params.yaml"], tmp_path, env)
+    run(["git", "commit", "-qm", "params"], tmp_path, env)
+    return tmp_path
+
+
+def test_a_credential_leaves_params_yaml_as_committed(tmp_path: Path) -> None:
+    project = _git_project(tmp_path)
+    committed = (project / "params.yaml").read_bytes()
+    params = project / "params.yaml"
+    overrides = [f"data.mirrors=[http://u:{SECRET}@mirror.example/f]", "model.lr=0.1"]
+    params.write_text(yaml.safe_dump(config.compose(overrides, REPO / "conf"), sort_keys=False))
+    raw, found = urls.remove_credentials(params)
+    assert found == [("data.mirrors[0]", f"http://u:{SECRET}@mirror.example/f")]
+    assert raw["data"]["mirrors"] == [f"http://u:{SECRET}@mirror.example/f"]  # to validate
+    restored = yaml.safe_load(params.read_text())
+    assert SECRET not in params.read_text()
+    assert restored["model"]["lr"] == 0.1  # the other overrides stay
+    assert restored["data"] == yaml.safe_load(committed)["data"]
+    # Only the refused key changed: the committed bytes, so `git status` is clean.
+    params.write_text(
+        yaml.safe_dump(config.compose([overrides[0]], REPO / "conf"), sort_keys=False)
+    )
+    urls.remove_credentials(params)
+    assert params.read_bytes() == committed
+    assert urls.remove_credentials(params) == (yaml.safe_load(committed), [])
+
+
+def test_a_credential_without_a_commit_is_redacted_and_a_new_key_dropped(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    raw = config.compose([f"tracking.uri='https://h.example/?token={SECRET}'"], REPO / "conf")
+    params.write_text(yaml.safe_dump(raw))
+    urls.remove_credentials(params)  # not a git repository
+    assert yaml.safe_load(params.read_text())["tracking"]["uri"] == "https://h.example/?token=***"
+    project = _git_project(tmp_path / "git")
+    raw = config.compose([f"+extra=https://{SECRET}@h.example"], REPO / "conf")
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    urls.remove_credentials(project / "params.yaml")
+    assert "extra" not in yaml.safe_load((project / "params.yaml").read_text())
+
+
+def test_the_validate_stage_removes_the_credential_and_says_one_line(tmp_path: Path) -> None:
+    project = _git_project(tmp_path)
+    committed = (project / "params.yaml").read_bytes()
+    raw = config.compose([f"tracking.uri=http://ana:{SECRET}@mlflow.example"], REPO / "conf")
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        ["python", str(REPO / "stages/validate.py")],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: config error: tracking.uri = 'http://***@mlflow.example': expected a URL "
+        "without credentials (a password would be stored in params.yaml, dvc.lock, git and "
+        "MLflow): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+        "MLFLOW_TRACKING_TOKEN) instead"
+    ]
+    assert SECRET not in proc.stdout + proc.stderr
+    assert (project / "params.yaml").read_bytes() == committed
+    assert not (project / "reports").exists()
