@@ -341,7 +341,7 @@ def test_a_fresh_clone_pulls_from_the_shared_remote_and_runs_nothing(tmp_path: P
         tmp_path / "alice",
         edits={
             "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
-            "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")],
+            "conf/model/logreg.yaml": [("max_iter: 1000", "max_iter: 40")],
         },
     )
     env = project_env(project)

@@ -360,7 +360,7 @@ def test_two_students_run_experiments_at_once_without_leaking_passwords(
         tmp_path / "origin",
         edits={
             "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
-            "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")],
+            "conf/model/logreg.yaml": [("max_iter: 1000", "max_iter: 40")],
         },
     )
     students = {os_user: _student(os_user, services) for os_user in ("alice", "bob")}

@@ -78,7 +78,7 @@ def repro_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("repro") / "project",
         edits={
             "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
-            "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")],
+            "conf/model/logreg.yaml": [("max_iter: 1000", "max_iter: 40")],
         },
     )
     dvc(project, "repro")

@@ -29,7 +29,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("tables") / "project",
         edits={
             "conf/config.yaml": [("  - model: cnn", "  - model: logreg")],
-            "conf/model/logreg.yaml": [("max_iter: 200", "max_iter: 40")],
+            "conf/model/logreg.yaml": [("max_iter: 1000", "max_iter: 40")],
         },
     )
     dvc(root, "repro")

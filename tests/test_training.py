@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import subprocess
 import sys
@@ -61,6 +62,17 @@ def test_logreg_matches_its_linear_module(make_cfg: Make, splits: data.Splits) -
     assert result.best_val_accuracy > 0.7
     assert "lbfgs" in result.stop_reason
     assert count_parameters(result.model) == 784 * 10 + 10
+
+
+def test_the_default_logreg_converges_without_a_warning(
+    make_cfg: Make, splits: data.Splits, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (issue 20 §6): with C = 1 lbfgs stopped at max_iter = 200 unconverged and
+    warned on every logreg run (here and on the full data, where it needs > 1000 iterations)."""
+    cfg = make_cfg("model=logreg")  # conf/model/logreg.yaml as committed
+    result = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val)
+    assert result.stop_reason.startswith("lbfgs converged"), result.stop_reason
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_training_is_bit_reproducible(make_cfg: Make, splits: data.Splits) -> None:
