@@ -178,6 +178,14 @@ def export(module: nn.Module, example: torch.Tensor, target: Path) -> None:
     """Export to a portable `.pt2` at `target` (callers pass a `files.atomic_path`)."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    # The stack traces torch records per node name the source files by absolute path (this
+    # checkout, the venv): the file's bytes would depend on where the project lives. They are
+    # debugging aids only; without them the file (and its serialization id, a checksum of the
+    # members) is a function of the module and the example alone.
+    for graph_module in program.graph_module.modules():
+        if isinstance(graph_module, torch.fx.GraphModule):
+            for node in graph_module.graph.nodes:
+                node.meta.pop("stack_trace", None)
     torch.export.save(program, target)
 
 
