@@ -4,7 +4,9 @@ program on real images, used from the second load on, and never trusted blindly.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,6 +81,36 @@ def test_a_tampered_or_stale_copy_is_rebuilt_from_the_checked_program(
     (folder / "check.json").write_text(json.dumps({"code": "other"}))
     fast_program.load(program_path, cache)
     assert json.loads((folder / "check.json").read_text())["code"] != "other"
+
+
+@pytest.mark.parametrize("tamper", ["from_file", "string_argument"])
+def test_the_json_copy_is_checked_against_the_allow_list_on_every_load(
+    splits: data.Splits, tmp_path: Path, tamper: str
+) -> None:
+    created = tmp_path / "created"
+    edits: dict[str, Callable[[dict[str, Any]], None]] = {
+        # an op outside the allow-list, however `aten` its name (it would create a file)
+        "from_file": lambda n: n.update(
+            op="aten.from_file.default", args={"list": [str(created), True, 8]}, kwargs={}
+        ),
+        # an allowed op with a string where only enum choices may be
+        "string_argument": lambda n: n["kwargs"].update(approximate="/etc/passwd"),
+    }
+    program_path = _export("mlp", tmp_path)
+    cache = tmp_path / "cache"
+    fast_program.load(program_path, cache)
+    folder = _folder(cache)
+    graph = json.loads((folder / "graph.json").read_text())
+    edits[tamper](graph["nodes"][0])
+    (folder / "graph.json").write_text(json.dumps(graph))
+    images = torch.from_numpy(splits.x_test[:8])
+    reference = inference.predict_logits(inference.load_inference_model(program_path), images)
+    # Not run: rebuilt from the (checked) program instead, and the tampered copy replaced.
+    assert torch.equal(
+        inference.predict_logits(fast_program.load(program_path, cache), images), reference
+    )
+    assert json.loads((folder / "graph.json").read_text()) != graph
+    assert not created.exists()
 
 
 def test_no_copy_for_a_refused_archive_and_a_missing_file_says_so(tmp_path: Path) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from deep_repro import config, data, inference, training
+from deep_repro import config, data, inference, models, safe_archive, training
 from deep_repro.errors import DataError
 from deep_repro.files import atomic_path
+from tests.helpers import REPO
 
 Make = Callable[..., config.Config]
 
@@ -184,6 +189,63 @@ def test_export_is_byte_reproducible(make_cfg: Make, splits: data.Splits, tmp_pa
             )
         blobs.append(target.read_bytes())
     assert blobs[0] == blobs[1]
+
+
+# Run in a copy of the project: imports deep_repro from there, exports the checkpoint's model.
+_EXPORT_IN_CLONE = """
+import sys
+from pathlib import Path
+
+import torch
+
+import deep_repro
+from deep_repro import config, inference, models
+
+root = Path.cwd()
+assert Path(deep_repro.__file__).is_relative_to(root), deep_repro.__file__
+cfg = config.validate(config.compose(["model=cnn"], root / "conf"))
+net = models.build_model(cfg.model)
+net.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+module = inference.build_inference_module(net, "none", "hflip")
+inference.export(module, torch.zeros(2, 28, 28, dtype=torch.uint8), root / "inference.pt2")
+"""
+
+
+def test_the_exported_file_does_not_depend_on_where_the_project_lives(tmp_path: Path) -> None:
+    """Two checkouts at different paths, same checkpoint: the same bytes (the recorded stack
+    traces named both paths, and the serialization id, a checksum, followed)."""
+    cfg = config.validate(config.compose(["model=cnn"], REPO / "conf"))
+    torch.manual_seed(0)
+    net = models.build_model(cfg.model)
+    for module in net.modules():  # BatchNorm statistics as after training, not 0 and 1
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save(net.state_dict(), checkpoint)
+    clones = [tmp_path / "a", tmp_path / "b" / "deeper" / "checkout"]
+    procs = []
+    for clone in clones:
+        for part in ("src", "conf"):
+            shutil.copytree(REPO / part, clone / part, ignore=shutil.ignore_patterns("__pycache__"))
+        env = {**os.environ, "PYTHONPATH": str(clone / "src")}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _EXPORT_IN_CLONE, str(checkpoint)],
+                cwd=clone,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    first, second = ((clone / "inference.pt2").read_bytes() for clone in clones)
+    assert first == second
+    for place in (tmp_path, REPO, Path(sys.prefix)):
+        assert str(place).encode() not in first
+    assert safe_archive.check_pt2(first) is None
 
 
 def test_predict_rejects_float_input(splits: data.Splits) -> None:

@@ -6,8 +6,11 @@ as long again as `import torch` itself, to classify one image. The program is a 
 its graph is written down as plain JSON (op name + arguments) and its tensors as a tensor-only
 file, both under `<store>/.cache/programs/<sha256>/`, and the copy is kept only if it reproduces
 the program's logits on probe images. Later runs execute the JSON graph op by op in eager mode:
-no unpickling beyond `torch.load(weights_only=True)`, no code from the cache (only `aten` op names,
-checked against a pattern), and any mismatch or unknown construct falls back to the program.
+no unpickling beyond `torch.load(weights_only=True)`, no code from the cache, and any mismatch or
+unknown construct falls back to the program. Every load re-checks both: the `.pt2` with the
+safe-archive check (cheap: no torch.export.load), and the JSON copy's ops and string arguments
+against the same allow-list (`safe_archive.ALLOWED_OPS`), since the cache folder is just files
+anyone with write access to the store could edit.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,10 +26,11 @@ from typing import Any
 
 import torch
 
+from deep_repro import safe_archive
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-_OP = re.compile(r"aten\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 _ENUMS: dict[str, type] = {"dtype": torch.dtype, "layout": torch.layout}
 PROBE_ATOL = 1e-5  # eager execution of the same aten ops: expected to be exact
 
@@ -37,8 +40,9 @@ class Unsupported(ValueError):
 
 
 def _code_key() -> str:
-    """The cache is valid for this interpreter and this torch only."""
-    return hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()
+    """The cache is valid for this interpreter, this allow-list and this torch only."""
+    code = Path(__file__).read_bytes() + Path(safe_archive.__file__).read_bytes()
+    return hashlib.sha256(code + torch.__version__.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- encode (once)
@@ -86,7 +90,7 @@ def describe(program: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             output = _encode(node.args[0])
             continue
         target = str(node.target)
-        if node.op != "call_function" or not _OP.fullmatch(target):
+        if node.op != "call_function" or target not in safe_archive.ALLOWED_OPS:
             raise Unsupported(f"node {node.name}: {node.op} {target}")
         nodes.append(
             {
@@ -119,11 +123,30 @@ def _decode(value: Any, env: dict[str, Any]) -> Any:
     return value
 
 
-def _op(name: str) -> Any:
-    if not _OP.fullmatch(name):
+def _op(name: str, args: Any, kwargs: Any) -> Any:
+    """The allowed op `name`, its string arguments checked as the archive's are."""
+    if name not in safe_archive.ALLOWED_OPS:
         raise Unsupported(f"op {name!r}")
+    if not isinstance(kwargs, dict) or _strings(args):  # strings are keyword-only enums
+        raise Unsupported(f"op {name!r}: unexpected arguments")
+    for key, value in kwargs.items():
+        values = _strings(value)
+        if values and not values <= safe_archive.STR_ARGS.get((name, key), frozenset()):
+            raise Unsupported(f"op {name!r}: string argument {key}")
     _, op, overload = name.split(".")
     return getattr(getattr(torch.ops.aten, op), overload)
+
+
+def _strings(value: Any) -> set[str]:
+    """Plain string values in an encoded argument (the dtype/layout/device encodings aside)."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        items = value.get("list", [])
+        return set().union(*(_strings(v) for v in items)) if isinstance(items, list) else {"?"}
+    if isinstance(value, list):
+        return set().union(*(_strings(v) for v in value))
+    return set()
 
 
 class GraphProgram:
@@ -133,7 +156,10 @@ class GraphProgram:
         if graph.get("format") != FORMAT:
             raise Unsupported(f"format {graph.get('format')!r}")
         # Resolve every op up front: an unknown op fails here, not mid-prediction.
-        self._steps = [(n["name"], _op(n["op"]), n["args"], n["kwargs"]) for n in graph["nodes"]]
+        self._steps = [
+            (n["name"], _op(n["op"], n["args"], n["kwargs"]), n["args"], n["kwargs"])
+            for n in graph["nodes"]
+        ]
         self._input, self._output, self._tensors = graph["input"], graph["output"], tensors
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -211,11 +237,10 @@ def warm(path: Path, program: Any, cache_root: Path) -> None:
 def load(path: Path, cache_root: Path) -> Any:
     """A callable uint8 images -> logits for the `.pt2` at `path`: the verified fast copy when
     there is one, else the (checked) program, leaving a fast copy for the next call."""
-    from deep_repro.inference import load_exported_program
+    from deep_repro.inference import load_exported_program, read_checked_model
 
-    if not path.is_file():
-        return load_exported_program(path).module()  # (raises the usual one-line error)
-    folder = cache_root / hashlib.sha256(path.read_bytes()).hexdigest()
+    # The archive check on every load (also refuses what is not a regular file, before reading).
+    folder = cache_root / hashlib.sha256(read_checked_model(path)).hexdigest()
     cached = _load_cached(folder)
     if cached is not None:
         return cached

@@ -129,6 +129,40 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     return module
 
 
+class ChannelAffine(nn.Module):
+    """An eval-mode BatchNorm that could not be folded (it follows a pool, not a conv) as the
+    per-channel `x * scale + shift` it computes: plain `mul`/`add` in the exported graph, where
+    `aten.batch_norm` would be refused by the loader (with `training=True` it writes its
+    running statistics: see safe_archive). Same arithmetic as torch's CPU inference kernel."""
+
+    def __init__(self, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+        super().__init__()
+        assert bn.running_mean is not None and bn.running_var is not None
+        scale = bn.weight.detach() * (1.0 / torch.sqrt(bn.running_var + bn.eps))
+        shift = bn.bias.detach() - bn.running_mean * scale
+        shape = (-1, 1, 1) if isinstance(bn, nn.BatchNorm2d) else (-1,)
+        self.scale: torch.Tensor
+        self.shift: torch.Tensor
+        self.register_buffer("scale", scale.reshape(shape).clone())
+        self.register_buffer("shift", shift.reshape(shape).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def pure_layers(module: nn.Module) -> nn.Module:
+    """Only pure tensor operators in the export (in place): remaining BatchNorms become
+    `ChannelAffine`, in-place ReLUs out-of-place (`aten.relu_` writes its input)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            setattr(module, name, ChannelAffine(child))
+        elif isinstance(child, nn.ReLU):
+            child.inplace = False
+        else:
+            pure_layers(child)
+    return module
+
+
 def build_inference_module(
     net: nn.Module, quantize: str = "none", tta: str = "none"
 ) -> NormalisedClassifier:
@@ -136,7 +170,7 @@ def build_inference_module(
     import copy
 
     net = copy.deepcopy(net).float().to(memory_format=torch.contiguous_format).cpu().eval()
-    net = fold_batchnorm(net)
+    net = pure_layers(fold_batchnorm(net))
     if quantize == "int8":
         net = quantize_int8(net)
     return NormalisedClassifier(net, tta).eval()
@@ -147,6 +181,14 @@ def export(module: nn.Module, example: torch.Tensor, target: Path) -> None:
     """Export to a portable `.pt2` at `target` (callers pass a `files.atomic_path`)."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    # The stack traces torch records per node name the source files by absolute path (this
+    # checkout, the venv): the file's bytes would depend on where the project lives. They are
+    # debugging aids only; without them the file (and its serialization id, a checksum of the
+    # members) is a function of the module and the example alone.
+    for graph_module in program.graph_module.modules():
+        if isinstance(graph_module, torch.fx.GraphModule):
+            for node in graph_module.graph.nodes:
+                node.meta.pop("stack_trace", None)
     torch.export.save(program, target)
 
 
@@ -162,10 +204,20 @@ def load_inference_model(path: Path) -> nn.Module:
 
 def load_exported_program(path: Path) -> Any:
     """The checked `ExportedProgram` (see `load_inference_model`)."""
+    return _refusing(path, safe_archive.load_exported)
+
+
+def read_checked_model(path: Path) -> bytes:
+    """The bytes of the `.pt2` at `path`, checked (no torch.export.load): one-line errors."""
+    data: bytes = _refusing(path, safe_archive.read_checked)
+    return data
+
+
+def _refusing(path: Path, load: Callable[[Path], Any]) -> Any:
     if not path.exists():
         raise DataError(f"{path} not found: run the postprocess stage first (`dvc repro`)")
     try:
-        return safe_archive.load_exported(path)
+        return load(path)
     except safe_archive.UnsafeArchiveError as exc:
         raise DataError(
             f"{path}: refused to load model ({exc}); re-export it with `dvc repro postprocess`"
