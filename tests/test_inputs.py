@@ -17,6 +17,7 @@ from PIL import Image
 from deep_repro import cli, data
 
 from .test_security import real_model  # noqa: F401 - fixture: a small real .pt2
+from .test_tuning import BASE, project  # noqa: F401 - fixture: a minimal tuning project
 
 
 def _strip_png(width: int) -> bytes:
@@ -78,3 +79,74 @@ def test_predict_refuses_fifo_and_pixel_strip_and_classifies_the_rest(
         f"{strip}: error: refused image: too many pixels (80000000x1; at most 10000 per side "
         "and 25,000,000 in total)",
     ]
+
+
+# --------------------------------------------------------------------------- Optuna journal
+def _journal_with_trials(path: Path, n: int = 2) -> None:
+    """A real journal file written by Optuna: study tune-mlp with `n` finished trials."""
+    import optuna
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    study = optuna.create_study(study_name="tune-mlp", storage=storage, direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=n)
+
+
+def _trials(path: Path) -> int:
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return len(optuna.load_study(study_name="tune-mlp", storage=storage).trials)
+
+
+def test_killed_workers_partial_record_is_cut_off_with_a_backup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker killed mid-write leaves a partial last line; the next worker's records used to
+    be glued onto it, and every later reader stopped with a JSONDecodeError."""
+    import optuna
+
+    from deep_repro.tuning import storage
+
+    path = tmp_path / "optuna/journal.log"
+    _journal_with_trials(path)
+    whole = path.read_bytes()
+    with path.open("ab") as fh:
+        fh.write(b'{"op_code":6,"worker_id":"dead-worker","trial_id":1,"state"')
+    for _ in range(2):  # the next worker, then the one after it
+        store = storage.open_storage(str(path), "tune-mlp", 60, lambda *_: None)
+        study = optuna.load_study(study_name="tune-mlp", storage=store.storage)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert _trials(path) == 4
+    [backup] = path.parent.glob("journal.log.*.bak")
+    assert backup.read_bytes().startswith(whole) and backup.read_bytes().endswith(b'"state"')
+    assert path.read_bytes().startswith(whole) and b"dead-worker" not in path.read_bytes()
+    [warning] = [r.getMessage() for r in caplog.records if "partial last record" in r.getMessage()]
+    assert f"(line {len(whole.splitlines()) + 1})" in warning
+
+
+def test_damaged_journal_line_is_one_line_and_repairable(
+    project: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = project / "optuna/journal.log"
+    _journal_with_trials(path, n=3)
+    lines = path.read_bytes().splitlines(keepends=True)
+    # line 3: garbage; line 5: a killed worker's partial record with a whole one glued on
+    lines.insert(2, b"\x00\x00garbage\n")
+    lines[4] = b'{"op_code":6,"worker_id":"dead' + lines[4]
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["tune", *BASE, "tune.n_trials=1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert f"error: {path} line 3 is not an Optuna journal record" in err
+    assert f"deep-repro tune --repair-journal {path}" in err
+
+    assert cli.main(["tune", "--repair-journal", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"kept {len(lines) - 2} records, salvaged 1 from damaged lines, dropped 1" in out
+    assert _trials(path) == 3  # nothing whole was lost
+    [backup] = path.parent.glob("journal.log.*.bak")
+    assert backup.read_bytes() == b"".join(lines)

@@ -205,6 +205,14 @@ def tune_epilog() -> str:
 def cmd_tune(args: argparse.Namespace) -> int:
     from deep_repro.tuning import run_study
 
+    if args.repair_journal:
+        from deep_repro.tuning.journal import repair_journal
+
+        if args.overrides:
+            raise DeepReproError("--repair-journal takes no overrides")
+        print(repair_journal(Path(args.repair_journal)))
+        return 0
+
     run_study(args.overrides)
     return 0
 
@@ -335,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("overrides", nargs="*", help="e.g. model=cnn tune.n_trials=30")
+    p.add_argument(
+        "--repair-journal",
+        metavar="JOURNAL",
+        help="rewrite a damaged Optuna journal file keeping every whole record (a backup is "
+        "kept next to it), then exit",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
