@@ -150,3 +150,54 @@ def test_damaged_journal_line_is_one_line_and_repairable(
     assert _trials(path) == 3  # nothing whole was lost
     [backup] = path.parent.glob("journal.log.*.bak")
     assert backup.read_bytes() == b"".join(lines)
+
+
+# --------------------------------------------------------------------------- SIGTERM
+def test_sigterm_ends_stage_and_pipeline_runs_like_ctrl_c(tmp_path: Path) -> None:
+    """kill/systemd/SLURM send SIGTERM: the stage and its pipeline run must not stay RUNNING."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from .helpers import REPO
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy2(REPO / "dvc.yaml", work / "dvc.yaml")
+    with socket.socket() as mirror:  # the internet, faked: a mirror that never answers
+        mirror.bind(("127.0.0.1", 0))
+        mirror.listen(8)
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["data"]["mirrors"] = [f"http://127.0.0.1:{mirror.getsockname()[1]}/fmnist"]
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        uri = f"sqlite:///{work / 'mlflow.db'}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+        env["MLFLOW_TRACKING_URI"] = uri
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "stages/download.py")],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            mirror.settimeout(120)
+            conn, _ = mirror.accept()  # the stage run is open, the download under way
+            proc.terminate()  # SIGTERM, by PID
+            _, err = proc.communicate(timeout=60)
+            conn.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "terminated"
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    status = {r.data.tags.get("deep_repro.kind"): r.info.status for r in runs}
+    assert status == {"pipeline": "FAILED", "stage": "KILLED"}
