@@ -201,3 +201,84 @@ def test_sigterm_ends_stage_and_pipeline_runs_like_ctrl_c(tmp_path: Path) -> Non
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     status = {r.data.tags.get("deep_repro.kind"): r.info.status for r in runs}
     assert status == {"pipeline": "FAILED", "stage": "KILLED"}
+
+
+# --------------------------------------------------------------------------- download
+LABELS = "train-labels-idx1-ubyte"
+
+
+def test_corrupt_deflate_stream_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    from deep_repro.errors import DataError
+
+    from .helpers import FIXTURE, fixture_sha256
+
+    good = (FIXTURE / f"{LABELS}.gz").read_bytes()
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    # The first deflate block header right after the 10-byte gzip header: block type 3 (invalid).
+    (mirror / f"{LABELS}.gz").write_bytes(good[:10] + bytes([0xFF]) + good[11:])
+    dest = tmp_path / "raw"
+    with pytest.raises(DataError) as info:
+        data.download_file(LABELS, fixture_sha256()[LABELS], [mirror.as_uri()], dest)
+    message = str(info.value)
+    assert f"could not get {LABELS}.gz" in message and "invalid block type" in message
+    assert "\n" not in message and list(dest.iterdir()) == []
+    # A corrupt file already in place is replaced, and parsing one is a DataError too.
+    dest.mkdir(exist_ok=True)
+    (dest / f"{LABELS}.gz").write_bytes((mirror / f"{LABELS}.gz").read_bytes())
+    with pytest.raises(DataError, match=f"{LABELS}.gz: not a complete gzip file"):
+        data.parse_idx(dest / f"{LABELS}.gz", expect_magic=data.IDX_LABELS_MAGIC)
+    assert data.download_file(LABELS, fixture_sha256()[LABELS], [FIXTURE.as_uri()], dest)
+    assert data.parse_idx(dest / f"{LABELS}.gz", expect_magic=data.IDX_LABELS_MAGIC).size == 2000
+
+
+def test_killed_download_leaves_nothing_after_the_rerun(tmp_path: Path) -> None:
+    import http.server
+    import signal
+    import subprocess
+    import sys
+
+    from .helpers import FIXTURE, fixture_sha256
+
+    payload = (FIXTURE / f"{LABELS}.gz").read_bytes()
+    release = threading.Event()
+
+    class Stalls(http.server.BaseHTTPRequestHandler):  # the internet, faked: a stalled transfer
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload[:300])
+            self.wfile.flush()
+            release.wait(60)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalls)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dest = tmp_path / "raw"
+    code = (
+        "import sys; from pathlib import Path; from deep_repro import data; "
+        "data.download_file(sys.argv[1], sys.argv[2], [sys.argv[3]], Path(sys.argv[4]))"
+    )
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, LABELS, fixture_sha256()[LABELS], url, str(dest)]
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(dest.glob(f".{LABELS}.gz.*/{LABELS}.gz")):  # the transfer has begun
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)  # killed mid-transfer: no clean-up code runs
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        release.set()
+        server.shutdown()
+    assert [p.name for p in dest.iterdir() if p.name.startswith(".")]  # the partial file
+    data.download_file(LABELS, fixture_sha256()[LABELS], [FIXTURE.as_uri()], dest)
+    assert sorted(p.name for p in dest.iterdir()) == [f"{LABELS}.gz"]
