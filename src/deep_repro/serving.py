@@ -165,8 +165,9 @@ class FashionMNISTClassifier(PythonModel):
 
     # The hint silences MLflow's "Add type hints to `predict`" warning on every load without
     # changing validation: np.ndarray (like pd.DataFrame) is one of the hints MLflow derives no
-    # schema from, so the logged signature stays in charge (a list/pydantic hint would switch
-    # MLflow to hint-based validation and a payload format of its own). DataFrames come in too.
+    # schema from, so the logged signature (outputs only) stays in charge and inputs reach
+    # `to_pixels` as sent (a list/pydantic hint would switch MLflow to hint-based validation
+    # and a payload format of its own). DataFrames come in too, despite the hint.
     def predict(self, context, model_input: np.ndarray, params=None):
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input
         images = torch.from_numpy(to_pixels(values))

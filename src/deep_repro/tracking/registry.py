@@ -66,8 +66,8 @@ def log_inference_model(
     wrapper.program = inference.load_inference_model(program_path)
     example = np.asarray(example, dtype=np.uint8)
     output = wrapper.predict(None, example)
-    # MLflow's advice about type hints / integer columns does not apply: the signature comes
-    # from a real example, and the class index can never be missing. MLflow reloads the model to
+    # MLflow's advice about integer columns does not apply: the output schema comes from a
+    # real example, and the class index can never be missing. MLflow reloads the model to
     # check the example: that is no prediction to record in the (opt-in) prediction log.
     try:
         with (
