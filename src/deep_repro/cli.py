@@ -1,6 +1,7 @@
 """`deep-repro` — the commands people type besides `dvc` and `mlflow`.
 
 deep-repro predict IMAGE...            classify image files with the champion model
+deep-repro serve [-m MODEL]            serve it over HTTP (MLflow's API, with request limits)
 deep-repro lineage RUN_ID|MODEL_URI    chain from a model back to the raw files
 deep-repro leaderboard                 best pipeline runs of the experiment
 deep-repro tune [OVERRIDES...]         Optuna search on the train/val split
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deep_repro import serve
 from deep_repro.errors import DeepReproError, TrackingError, entrypoint
 from deep_repro.leaderboard import format_table, leaderboard_rows, seed_group_rows
 from deep_repro.predict import _load_predictor, _model_error, load_image
@@ -83,6 +85,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             extra = f"  (then: {ranked})" if ranked else ""
             print(f"{name}: {CLASS_NAMES[order[0]]} {p[order[0]]:.3f}{extra}")
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deep_repro.predict import _registry_uri
+
+    model_ref = args.model
+    if model_ref is None or model_ref.startswith(("models:/", "runs:/")):
+        uri, cfg = _store_uri(args)
+        if model_ref is None:
+            if cfg is None:
+                from deep_repro import config
+
+                cfg = config.validate(config.compose())
+            model_ref = f"models:/{cfg.tracking.model_name}@champion"
+        _registry_uri(uri)
+    serve.serve(model_ref, args.host, args.port, args.max_body_bytes, args.max_batch)
+    return 0
 
 
 # --------------------------------------------------------------------------- lineage
@@ -205,6 +225,14 @@ def tune_epilog() -> str:
 def cmd_tune(args: argparse.Namespace) -> int:
     from deep_repro.tuning import run_study
 
+    if args.repair_journal:
+        from deep_repro.tuning.journal import repair_journal
+
+        if args.overrides:
+            raise DeepReproError("--repair-journal takes no overrides")
+        print(repair_journal(Path(args.repair_journal)))
+        return 0
+
     run_study(args.overrides)
     return 0
 
@@ -296,6 +324,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=2, help="classes to show per image")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP: MLflow's scoring API with request limits",
+        description="MLflow's scoring app (the /invocations, /ping, /health, /version of "
+        "`mlflow models serve`) with a body-size and batch limit (413) and error bodies that "
+        "never echo the input or a stack trace.",
+    )
+    p.add_argument(
+        "-m",
+        "--model",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a local model "
+        "directory (default: models:/<tracking.model_name>@champion)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("-p", "--port", type=int, default=5001)
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=serve.DEFAULT_MAX_BODY,
+        help="larger request bodies are refused with 413 before they are read",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=serve.DEFAULT_MAX_BATCH,
+        help="more images per request are refused (413)",
+    )
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("lineage", help="chain from a run or model back to the raw files")
     p.add_argument("ref", help="a run id (stage or pipeline run) or models:/NAME@ALIAS")
     p.set_defaults(func=cmd_lineage)
@@ -335,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("overrides", nargs="*", help="e.g. model=cnn tune.n_trials=30")
+    p.add_argument(
+        "--repair-journal",
+        metavar="JOURNAL",
+        help="rewrite a damaged Optuna journal file keeping every whole record (a backup is "
+        "kept next to it), then exit",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(

@@ -7,12 +7,18 @@ content-hash the outputs and skip unchanged steps.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import logging
+import os
+import secrets
+import shutil
+import socket
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,18 +114,62 @@ class _Rejected(Exception):
     """A mirror served a file whose content is not the expected one."""
 
 
+# A corrupt deflate stream raises zlib.error (not an OSError) from gzip: a bad file, like the rest.
+GZIP_ERRORS = (OSError, EOFError, zlib.error)
+TMP_MARK = ".download-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale_downloads(target: Path) -> None:
+    """Delete the temp folders of downloads of `target` whose process on this host is gone
+    (killed: SIGKILL, OOM, power): they hold partial files no later run would ever clean."""
+    host = socket.gethostname()
+    for folder in target.parent.glob(f".{target.name}{TMP_MARK}*"):
+        owner, _, where = folder.name[len(f".{target.name}{TMP_MARK}") :].partition("@")
+        pid = owner.split("-")[0]
+        if where == host and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by a killed download", folder.name)
+
+
+@contextlib.contextmanager
+def _download_path(target: Path) -> Iterator[Path]:
+    """Like files.atomic_path, but the temp folder names its owner (pid, host), so that the
+    next download can tell a killed download's leftovers from a live one's."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = target.parent / (
+        f".{target.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}@{socket.gethostname()}"
+    )
+    folder.mkdir()
+    try:
+        yield folder / target.name
+        os.replace(folder / target.name, target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_dir: Path) -> str:
     """Fetch `<name>.gz` from the first mirror whose decompressed bytes match the checksum.
 
     Returns the mirror used. Raises DataError listing every mirror and why it was rejected.
     """
     target = dest_dir / f"{name}.gz"
+    _remove_stale_downloads(target)
     if target.exists():
         try:
             if file_digest(target, "sha256", decompress=True) == expected_sha256:
                 log.info("%s already present and verified", target.name)
                 return "cache"
-        except (OSError, EOFError, gzip.BadGzipFile):
+        except GZIP_ERRORS:
             pass
         target.unlink()
     failures: list[MirrorFailure] = []
@@ -127,7 +177,7 @@ def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_
         url = f"{mirror.rstrip('/')}/{name}.gz"
         try:
             # Only a verified file leaves the atomic block; any exception discards the temp file.
-            with atomic_path(target) as tmp:
+            with _download_path(target) as tmp:
                 _fetch(url, tmp, desc=name)
                 actual = file_digest(tmp, "sha256", decompress=True)
                 if actual != expected_sha256:
@@ -136,7 +186,7 @@ def download_file(name: str, expected_sha256: str, mirrors: Sequence[str], dest_
                     )
         except _Rejected as exc:
             failures.append(MirrorFailure(scrub(mirror), str(exc)))
-        except (urllib.error.URLError, OSError, EOFError, ValueError) as exc:
+        except (urllib.error.URLError, ValueError, *GZIP_ERRORS) as exc:
             # Truncated gzip streams raise EOFError; bad gzip headers raise BadGzipFile.
             reason = getattr(exc, "reason", None) or exc
             failures.append(MirrorFailure(scrub(mirror), f"{type(exc).__name__}: {reason}"))
@@ -158,7 +208,7 @@ def _read_gz(path: Path) -> bytes:
     try:
         with gzip.open(path, "rb") as fh:
             return fh.read()
-    except (OSError, EOFError) as exc:
+    except GZIP_ERRORS as exc:
         raise DataError(f"{path}: not a complete gzip file ({exc})") from None
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -40,6 +42,18 @@ class TrackingError(DeepReproError):
     """The MLflow tracking store is unreachable or inconsistent."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, systemd and SLURM send). A KeyboardInterrupt, so that it unwinds
+    exactly like Ctrl-C: every `except KeyboardInterrupt` that ends MLflow runs KILLED (stage
+    and pipeline runs) handles it, instead of the process dying with its runs left RUNNING."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # A second SIGTERM during the clean-up kills at once, as the default action would.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
 
 
@@ -71,18 +85,27 @@ def setup_logging() -> None:
 
 def entrypoint(func: F) -> F:
     """Run `func` as a program: user errors become `error: <message>` and exit status 2;
-    Ctrl-C (SIGINT) becomes `interrupted` and exit status 130 (128 + SIGINT), no traceback."""
+    Ctrl-C (SIGINT) becomes `interrupted` and exit status 130 (128 + SIGINT), SIGTERM
+    `terminated` and 143 (128 + SIGTERM), both after the same clean-up, no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> object:
         setup_logging()
+        main = threading.current_thread() is threading.main_thread()  # signals go to main
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
         try:
             return func(*args, **kwargs)
         except DeepReproError as exc:
             print(f"error: {scrub(str(exc))}", file=sys.stderr)
             sys.exit(2)
+        except Terminated:
+            print("terminated", file=sys.stderr)
+            sys.exit(143)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        finally:
+            if previous is not None:  # in-process callers (tests) get their handler back
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]  # same signature, minus the error paths

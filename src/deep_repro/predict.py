@@ -16,12 +16,20 @@ from deep_repro.errors import DeepReproError, TrackingError
 log = logging.getLogger("deep_repro")
 
 
+# Fashion-MNIST images are 28x28; a photo is a few thousand pixels a side. Pillow's own bomb
+# limit (~89 MP) still lets an 80,000,000 x 1 strip through, whose decode and resize need GBs.
+MAX_SIDE = 10_000
+MAX_PIXELS = 25_000_000
+
+
 def load_image(path: Path) -> Any:
     """Any image file -> uint8 [28, 28] like Fashion-MNIST (grayscale, light garment on dark).
 
-    Files whose header claims more pixels than Pillow's decompression-bomb limit are refused
-    before they are decoded; 16-bit images are scaled to 8 bit (65535 -> 255), not clipped.
+    Only regular files are read (a FIFO or a device would block or never end); images wider or
+    taller than MAX_SIDE or with more than MAX_PIXELS pixels are refused from their header,
+    before anything is decoded. 16-bit images are scaled to 8 bit (65535 -> 255), not clipped.
     """
+    import stat
     import struct
     import warnings
 
@@ -29,25 +37,40 @@ def load_image(path: Path) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its pixel limit: refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                gray = _to_gray8(img, np)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DeepReproError(f"refused image: too many pixels ({exc})") from None
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        SyntaxError,
-        EOFError,
-        struct.error,
-        MemoryError,
-    ) as exc:
-        raise DeepReproError(f"cannot read image ({type(exc).__name__}: {exc})") from None
-    gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
+        # O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever, before any
+        # check could run; fstat of the open descriptor cannot be raced by a rename.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise DeepReproError(f"cannot read image ({exc.strerror or type(exc).__name__})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DeepReproError("refused: not a regular file")
+        try:
+            with warnings.catch_warnings():
+                # Pillow only warns between 1x and 2x its pixel limit: refuse those too.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(fh) as img:
+                    width, height = img.size  # from the header: nothing decoded yet
+                    if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
+                        raise DeepReproError(
+                            f"refused image: too many pixels ({width}x{height}; at most "
+                            f"{MAX_SIDE} per side and {MAX_PIXELS:,} in total)"
+                        )
+                    img.load()
+                    gray = _to_gray8(img, np)
+            gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DeepReproError(f"refused image: too many pixels ({exc})") from None
+        except (
+            UnidentifiedImageError,
+            OSError,
+            ValueError,
+            SyntaxError,
+            EOFError,
+            struct.error,
+            MemoryError,
+        ) as exc:
+            raise DeepReproError(f"cannot read image ({type(exc).__name__}: {exc})") from None
     array = np.asarray(gray, dtype=np.uint8)
     # Product photos are dark-on-light; Fashion-MNIST is light-on-dark. Judge by the border.
     border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])

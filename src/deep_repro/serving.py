@@ -2,12 +2,17 @@
 `safe_archive.py` are copied into the logged model, so serving needs only mlflow, torch, numpy
 and pandas — no deep-repro code, and nothing is unpickled).
 
-Input: pixel values 0..255 shaped `[N, 28, 28]`, `[N, 1, 28, 28]` or `[N, 784]` (a tensor, or a
-DataFrame with 784 pixel columns). The logged signature declares float64 so that JSON numbers
-reach `predict` unchanged: a uint8 signature would make the scoring server cast 0.5 to 0 and 300
-to 44 before the model could object. Anything that is not a whole number in 0..255 is refused
-(HTTP 400). Output: a DataFrame with the predicted class index, its name, and one probability
-column per class.
+Input: pixel values 0..255 of any numeric dtype (uint8, int64, float32, float64, ...), shaped
+`[N, 28, 28]`, `[N, 1, 28, 28]` or `[N, 784]`: an array, or a DataFrame with 784 pixel columns.
+Over HTTP that is `{"inputs": ...}` or `{"instances": ...}` (nested lists), or
+`{"dataframe_split": {"columns": [...784 names], "data": [[...784 values], ...]}}`.
+
+The logged signature declares only the output: MLflow's tensor schema admits exactly one dtype
+and one shape, so any input schema would refuse most of the forms above before `predict` sees
+them (and a uint8 one would make the scoring server cast 0.5 to 0 and 300 to 44). `to_pixels`
+is the check instead: anything that is not a whole number in 0..255 in one of those shapes is
+refused (HTTP 400), and no message echoes the input. Output: a DataFrame with the predicted
+class index, its name, and one probability column per class.
 """
 
 from __future__ import annotations
@@ -154,13 +159,16 @@ def _file_md5(path):
 
 
 class FashionMNISTClassifier(PythonModel):
-    # No type hints on these two methods: MLflow would try to derive a schema from them; the
-    # signature is inferred from a real input example when the model is logged instead.
     def load_context(self, context):
         self.program = safe_archive.load_pt2(context.artifacts["program"])
         self.identity = {"md5": _file_md5(context.artifacts["program"])}
 
-    def predict(self, context, model_input, params=None):
+    # The hint silences MLflow's "Add type hints to `predict`" warning on every load without
+    # changing validation: np.ndarray (like pd.DataFrame) is one of the hints MLflow derives no
+    # schema from, so the logged signature (outputs only) stays in charge and inputs reach
+    # `to_pixels` as sent (a list/pydantic hint would switch MLflow to hint-based validation
+    # and a payload format of its own). DataFrames come in too, despite the hint.
+    def predict(self, context, model_input: np.ndarray, params=None):
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input
         images = torch.from_numpy(to_pixels(values))
         with torch.no_grad():

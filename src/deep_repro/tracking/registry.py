@@ -44,7 +44,7 @@ def log_inference_model(
     import mlflow.pyfunc
     import numpy as np
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     from deep_repro import inference, safe_archive
 
@@ -64,11 +64,10 @@ def log_inference_model(
     spec.loader.exec_module(serving)
     wrapper = serving.FashionMNISTClassifier()
     wrapper.program = inference.load_inference_model(program_path)
-    # float64, not uint8: see serving.py (JSON input must reach the model's own range check).
-    example = np.asarray(example, dtype=np.float64)
+    example = np.asarray(example, dtype=np.uint8)
     output = wrapper.predict(None, example)
-    # MLflow's advice about type hints / integer columns does not apply: the signature comes
-    # from a real example, and the class index can never be missing. MLflow reloads the model to
+    # MLflow's advice about integer columns does not apply: the output schema comes from a
+    # real example, and the class index can never be missing. MLflow reloads the model to
     # check the example: that is no prediction to record in the (opt-in) prediction log.
     try:
         with (
@@ -77,20 +76,27 @@ def log_inference_model(
             _env_unset("DEEP_REPRO_PREDICTION_LOG"),
         ):
             warnings.simplefilter("ignore", UserWarning)
+            # Output schema only: the wrapper checks its input itself (see serving.py), and an
+            # MLflow tensor schema would refuse every dtype and shape but one before it could.
+            signature = ModelSignature(
+                inputs=None, outputs=infer_signature(example, output).outputs
+            )
             info = mlflow.pyfunc.log_model(
                 name="inference_model",
                 python_model=str(code),
                 artifacts={"program": str(program_path)},
                 code_paths=[str(Path(safe_archive.__file__))],
-                signature=infer_signature(example, output),
+                signature=signature,
                 input_example=example,
                 registered_model_name=model_name,
-                pip_requirements=[
-                    f"mlflow=={mlflow.__version__}",
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    "numpy",
-                    "pandas",
-                ],
+                conda_env=_conda_env(
+                    [
+                        f"mlflow=={mlflow.__version__}",
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        "numpy",
+                        "pandas",
+                    ]
+                ),
             )
     except Exception as exc:
         if not spool.is_transient(exc):
@@ -105,6 +111,18 @@ def log_inference_model(
         return None
     version = getattr(info, "registered_model_version", None)
     return str(version) if version is not None else None
+
+
+def _conda_env(pip: list[str]) -> dict[str, Any]:
+    """The model's environment, spelled out: given only pip requirements, MLflow looks up the
+    installed pip's version for conda.yaml and warns when it finds none (uv venvs have no pip)."""
+    import platform
+
+    return {
+        "name": "mlflow-env",
+        "channels": ["conda-forge"],
+        "dependencies": [f"python={platform.python_version()}", "pip", {"pip": pip}],
+    }
 
 
 @contextlib.contextmanager

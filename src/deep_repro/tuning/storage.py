@@ -46,6 +46,7 @@ from deep_repro.errors import DeepReproError, scrub
 from deep_repro.paths import store_root
 from deep_repro.tracking.faults import owner as owner  # shared with pipeline/stage runs
 from deep_repro.tracking.faults import owner_alive
+from deep_repro.tuning.journal import check_journal
 from deep_repro.tuning.space import first_line
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,18 @@ def open_storage(
     if journal is not None:
         try:
             journal.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DeepReproError(
+                f"tune.storage journal file {journal} is unusable ({exc})"
+            ) from None
+        # Before Optuna reads it: a damaged line would end every later run in a traceback.
+        try:
+            check_journal(journal)
+        except OSError as exc:
+            raise DeepReproError(
+                f"tune.storage journal file {journal} is unreadable ({exc})"
+            ) from None
+        try:
             backend = JournalFileBackend(str(journal))
             storage = optuna.storages.JournalStorage(backend)
         except Exception as exc:

@@ -1,0 +1,351 @@
+"""Serving, tested as a client would: `deep-repro serve` (and once `mlflow models serve`) as real
+processes on 127.0.0.1, talked to over HTTP; one model and one server per test session."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from deep_repro import config, data, inference, tracking, training
+from deep_repro.files import atomic_path
+
+from .helpers import REPO, fixture_overrides
+
+MAX_BODY, MAX_BATCH = 200_000, 50
+
+
+class Served:
+    def __init__(self, model_dir: Path, program: Path, pip_warnings: list[str]) -> None:
+        self.model_dir, self.program, self.pip_warnings = model_dir, program, pip_warnings
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory, splits: data.Splits) -> Served:
+    """A logistic regression trained on the fixture, logged as the pipeline logs it, as a local
+    model directory (what `mlflow models serve -m` and `deep-repro serve -m` both take)."""
+    import mlflow.artifacts
+
+    root = tmp_path_factory.mktemp("served")
+    cfg = config.validate(
+        config.compose([*fixture_overrides(), "model=logreg", "model.max_iter=60"], REPO / "conf")
+    )
+    net = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val)
+    program = root / "inference.pt2"
+    with atomic_path(program) as tmp:
+        inference.export(
+            inference.build_inference_module(net.model), torch.from_numpy(splits.x_val[:2]), tmp
+        )
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+            mp.delenv("MLFLOW_RUN_ID", raising=False)
+            mp.chdir(root)
+            (root / "dvc.yaml").write_text("stages: {}\n")
+            with tracking.stage_run("postprocess", cfg) as run:
+                version = tracking.log_inference_model(run, program, splits.x_val[:4], "srv")
+            local = mlflow.artifacts.download_artifacts(
+                f"models:/srv/{version}", dst_path=str(root / "model")
+            )
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    return Served(Path(local), program, [m for m in seen if "pip version" in m])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def post(port: int, payload: Any, content_type: str = "application/json") -> tuple[int, bytes]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/invocations", body, {"Content-Type": content_type})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[Any]:
+    """Start a server command on a free port; stopped (its process group, by PID) afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*cmd: str) -> int:
+        port = _free_port()
+        log = (tmp_path / f"server-{port}.log").open("wb")
+        proc = subprocess.Popen(
+            [c.replace("{port}", str(port)) for c in cmd],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # `mlflow models serve` runs uvicorn as a child
+        )
+        started.append(proc)
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / f"server-{port}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not start"
+            try:
+                if _get(port, "/ping")[0] == 200:
+                    return port
+            except OSError:
+                time.sleep(0.5)
+
+    yield start
+    for proc in started:
+        with_group = proc.pid
+        try:
+            os.killpg(with_group, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(with_group, signal.SIGKILL)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def _session_server() -> Iterator[dict[str, Any]]:
+    holder: dict[str, Any] = {}
+    yield holder
+    proc = holder.get("proc")
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def port(
+    served: Served, _session_server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> int:
+    """`deep-repro serve` of the session's model, with small limits (one server per session)."""
+    cwd = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    log = (cwd / "server.log").open("wb")
+    cmd = [sys.executable, "-m", "deep_repro.cli", "serve", "-m", str(served.model_dir)]
+    cmd += ["--port", str(port), "--max-body-bytes", str(MAX_BODY), "--max-batch", str(MAX_BATCH)]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    _session_server["proc"] = proc
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, (cwd / "server.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "deep-repro serve did not start"
+        try:
+            if _get(port, "/ping")[0] == 200:
+                return port
+        except OSError:
+            time.sleep(0.5)
+
+
+def _expected(served: Served, images: np.ndarray) -> list[int]:
+    program = inference.load_inference_model(served.program)
+    return inference.predict_logits(program, images).argmax(1).tolist()
+
+
+def _predicted(body: bytes) -> list[int]:
+    return [p["predicted"] for p in json.loads(body)["predictions"]]
+
+
+def _payloads(images: np.ndarray) -> dict[str, Any]:
+    """Every documented request form for the same uint8 [N, 28, 28] images."""
+    flat = images.reshape(len(images), 784).tolist()
+    return {
+        "inputs [N,28,28]": {"inputs": images.tolist()},
+        "inputs [N,1,28,28]": {"inputs": images[:, None].tolist()},
+        "inputs [N,784]": {"inputs": flat},
+        "instances [N,28,28]": {"instances": images.tolist()},
+        "dataframe_split": {
+            "dataframe_split": {"columns": [f"px{i}" for i in range(784)], "data": flat}
+        },
+    }
+
+
+# --------------------------------------------------------------------------- payloads
+def test_serve_answers_every_documented_payload(
+    served: Served, port: int, splits: data.Splits
+) -> None:
+    images = splits.x_test[:3]
+    expected = _expected(served, images)
+    for name, payload in _payloads(images).items():
+        status, body = post(port, payload)
+        assert status == 200, (name, body[:300])
+        assert _predicted(body) == expected, name
+    assert _get(port, "/health")[0] == 200
+    status, version = _get(port, "/version")
+    import mlflow
+
+    assert status == 200 and version.decode() == mlflow.__version__
+
+
+def test_serve_answers_like_mlflow_models_serve(
+    served: Served, port: int, splits: data.Splits, server_process: Any
+) -> None:
+    mlflow_port = server_process(
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", str(served.model_dir),
+        "-p", "{port}", "-h", "127.0.0.1", "--env-manager", "local",
+    )  # fmt: skip
+    for name, payload in _payloads(splits.x_test[:2]).items():
+        ours, theirs = post(port, payload), post(mlflow_port, payload)
+        assert ours[0] == theirs[0] == 200, (name, theirs[1][:300])
+        assert json.loads(ours[1]) == json.loads(theirs[1]), name
+
+
+def test_pyfunc_model_takes_every_dtype_and_shape_without_warnings(
+    served: Served, splits: data.Splits
+) -> None:
+    """uint8 (what the README promises), int64, float32, float64, [N,784] and a 784-column
+    DataFrame; loading warns nothing the project can avoid, and the signature is ours."""
+    import mlflow.pyfunc
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = mlflow.pyfunc.load_model(str(served.model_dir))
+    assert not [w for w in caught if "type hint" in str(w.message).lower()]
+    assert served.pip_warnings == []  # "Failed to resolve installed pip version" at log time
+    # The hint is one MLflow derives no schema from: the logged signature is still in charge.
+    assert not model.metadata._is_signature_from_type_hint()
+    signature = model.metadata.signature
+    assert signature.inputs is None
+    assert signature.outputs.input_names()[:2] == ["predicted", "class_name"]
+    images = splits.x_test[:3]
+    expected = _expected(served, images)
+    forms = {
+        "uint8": images,
+        "int64": images.astype(np.int64),
+        "float32": images.astype(np.float32),
+        "float64": images.astype(np.float64),
+        "[N,784]": images.reshape(3, 784),
+        "DataFrame": pd.DataFrame(images.reshape(3, 784)),
+    }
+    for name, value in forms.items():
+        assert model.predict(value)["predicted"].tolist() == expected, name
+
+
+# --------------------------------------------------------------------------- limits, errors
+def _one_line_error(body: bytes) -> dict[str, Any]:
+    text = body.decode()
+    assert text.count("\n") <= 1 and "Traceback" not in text and "Failed to predict" not in text
+    parsed: dict[str, Any] = json.loads(text)
+    assert set(parsed) == {"error_code", "message"}
+    return parsed
+
+
+def _raw_request(port: int, head: bytes, chunks: list[bytes]) -> bytes:
+    """Send a request as raw bytes (the body may be cut short by the server), read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:  # the server answered and closed: what a refusal looks like
+                break
+        answer = b""
+        while True:
+            try:
+                part = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not part:
+                break
+            answer += part
+    return answer
+
+
+def test_oversize_body_is_refused_before_it_is_read(port: int) -> None:
+    # Content-Length claims 1 GB: refused from the header, before any of the body arrives.
+    head = (
+        b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000000\r\n\r\n"
+    )
+    answer = _raw_request(port, head, [b'{"inputs": ['])
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert "exceeds the limit of 200000 bytes" in _one_line_error(body)["message"]
+    # Chunked (no Content-Length): reading stops at the limit.
+    head = (
+        b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"4000\r\n" + b"0" * 0x4000 + b"\r\n"
+    answer = _raw_request(port, head, [chunk] * 16)  # 256 KiB
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert _one_line_error(body)["error_code"] == "REQUEST_TOO_LARGE"
+    assert _get(port, "/ping")[0] == 200  # and the server is still there
+
+
+def test_too_large_batch_is_refused(port: int) -> None:
+    images = np.zeros((MAX_BATCH + 10, 28, 28), dtype=np.uint8)
+    for payload in ({"inputs": images.tolist()}, {"inputs": images.reshape(-1).tolist()}):
+        status, body = post(port, payload)
+        assert status == 413
+        message = _one_line_error(body)["message"]
+        assert message == f"batch of {MAX_BATCH + 10} images exceeds the limit of 50 per "  \
+            "request; split it"  # fmt: skip
+
+
+def test_bad_payloads_are_400_without_echo(port: int) -> None:
+    marker = "S3CRET-MARKER"
+    pixels = np.full((1, 28, 28), 0.123456789).tolist()
+    cases: dict[str, tuple[bytes, str]] = {
+        "fractional": (json.dumps({"inputs": pixels}).encode(), "application/json"),
+        "not JSON": (f'{{"inputs": [{marker}'.encode(), "application/json"),
+        "unknown key": (json.dumps({marker: [[0] * 784]}).encode(), "application/json"),
+        "strings": (json.dumps({"inputs": [[marker] * 784]}).encode(), "application/json"),
+        "columns": (
+            json.dumps({"dataframe_split": {"columns": [marker], "data": [[1]]}}).encode(),
+            "application/json",
+        ),
+        "csv": (f"{marker}\n1\n".encode(), "text/csv"),
+    }
+    for name, (body, content_type) in cases.items():
+        status, answer = post(port, body, content_type)
+        assert status == 400, (name, answer[:300])
+        error = _one_line_error(answer)
+        assert marker not in answer.decode() and "0.123456789" not in answer.decode(), name
+        assert error["message"], name
+    status, answer = post(port, json.dumps({"inputs": pixels}).encode())
+    assert "whole numbers in 0..255" in _one_line_error(answer)["message"]
