@@ -39,7 +39,7 @@ def main() -> None:
     with tracking.stage_run("postprocess", cfg) as run:
         training.seed_everything(cfg.seed, num_threads=cfg.train.num_threads)
         pp = cfg.postprocess
-        tta = inference.choose_tta(net.eval(), x_val, y_val, pp.tta)  # decided on val only
+        tta = training.choose_tta(net.eval(), x_val, y_val, pp.tta)  # decided on val only
         module = inference.build_inference_module(net, pp.quantize, tta.tta)
         reference = tta.reference
         target = root / INFERENCE_MODEL

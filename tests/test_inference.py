@@ -89,7 +89,7 @@ def test_export_is_equivalent_for_every_model(
     assert inference.predict_logits(exported, splits.x_val[:3, None]).shape == (3, 10)
     # `postprocess.tta: auto`, measured on every registered model kind: the flip is kept only
     # where it does not lose validation accuracy, and the reference is what the program computes.
-    choice = inference.choose_tta(net, splits.x_val, splits.y_val, "auto")
+    choice = training.choose_tta(net, splits.x_val, splits.y_val, "auto")
     assert choice.val_accuracy[choice.tta] == max(choice.val_accuracy.values())
     assert (choice.tta == "hflip") == (choice.val_accuracy["hflip"] >= choice.val_accuracy["none"])
     assert torch.equal(
@@ -277,18 +277,18 @@ def test_tta_auto_never_lowers_validation_accuracy_of_a_linear_model(
     assert cfg.postprocess.tta == "auto"
     net = _trained(make_cfg, splits, "logreg").eval()
     caplog.clear()
-    choice = inference.choose_tta(net, splits.x_val, splits.y_val, cfg.postprocess.tta)
+    choice = training.choose_tta(net, splits.x_val, splits.y_val, cfg.postprocess.tta)
     assert choice.val_accuracy["hflip"] < choice.val_accuracy["none"]  # the flip hurts it here
     assert choice.tta == "none" and choice.rule == "auto"
     assert all(r.levelname == "INFO" for r in caplog.records)
-    forced = inference.choose_tta(net, splits.x_val, splits.y_val, "hflip")
+    forced = training.choose_tta(net, splits.x_val, splits.y_val, "hflip")
     assert forced.tta == "hflip"
     assert any("lowers validation accuracy" in r.getMessage() for r in caplog.records)
     # A model that is mirror-symmetric by construction ties, and a tie keeps the flip.
     symmetric = _Symmetric(net)
-    tie = inference.choose_tta(symmetric, splits.x_val, splits.y_val, "auto")
+    tie = training.choose_tta(symmetric, splits.x_val, splits.y_val, "auto")
     assert tie.val_accuracy["hflip"] == tie.val_accuracy["none"] and tie.tta == "hflip"
-    assert inference.choose_tta(symmetric, splits.x_val, splits.y_val, "none").tta == "none"
+    assert training.choose_tta(symmetric, splits.x_val, splits.y_val, "none").tta == "none"
 
 
 class _Symmetric(torch.nn.Module):

@@ -4,6 +4,7 @@ real fixture images, a tiny MLP trained for two epochs per trial."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -262,7 +263,12 @@ def test_logreg_study_reports_once_and_is_never_pruned(project: Path) -> None:
 def test_trial_run_shares_the_stage_run_blocks(
     make_cfg: Any, tracking_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = make_cfg("model=mlp", "data.mirrors=[https://user:s3cret@mirror.example/fm]")
+    # Validation refuses a credential in any URL (issue 20 §3); the logging layer scrubs one
+    # anyway, as a second line of defence: give it a config that skipped validation.
+    cfg = make_cfg("model=mlp")
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, mirrors=["https://user:s3cret@mirror.example/fm"])
+    )
     client, exp_id = tracking.connect(tracking_env, EXPERIMENT)
     study_run = client.create_run(exp_id, tags={tracking.TAG_KIND: "study"}).info.run_id
 

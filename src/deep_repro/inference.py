@@ -12,7 +12,6 @@ The file loads with torch alone (no training code needed to serve it), and only 
 from __future__ import annotations
 
 import itertools
-import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -28,8 +27,6 @@ from deep_repro import safe_archive
 from deep_repro.augment import hflip_mean
 from deep_repro.errors import DataError, DeepReproError
 from deep_repro.models import PIXEL_MEAN, PIXEL_STD
-
-log = logging.getLogger(__name__)
 
 
 class EquivalenceError(DeepReproError):
@@ -318,41 +315,3 @@ def measure_latency(
             if i >= 3:
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-# --------------------------------------------------------------------------- test-time augmentation
-@dataclass(frozen=True)
-class TTAChoice:
-    """The test-time augmentation baked into the program, and the evidence it was chosen on."""
-
-    tta: str  # "none" | "hflip": what the exported program computes
-    rule: str  # postprocess.tta as configured: "auto" | "none" | "hflip"
-    val_accuracy: dict[str, float]  # the trained network's val accuracy under each candidate
-    reference: torch.Tensor  # the trained network's val logits under the chosen `tta`
-
-
-def choose_tta(net: nn.Module, x_val: np.ndarray, y_val: np.ndarray, rule: str) -> TTAChoice:
-    """Decide the test-time augmentation on the validation set (never on test).
-
-    Mirroring an image is label-preserving for clothing, but a model only benefits if it learnt
-    to see mirrored clothes: a CNN trained with flips gains, a linear model trained without them
-    loses 17 points. `auto` keeps the flip only where it does not lose validation accuracy; an
-    explicit `hflip` that loses is kept (the user asked) but warned about and recorded."""
-    from deep_repro.training import evaluate_logits  # not at import: predict loads this module
-
-    x = torch.from_numpy(x_val)
-    y = torch.as_tensor(y_val.astype(np.int64))
-    logits = {tta: evaluate_logits(net, x, tta=tta) for tta in ("none", "hflip")}
-    accuracy = {tta: float((out.argmax(1) == y).float().mean()) for tta, out in logits.items()}
-    loses = accuracy["hflip"] < accuracy["none"]
-    chosen = ("none" if loses else "hflip") if rule == "auto" else rule
-    summary = f"val accuracy {accuracy['none']:.4f} without TTA, {accuracy['hflip']:.4f} with hflip"
-    if rule == "hflip" and loses:
-        log.warning(
-            "postprocess.tta = hflip lowers validation accuracy (%s); "
-            "postprocess.tta=auto would keep one pass",
-            summary,
-        )
-    else:
-        log.info("postprocess.tta = %s -> %s (%s)", rule, chosen, summary)
-    return TTAChoice(chosen, rule, accuracy, logits[chosen])
