@@ -379,3 +379,27 @@ def test_the_fixture_model_file_still_loads(real_pt2: bytes, splits: data.Splits
     program = torch.export.load(io.BytesIO(real_pt2))
     assert safe_archive.check_pt2(real_pt2) is None
     assert program.module()(torch.from_numpy(splits.x_val[:2])).shape == (2, 10)
+
+
+@pytest.mark.parametrize("expr", ["9**9**9**9", "9^9^9", "s0*" + "9" * 40])
+def test_a_shape_expression_that_would_hang_sympify_is_refused(real_pt2: bytes, expr: str) -> None:
+    """Review finding: sympify evaluates a power tower or a huge literal (hangs or exhausts
+    memory) before any op runs; the check refuses it in one line instead."""
+    found = []
+
+    def poison(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "expr_str":
+                    node[key] = expr
+                    found.append(key)
+                else:
+                    poison(value)
+        elif isinstance(node, list):
+            for item in node:
+                poison(item)
+
+    blob = _edit_json(real_pt2, "models/model.json", poison)
+    assert found  # the dynamic batch size is a symbolic shape
+    with pytest.raises(safe_archive.UnsafeArchiveError, match="shape expression"):
+        safe_archive.check_pt2(blob)

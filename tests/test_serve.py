@@ -325,6 +325,11 @@ def test_too_large_batch_is_refused(port: int) -> None:
         message = _one_line_error(body)["message"]
         assert message == f"batch of {MAX_BATCH + 10} images exceeds the limit of 50 per "  \
             "request; split it"  # fmt: skip
+    # Review finding: a CSV whose rows end in \r alone counted as one row (pandas reads N).
+    header = ",".join(f"p{i}" for i in range(784))
+    rows = "\r".join([header] + [",".join(["0"] * 784)] * (MAX_BATCH + 10))
+    status, body = post(port, rows.encode(), "text/csv")
+    assert status == 413 and "batch of" in _one_line_error(body)["message"]
 
 
 def test_bad_payloads_are_400_without_echo(port: int) -> None:
@@ -349,3 +354,12 @@ def test_bad_payloads_are_400_without_echo(port: int) -> None:
         assert error["message"], name
     status, answer = post(port, json.dumps({"inputs": pixels}).encode())
     assert "whole numbers in 0..255" in _one_line_error(answer)["message"]
+    # Review findings: out-of-range values are counted, not repeated; JSON nested past Python's
+    # recursion limit is a one-line 400, not a bare-text 500.
+    status, answer = post(
+        port, json.dumps({"inputs": np.full((1, 28, 28), 4321).tolist()}).encode()
+    )
+    assert status == 400 and "4321" not in answer.decode()
+    assert "must lie in 0..255" in _one_line_error(answer)["message"]
+    status, answer = post(port, b'{"inputs": ' + b"[" * 5_000 + b"]" * 5_000 + b"}")
+    assert status == 400 and _one_line_error(answer)["message"] == "the JSON body nests too deeply"

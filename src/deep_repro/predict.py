@@ -142,7 +142,7 @@ def _load_predictor(model_ref: str, uri: str | None = None) -> Any:
     os.environ.setdefault("DEEP_REPRO_PREDICTION_LOG_MODEL", model_ref)
     try:
         model = mlflow.pyfunc.load_model(model_ref)
-    except (MlflowException, OSError) as exc:
+    except (MlflowException, OSError, ValueError) as exc:  # ValueError: a refused program
         raise TrackingError(_model_error(model_ref, exc)) from None
 
     def predict(x: Any) -> Any:

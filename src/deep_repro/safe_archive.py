@@ -262,6 +262,10 @@ def _check_payload_config(text: bytes, what: str, prefix: str, present: dict[str
 
 
 def _check_sympy(expr: str) -> None:
+    # sympify evaluates what it parses: a power tower (`9**9**9**9`) or a huge literal would
+    # hang the loader or exhaust memory. Shapes need neither (sizes are products and sums).
+    if "**" in expr or "^" in expr or len(expr) > 1000:
+        raise UnsafeArchiveError(f"model graph has an unexpected shape expression {expr[:80]!r}")
     pos = 0
     while pos < len(expr):
         match = _SYMPY_TOKEN.match(expr, pos)
@@ -270,6 +274,8 @@ def _check_sympy(expr: str) -> None:
                 f"model graph has an unexpected shape expression {expr[:80]!r}"
             )
         token = match.group()
+        if token.isdigit() and len(token) > 20:
+            raise UnsafeArchiveError("model graph shape expression has an oversized number")
         if (
             (token[0].isalpha() or token[0] == "_")
             and token not in _SYMPY_NAMES

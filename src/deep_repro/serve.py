@@ -45,18 +45,24 @@ def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
     return status, json.dumps({"error_code": code, "message": message}).encode() + b"\n"
 
 
+class TooDeep(ValueError):
+    """A JSON body nested deeper than Python's parser goes."""
+
+
 def _batch_size(body: bytes, content_type: str) -> int | None:
     """Images in a request, from its structure (None: unknown, MLflow will judge the body)."""
     mime = content_type.split(";")[0].strip().lower()
     if mime == "text/csv":
-        rows = body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
-        return max(rows - 1, 0)  # one header line
+        # splitlines: pandas takes \r, \r\n and \n as row ends alike, so must the count
+        return max(len(body.splitlines()) - 1, 0)  # one header line
     if mime != "application/json":
         return None  # parquet: the body limit alone bounds it
     try:
         payload = json.loads(body)
     except ValueError:
         return None
+    except RecursionError:  # [[[[...]]]]: would escape MLflow's handler as a bare 500
+        raise TooDeep from None
     if not isinstance(payload, dict):
         return None
     if isinstance(payload.get("dataframe_split"), dict):
@@ -143,7 +149,13 @@ class Guard:
                 return
             if not message.get("more_body", False):
                 break
-        images = _batch_size(bytes(body), headers.get("content-type", ""))
+        try:
+            images = _batch_size(bytes(body), headers.get("content-type", ""))
+        except TooDeep:
+            await self._refuse(
+                raw_send, *_error(400, "BAD_REQUEST", "the JSON body nests too deeply")
+            )
+            return
         if images is not None and images > self.max_batch:
             await self._refuse(
                 raw_send,
