@@ -29,7 +29,15 @@ def main() -> None:
     if found:
         keys = ", ".join(key for key, _ in found)
         log.warning("params.yaml: credentials removed from %s (committed values put back)", keys)
-        validate(raw)  # the URL type's refusal, naming the key (raises for a URL-typed key)
+        # The URL type's refusal, naming the key and where credentials go instead. Another
+        # error on the same value (a string where a list belongs) would print it: redact first.
+        try:
+            validate(raw)
+        except ConfigError as exc:
+            message = str(exc)
+            for _, url in found:
+                message = message.replace(url, urls.redact(url))
+            raise ConfigError(message) from None
         key, url = found[0]
         raise ConfigError(
             f"config error: {key} = {urls.redact(url)!r}: expected no credentials in a URL"

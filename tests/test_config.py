@@ -353,6 +353,11 @@ SECRET = "-".join(("S3CRET", "x9"))  # joined at run time: test projects copy th
             "tune.storage",
         ),
         (f"tune.storage='mysql://db.example/optuna?Password={SECRET}'", "tune.storage"),
+        # review findings: encoded names, `*key` names, JWTs, a login with no scheme
+        (f"tracking.uri='https://mlflow.example/?pass%77ord={SECRET}'", "tracking.uri"),
+        (f"data.mirrors=['https://b.example/f?x-api-key={SECRET}']", "data.mirrors[0]"),
+        (f"data.mirrors=['https://b.example/f?jwt={SECRET}']", "data.mirrors[0]"),
+        (f"data.mirrors=['u:{SECRET}@b.example/f']", "data.mirrors[0]"),
     ],
 )
 def test_a_credential_in_any_url_key_is_refused_in_one_line(override: str, key: str) -> None:

@@ -196,3 +196,37 @@ def test_the_validate_stage_removes_the_credential_and_says_one_line(tmp_path: P
     assert SECRET not in proc.stdout + proc.stderr
     assert (project / "params.yaml").read_bytes() == committed
     assert not (project / "reports").exists()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        # a string where a list belongs: the type error must not print the token either
+        {"data": {"mirrors": f"https://b.example/f?token={SECRET}"}},
+        {"tracking": {"uri": f"https://mlflow.example/?pass%77ord={SECRET}"}},
+        {"data": {"mirrors": [f"u:{SECRET}@b.example/f"]}},
+    ],
+)
+def test_no_refusal_of_the_validate_stage_prints_the_secret(
+    tmp_path: Path, params: dict[str, dict[str, object]]
+) -> None:
+    """Review findings: the validate stage re-validated the raw mapping, so another error on
+    the same key (or an undecoded query name) printed the secret in the one-line refusal."""
+    project = _git_project(tmp_path)
+    committed = (project / "params.yaml").read_bytes()
+    raw = config.compose([], REPO / "conf")
+    for section, values in params.items():
+        raw[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        ["python", str(REPO / "stages/validate.py")],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert SECRET not in proc.stdout + proc.stderr
+    assert (project / "params.yaml").read_bytes() == committed

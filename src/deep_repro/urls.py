@@ -15,12 +15,13 @@ PGPASSWORD or ~/.pgpass, never from the URL (a password there is refused as ever
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 import yaml
 
@@ -29,15 +30,25 @@ from deep_repro.files import atomic_path
 
 # Query keys that carry a secret, lower-cased: exact names, and fragments any key containing
 # them is refused for (`X-Amz-Signature`, `client_secret`, `access_token`, `sslpassword`).
-_SECRET_QUERY_KEYS = frozenset({"sig", "pwd", "passwd", "pass", "apikey", "api_key", "auth"})
-_SECRET_QUERY_PARTS = ("password", "secret", "token", "signature", "credential")
+# Names are compared decoded (`pass%77ord` is `password`), lower-cased, `-` read as `_`; any key
+# ending in `key` (`api-key`, `x-api-key`, `access_key`, `key`) is refused too.
+_SECRET_QUERY_KEYS = frozenset(
+    {"sig", "pwd", "passwd", "pass", "auth", "jwt", "session", "sessionid", "code"}
+)
+_SECRET_QUERY_PARTS = ("password", "secret", "token", "signature", "credential", "api_key")
+# `user:password@host/...` written without a scheme: still a credential, never echoed.
+_BARE_USERINFO = re.compile(r"^[^/@\s:]+:[^/@\s]*@")
 # Schemes whose user name is a database role (the password comes from the environment).
 _DATABASE_SCHEMES = ("postgresql", "postgres", "mysql", "mssql", "oracle")
 
 
 def secret_query_key(name: str) -> bool:
-    key = name.lower()
-    return key in _SECRET_QUERY_KEYS or any(part in key for part in _SECRET_QUERY_PARTS)
+    key = unquote_plus(name).lower().replace("-", "_")
+    return (
+        key in _SECRET_QUERY_KEYS
+        or key.endswith("key")
+        or any(part in key for part in _SECRET_QUERY_PARTS)
+    )
 
 
 def _scheme(url: str) -> str:
@@ -51,7 +62,7 @@ def credential_in(url: str) -> str | None:
     Works on anything containing `://` (unparsable ports included: the userinfo is still
     found), so params.yaml can be searched for secrets in keys that are not URL-typed."""
     if "://" not in url:
-        return None
+        return "a user name and password" if _BARE_USERINFO.match(url) else None
     rest = url.split("://", 1)[1]
     netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
     if "@" in netloc:
@@ -67,7 +78,7 @@ def credential_in(url: str) -> str | None:
 
 def redact(url: str) -> str:
     """`url` with its userinfo and every secret query value replaced by `***`."""
-    text = scrub(url)
+    text = _BARE_USERINFO.sub("***@", url) if "://" not in url else scrub(url)
     if "?" not in text:
         return text
     head, _, query = text.partition("?")
@@ -147,9 +158,12 @@ def _has_credential(value: Any) -> bool:
     return any(credential_in(v) for _, v in strings(value))
 
 
-def _redacted(value: Any) -> Any:
+def redacted(value: Any) -> Any:
+    """A parsed params mapping (or any part of it) with every URL's secrets replaced by `***`."""
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redacted(v) for v in value]
+        return [redacted(v) for v in value]
     return redact(value) if isinstance(value, str) else value
 
 
@@ -169,7 +183,7 @@ def _clean(value: Any, committed: Any) -> Any:
     if not _has_credential(value):
         return value
     if committed is _NO_COMMIT or _has_credential(committed):
-        return _redacted(value)
+        return redacted(value)
     return committed
 
 
