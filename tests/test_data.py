@@ -221,3 +221,51 @@ def test_a_private_mirror_takes_its_login_from_netrc(
         assert used == mirror
     finally:
         server.shutdown()
+
+
+def test_a_mirror_login_is_not_sent_to_the_host_it_redirects_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: urllib copies the Authorization header to a redirect target on any host,
+    so a netrc login for the mirror went to whatever host the mirror redirected to."""
+    payload = (FIXTURE / f"{NAME}.gz").read_bytes()
+    seen: list[str | None] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    target = f"http://localhost:{other.server_address[1]}"  # another host name
+
+    class Mirror(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", target + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    mirror = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+    for server in (other, mirror):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login ana password s3cret\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        url = f"http://127.0.0.1:{mirror.server_address[1]}/fmnist"
+        assert data.download_file(NAME, fixture_sha256()[NAME], [url], tmp_path / "raw") == url
+        assert seen == [None]
+    finally:
+        for server in (other, mirror):
+            server.shutdown()

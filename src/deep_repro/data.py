@@ -78,6 +78,23 @@ def netrc_login(host: str) -> tuple[str, str] | None:
     return (entry[0] or "", entry[2] or "") if entry else None
 
 
+class _LoginStaysOnItsHost(urllib.request.HTTPRedirectHandler):
+    """urllib copies every header to a redirect's target, on any host and from https to http:
+    a mirror's login (netrc) would go to whoever it redirects to. Drop it when the target is
+    another host or a downgrade to plain http."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib signature)
+        from urllib.parse import urlsplit
+
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            old, nxt = urlsplit(req.full_url), urlsplit(newurl)
+            moved = (old.hostname, old.port) != (nxt.hostname, nxt.port)
+            if moved or (old.scheme == "https" and nxt.scheme != "https"):
+                new.remove_header("Authorization")
+        return new
+
+
 def _fetch(url: str, dest: Path, desc: str) -> None:
     """Copy `url` (http(s) or file) to `dest` with a progress bar."""
     import base64
@@ -97,7 +114,7 @@ def _fetch(url: str, dest: Path, desc: str) -> None:
     elif parts.scheme in ("http", "https") and (login := netrc_login(parts.hostname or "")):
         token = f"{login[0]}:{login[1]}".encode()
         request.add_header("Authorization", f"Basic {base64.b64encode(token).decode()}")
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.build_opener(_LoginStaysOnItsHost).open(request, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with (
             open(dest, "wb") as out,
