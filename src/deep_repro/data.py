@@ -83,7 +83,7 @@ class _LoginStaysOnItsHost(urllib.request.HTTPRedirectHandler):
     a mirror's login (netrc) would go to whoever it redirects to. Drop it when the target is
     another host or a downgrade to plain http."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib signature)
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         from urllib.parse import urlsplit
 
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
