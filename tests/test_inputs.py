@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deep_repro import cli, data
+from deep_repro import cli, config, data
 
 from .test_security import real_model  # noqa: F401 - fixture: a small real .pt2
 from .test_tuning import BASE, project  # noqa: F401 - fixture: a minimal tuning project
@@ -171,7 +171,7 @@ def test_sigterm_ends_stage_and_pipeline_runs_like_ctrl_c(tmp_path: Path) -> Non
     with socket.socket() as mirror:  # the internet, faked: a mirror that never answers
         mirror.bind(("127.0.0.1", 0))
         mirror.listen(8)
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params = config.compose([], REPO / "conf")  # never the workspace's params.yaml
         params["data"]["mirrors"] = [f"http://127.0.0.1:{mirror.getsockname()[1]}/fmnist"]
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         uri = f"sqlite:///{work / 'mlflow.db'}"

@@ -172,6 +172,9 @@ def check_device(device: str) -> None:
 
 
 # --------------------------------------------------------------------------- tracking host
+RESOLVE_TIMEOUT_S = 3.0
+
+
 def check_tracking_host(uri: str | None) -> None:
     """A tracking host the resolver says does not exist is a typo: refuse it now, not after the
     checkpoint is gone. A host that exists but is down, or a resolver that cannot be reached
@@ -183,8 +186,25 @@ def check_tracking_host(uri: str | None) -> None:
     parts = urlsplit(uri)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return
+    # A resolver that cannot be reached may take 10-20 s to say so: wait a few seconds at most
+    # (in a daemon thread, which never delays the exit) and treat silence like an offline machine.
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(RESOLVE_TIMEOUT_S)
     try:
-        socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
     except socket.gaierror as exc:
         if exc.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None)):
             return
@@ -192,5 +212,5 @@ def check_tracking_host(uri: str | None) -> None:
             f"config error: tracking.uri = {uri!r}: expected a host that exists "
             f"({parts.hostname!r} does not resolve: {exc.strerror})"
         ) from None
-    except (UnicodeError, OSError):
+    except (UnicodeError, OSError, ValueError):
         return
