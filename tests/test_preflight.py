@@ -257,3 +257,17 @@ def test_a_tracking_host_that_does_not_resolve_is_refused_and_a_silent_resolver_
     start = time.monotonic()
     preflight.check_tracking_host("http://mlflow.example:5000")
     assert time.monotonic() - start < 5
+
+
+def test_the_memory_limit_is_read_from_this_process_s_nested_cgroup(tmp_path: Path) -> None:
+    """Review finding: only the root cgroup's limit was read; a SLURM job's is nested."""
+    root = tmp_path / "cgroup"
+    job = root / "system.slice" / "slurmstepd.scope" / "job_7"
+    job.mkdir(parents=True)
+    membership = tmp_path / "membership"
+    membership.write_text("0::/system.slice/slurmstepd.scope/job_7\n")
+    dirs = preflight._cgroup_v2_dirs(root, membership)
+    assert dirs == [job, job.parent, job.parent.parent, root]
+    (job / "memory.stat").write_text("anon 10\ninactive_file 4096\nactive_file 1\n")
+    assert preflight._reclaimable(job) == 4096
+    assert preflight._reclaimable(root) == 0

@@ -105,24 +105,49 @@ def check_split(cfg: Config, root: Path) -> None:
 
 
 # --------------------------------------------------------------------------- memory
+def _cgroup_v2_dirs(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> list[Path]:
+    """This process's cgroup (v2) folder and its ancestors: a SLURM job or systemd scope sets
+    its limit on a nested group, not on the root one."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return [root]
+    rel = next((line.split("::", 1)[1] for line in lines if line.startswith("0::")), "/")
+    here = root / rel.strip("/")
+    return [here, *[p for p in here.parents if p.is_relative_to(root)]]
+
+
+def _reclaimable(folder: Path) -> int:
+    """Page cache the kernel drops before it refuses an allocation (counted in usage)."""
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("inactive_file", "total_inactive_file"):
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def available_memory() -> int:
-    """Bytes this process can still allocate: free RAM, or less under a cgroup memory limit."""
+    """Bytes this process can still allocate: free RAM, or less under a cgroup memory limit
+    (the tightest of this process's cgroup and its ancestors)."""
     import psutil
 
     available = psutil.virtual_memory().available
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),  # cgroup v1
-    ):
+    candidates = [(d / "memory.max", d / "memory.current", d) for d in _cgroup_v2_dirs()]
+    v1 = Path("/sys/fs/cgroup/memory")
+    candidates.append((v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes", v1))
+    for limit_file, usage_file, folder in candidates:
         try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
+            limit = limit_file.read_text().strip()
+            usage = int(usage_file.read_text().strip())
         except (OSError, ValueError):
             continue
         if limit.isdigit():  # "max": no limit
+            usage = max(0, usage - _reclaimable(folder))
             available = min(available, max(0, int(limit) - usage))
     return available
 
