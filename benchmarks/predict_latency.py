@@ -115,7 +115,7 @@ def main() -> None:
             return timed(cmd, root, env if src is None else {**env, "PYTHONPATH": src})
 
         # The first call of each fills the caches: the champion's local copy, and for both the
-        # verified fast-start copy of the program (deep_repro.fast_program). Reported apart.
+        # verified fast-start copy of the program (inference/fast_program.py). Reported apart.
         first = {name: run(name) for name in ("pt2", "champion")}
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
         for _ in range(args.repeats):

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from deep_repro import config, data, device, training
-from deep_repro.config import Config
-from deep_repro.models import build_model
+from deep_repro import config, data, training
+from deep_repro.config.schema import Config
+from deep_repro.models.registry import build_model
+from deep_repro.training import device
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path("/usr/share/datasets/fashion-mnist")

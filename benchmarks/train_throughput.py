@@ -44,8 +44,9 @@ from torchvision import transforms as T
 from torchvision.datasets import FashionMNIST
 
 from deep_repro import config, data, training
-from deep_repro.config import AugmentConfig, Config, LightAugmentConfig
-from deep_repro.models import MODELS, PIXEL_MEAN, PIXEL_STD, build_model
+from deep_repro.config.schema import AugmentConfig, Config, LightAugmentConfig
+from deep_repro.config.task import PIXEL_MEAN, PIXEL_STD
+from deep_repro.models.registry import MODELS, build_model, get_spec
 
 log = logging.getLogger("train_throughput")
 
@@ -477,7 +478,7 @@ def time_to_accuracy(
         f"# time to accuracy: model={cfg.model.name}, target test accuracy "
         f"{args.time_to_accuracy}, device {device}, precision "
         f"{'bf16 autocast' if amp else 'fp32'}, channels_last "
-        f"{cfg.train.channels_last and cfg.model_spec.channels_last}, "
+        f"{cfg.train.channels_last and get_spec(cfg.model.name).channels_last}, "
         f"{len(y_train)} train / {len(y_test)} test images, up to {cfg.train.epochs} epochs "
         f"of batch {cfg.train.batch_size}, deterministic {cfg.train.deterministic}"
     )

@@ -3,16 +3,17 @@
 Checks every split file (shapes, dtypes, pixel range, labels 0..9; a failure stops the stage with
 one line naming the file), then writes reports/data/: summary.json (checks, sizes, class counts,
 train/test duplicate counts), class_balance.csv and intensity_hist.csv (DVC plots), and the
-per-class mean images and near-duplicate examples as PNGs. Definitions: deep_repro.data_analysis.
+per-class mean images and near-duplicate examples as PNGs. Definitions: deep_repro.data.analysis.
 """
 
 import logging
 import time
 
-from deep_repro import data_analysis, tracking
+from deep_repro import tracking
+from deep_repro.config.stage_view import load_stage_config
+from deep_repro.data import analysis as data_analysis
 from deep_repro.errors import entrypoint
 from deep_repro.paths import repo_root
-from deep_repro.stage_config import load_stage_config
 
 log = logging.getLogger("analyze")
 

@@ -5,10 +5,10 @@ decompressed content matches `data.sha256`, so the data's identity never depends
 """
 
 from deep_repro import config, data, tracking
+from deep_repro.config.stage_view import load_stage_config
 from deep_repro.errors import entrypoint, scrub
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import RAW_DIR
-from deep_repro.stage_config import load_stage_config
 
 
 @entrypoint

@@ -12,10 +12,9 @@ import time
 
 import torch
 
-from deep_repro import data, evaluation, inference, tracking
-from deep_repro.device import resolve_num_threads
+from deep_repro import data, evaluation, files, inference, tracking
+from deep_repro.config.stage_view import load_stage_config
 from deep_repro.errors import ValidationError, entrypoint
-from deep_repro.files import write_json
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import (
     CONFUSION,
@@ -30,7 +29,7 @@ from deep_repro.pipeline import (
     SPLIT_TEST,
     SPLIT_TRAIN_VAL,
 )
-from deep_repro.stage_config import load_stage_config
+from deep_repro.training.device import resolve_num_threads
 
 log = logging.getLogger("evaluate")
 
@@ -71,15 +70,15 @@ def main() -> None:
             run.log_metrics(headline, pipeline=True)
             # Timing varies run to run: MLflow only, never in the DVC-tracked metrics file.
             run.log_metrics({f"{part}_ms_per_image": 1e3 * seconds / len(y)})
-        write_json(root / METRICS, metrics)
-        write_json(root / EVAL_DETAILS, details)
+        files.write_json(root / METRICS, metrics)
+        files.write_json(root / EVAL_DETAILS, details)
 
         test, x_test, y_test = reports["test"], splits.x_test, splits.y_test
-        evaluation.write_csv(
+        files.write_csv(
             root / CONFUSION, evaluation.prediction_rows(y_test, logits["test"].argmax(axis=1))
         )
-        evaluation.write_csv(root / PER_CLASS, evaluation.per_class_rows(test))
-        evaluation.write_csv(root / RELIABILITY, evaluation.reliability_rows(test.calibration))
+        files.write_csv(root / PER_CLASS, evaluation.per_class_rows(test))
+        files.write_csv(root / RELIABILITY, evaluation.reliability_rows(test.calibration))
         figures = {
             CONFUSION_PNG: evaluation.confusion_figure(
                 test.confusion, f"{cfg.model.name}: test accuracy {test.accuracy:.4f}"
@@ -88,7 +87,7 @@ def main() -> None:
             RELIABILITY_PNG: evaluation.reliability_figure(test.calibration, test.ece),
         }
         for path, fig in figures.items():
-            evaluation.save_figure(fig, root / path)
+            files.save_figure(fig, root / path)
             run.log_artifact(root / path, "figures")
         run.log_artifact(root / PER_CLASS, "tables")
         run.log_artifact(root / METRICS)

@@ -11,13 +11,14 @@ import os
 
 import torch
 
-from deep_repro import data, fast_program, inference, tracking, training
+from deep_repro import data, inference, tracking, training
+from deep_repro.config.stage_view import load_stage_config
 from deep_repro.errors import DataError, entrypoint
 from deep_repro.files import atomic_path, write_json
-from deep_repro.models import build_model, count_parameters
+from deep_repro.inference import fast_program
+from deep_repro.models.registry import build_model, count_parameters
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import CHECKPOINT, INFERENCE_MODEL, POSTPROCESS_REPORT, SPLIT_TRAIN_VAL
-from deep_repro.stage_config import load_stage_config
 
 
 @entrypoint

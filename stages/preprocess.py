@@ -5,10 +5,10 @@ data/processed/{train,test}.npz (numpy arrays, no pickle).
 """
 
 from deep_repro import data, tracking
+from deep_repro.config.stage_view import load_stage_config
 from deep_repro.errors import entrypoint
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import PROCESSED_TEST, PROCESSED_TRAIN, RAW_DIR
-from deep_repro.stage_config import load_stage_config
 
 
 @entrypoint

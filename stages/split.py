@@ -8,10 +8,10 @@ official 10,000 test images pass through untouched and are only ever used by `ev
 import numpy as np
 
 from deep_repro import data, tracking
+from deep_repro.config.stage_view import load_stage_config
 from deep_repro.errors import entrypoint
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import PROCESSED_TEST, PROCESSED_TRAIN, SPLIT_TEST, SPLIT_TRAIN_VAL
-from deep_repro.stage_config import load_stage_config
 
 
 @entrypoint

@@ -7,13 +7,12 @@ history (DVC plot, x = step) and summary metrics; every epoch is also an MLflow 
 import torch
 
 from deep_repro import data, tracking, training
+from deep_repro.config.stage_view import load_stage_config
 from deep_repro.errors import entrypoint
-from deep_repro.evaluation import write_csv
-from deep_repro.files import atomic_path, write_json
-from deep_repro.models import count_parameters
+from deep_repro.files import atomic_path, write_csv, write_json
+from deep_repro.models.registry import count_parameters
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import CHECKPOINT, SPLIT_TRAIN_VAL, TRAIN_HISTORY, TRAIN_METRICS
-from deep_repro.stage_config import load_stage_config
 
 
 @entrypoint

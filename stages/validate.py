@@ -5,13 +5,14 @@ DVC removes a stage's outputs just before it reruns that stage. This stage decla
 its output, so it runs first: `dvc exp run -S model.lr=-0.1` stops here with one line, and the
 checkpoint and reports of the last good run stay as they were. It is also `always_changed`: what
 `preflight` checks (memory, CUDA, the data on disk, the tracking host) can change with no param
-changing.
+changing, and an edit of conf/ that was never composed into params.yaml is caught here.
 """
 
 import logging
 
-from deep_repro import preflight, urls
-from deep_repro.config import load_config, validate
+from deep_repro import preflight
+from deep_repro.config import urls
+from deep_repro.config.schema import load_config, validate
 from deep_repro.errors import ConfigError, entrypoint
 from deep_repro.files import write_json
 from deep_repro.paths import repo_root
@@ -43,6 +44,7 @@ def main() -> None:
             f"config error: {key} = {urls.redact(url)!r}: expected no credentials in a URL"
         )
     cfg = load_config(params)  # types, ranges, cross-field rules, URLs without credentials
+    preflight.check_composed(root)  # an edit of conf/ that params.yaml does not reflect yet
     preflight.check(cfg, root)  # this machine and this data: sizes, memory, CUDA, hosts
     # Constant bytes, whatever the params: downstream stages depend on this file only for ORDER.
     # If it changed with the params, every param change would rerun every stage through it

@@ -3,7 +3,6 @@ fixture, throw-away git+DVC copies of this project, and the static import graph 
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import shutil
@@ -117,108 +116,11 @@ def make_project(
 
 
 # --------------------------------------------------------------------------- stage import graph
-PACKAGE = "deep_repro"
-
-
-def module_file(root: Path, module: str) -> Path | None:
-    """`deep_repro.x` -> src/deep_repro/x.py or src/deep_repro/x/__init__.py (None if neither)."""
-    base = root / "src" / Path(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-class _Imports(ast.NodeVisitor):
-    """Every `deep_repro` module a file can import at run time: top-level and lazy (inside
-    functions) imports, `from pkg import submodule`, relative imports and
-    `importlib.import_module("...")`; `if TYPE_CHECKING:` blocks never run and are skipped."""
-
-    def __init__(self, root: Path, module: str, is_package: bool) -> None:
-        self.root = root
-        self.package = module if is_package else module.rpartition(".")[0]
-        self.found: set[str] = set()
-
-    def _add(self, module: str) -> None:
-        if module == PACKAGE or module.startswith(PACKAGE + "."):
-            parts = module.split(".")
-            # Importing a.b.c runs a/__init__ and a/b/__init__ first.
-            self.found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-
-    def visit_If(self, node: ast.If) -> None:
-        if _is_type_checking(node.test):
-            for child in node.orelse:
-                self.visit(child)
-        else:
-            self.generic_visit(node)
-
-    def visit_Import(self, node: ast.Import) -> None:
-        for alias in node.names:
-            self._add(alias.name)
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        if node.level:
-            base_parts = self.package.split(".")
-            base_parts = base_parts[: len(base_parts) - (node.level - 1)]
-            base = ".".join([*base_parts, *([node.module] if node.module else [])])
-        else:
-            base = node.module or ""
-        if not (base == PACKAGE or base.startswith(PACKAGE + ".")):
-            return
-        self._add(base)
-        for alias in node.names:  # `from deep_repro import data`: data is a module
-            if module_file(self.root, f"{base}.{alias.name}") is not None:
-                self._add(f"{base}.{alias.name}")
-
-    def visit_Call(self, node: ast.Call) -> None:
-        func = node.func
-        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-        if (
-            name == "import_module"
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            self._add(node.args[0].value)
-        self.generic_visit(node)
-
-
-def _direct_imports(root: Path, path: Path, module: str) -> set[str]:
-    visitor = _Imports(root, module, path.name == "__init__.py")
-    visitor.visit(ast.parse(path.read_text(), filename=str(path)))
-    return {m for m in visitor.found if module_file(root, m) is not None}
-
-
-def is_exempt(module: str, exempt: dict[str, str]) -> bool:
-    """An exempt module, or a module inside an exempt package (`deep_repro.tracking.runs`);
-    the root package's own exemption covers only its `__init__`."""
-    return module in exempt or any(module.startswith(e + ".") for e in exempt if e != PACKAGE)
-
-
-def stage_modules(root: Path, script: str, exempt: dict[str, str] | None = None) -> set[str]:
-    """The `deep_repro` modules a stage script imports, transitively (static analysis).
-
-    Exempt modules are listed but not followed: what they import serves only their own
-    output-neutral job (e.g. tracking loads the inference model to log it to MLflow)."""
-    seen: set[str] = set()
-    todo = sorted(_direct_imports(root, root / script, "__main__"))
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        if exempt and is_exempt(module, exempt):
-            continue
-        path = module_file(root, module)
-        assert path is not None
-        todo.extend(_direct_imports(root, path, module) - seen)
-    return seen
+from deep_repro.dvc_yaml import (  # noqa: E402  (the one implementation, shared with the generator)
+    is_exempt,
+    module_file,
+    stage_modules,
+)
 
 
 def code_dep_problems(root: Path, exempt: dict[str, str]) -> list[str]:

@@ -20,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deep_repro import cli, config, data, fast_program, inference, models, safe_archive
+from deep_repro import cli, config, data, inference, models
 from deep_repro.errors import DataError
 from deep_repro.files import atomic_path
+from deep_repro.inference import fast_program, safe_archive
 
 from .helpers import REPO
 

@@ -209,7 +209,7 @@ def test_predict_fast_path_imports_no_mlflow(
             )
             assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
             # torch.export.load (and its compiler stack) only the first time a program is seen:
-            # then the verified fast-start copy runs (deep_repro.fast_program).
+            # then the verified fast-start copy runs (deep_repro.inference.fast_program).
             if attempt == "again":
                 assert "DYNAMO False" in proc.stdout, proc.stdout + proc.stderr
 

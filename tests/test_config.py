@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from deep_repro import config, urls
+from deep_repro import config
+from deep_repro.config import urls
 from deep_repro.errors import ConfigError
-from deep_repro.models import MODELS
+from deep_repro.models.registry import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,8 +96,8 @@ def test_missing_key_is_an_error_not_a_default() -> None:
 
 
 def test_every_model_in_conf_is_registered_with_a_search_space() -> None:
-    # Adding an architecture = conf/model/<name>.yaml + its entry in models.py +
-    # conf/search/<name>.yaml; nothing else names it.
+    # Adding an architecture = conf/model/<name>.yaml + its entries in config/architectures.py
+    # and models/registry.py + conf/search/<name>.yaml; nothing else names it.
     conf_models = {p.stem for p in (REPO / "conf/model").glob("*.yaml")}
     assert conf_models == set(MODELS)
     assert conf_models == {p.stem for p in (REPO / "conf/search").glob("*.yaml")}
@@ -271,7 +272,7 @@ def test_flatten() -> None:
 
 # --------------------------------------------------------------------------- URL-valued keys
 # Every URL-valued key, by schema path (`[]`: each item of a list). A new one must be declared
-# with a URL type of deep_repro.config (checked by deep_repro.urls) and added here.
+# with a URL type of deep_repro.config (checked by deep_repro.config.urls) and added here.
 URL_KEYS = {"data.mirrors[]": "MIRROR", "tracking.uri": "TRACKING", "tune.storage": "STORAGE"}
 URL_LIKE_NAME = re.compile(r"ur[il]|mirror|storage|endpoint|host|server|dsn|remote", re.I)
 

@@ -187,8 +187,8 @@ def test_scrub() -> None:
 def test_a_private_mirror_takes_its_login_from_netrc(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The config never holds credentials (deep_repro.urls), so a mirror behind basic auth gets
-    its login from ~/.netrc, or the file $NETRC names, as curl and requests would."""
+    """The config never holds credentials (deep_repro.config.urls), so a mirror behind basic
+    auth gets its login from ~/.netrc, or the file $NETRC names, as curl and requests would."""
     import base64
 
     payload = (FIXTURE / f"{NAME}.gz").read_bytes()

@@ -1,4 +1,4 @@
-"""The data report (deep_repro.data_analysis, stage `analyze`) on the real fixture images: its
+"""The data report (deep_repro.data.analysis, stage `analyze`) on the real fixture images: its
 checks, counts checked against independent computations, the duplicate search, one-line errors,
 byte-identical reruns, and one run of the stage through DVC and MLflow."""
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from deep_repro import data, data_analysis, tracking
+from deep_repro import data, tracking
+from deep_repro.data import analysis as data_analysis
 from deep_repro.errors import DataError
 from deep_repro.pipeline import SPLIT_TEST, SPLIT_TRAIN_VAL, STAGES
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deep_repro import evaluation
+from deep_repro import evaluation, files
+from deep_repro.config import class_label
 
 
 def _logits(pred: list[int], second: list[int], conf: float = 4.0) -> np.ndarray:
@@ -49,7 +50,7 @@ def test_files_and_figures(tmp_path: Path) -> None:
     y = rng.integers(0, 10, 200)
     logits = rng.normal(size=(200, 10))
     report = evaluation.classification_report(y, logits)
-    evaluation.write_csv(tmp_path / "per_class.csv", evaluation.per_class_rows(report))
+    files.write_csv(tmp_path / "per_class.csv", evaluation.per_class_rows(report))
     lines = (tmp_path / "per_class.csv").read_text().splitlines()
     assert lines[0] == "class,precision,recall,f1,support" and len(lines) == 11
     rows = evaluation.prediction_rows(y, logits.argmax(1))
@@ -63,10 +64,10 @@ def test_files_and_figures(tmp_path: Path) -> None:
         "mis.png": evaluation.misclassified_figure(images, y, logits),
         "rel.png": evaluation.reliability_figure(bins, report.ece),
     }.items():
-        evaluation.save_figure(fig, tmp_path / name)
+        files.save_figure(fig, tmp_path / name)
         first = (tmp_path / name).read_bytes()
         assert first[:8] == b"\x89PNG\r\n\x1a\n"
-        evaluation.save_figure(fig, tmp_path / name)
+        files.save_figure(fig, tmp_path / name)
         assert (tmp_path / name).read_bytes() == first  # no timestamps: byte-reproducible
 
 
@@ -116,7 +117,7 @@ def test_plot_tables_keep_class_order_and_drop_empty_bins() -> None:
         {"actual": "9 Ankle boot", "predicted": "0 T-shirt/top"},
         {"actual": "0 T-shirt/top", "predicted": "9 Ankle boot"},
     ]
-    labels = [evaluation.class_label(i) for i in range(10)]
+    labels = [class_label(i) for i in range(10)]
     assert labels == sorted(labels)  # alphabetical sorting (vega) == dataset order
     _, table = evaluation.expected_calibration_error(
         np.array([0.95, 0.97, 0.55]), np.array([True, True, False])

@@ -1,5 +1,5 @@
-"""The fast-start copy of an exported program (`deep_repro.fast_program`): same logits as the
-program on real images, used from the second load on, and never trusted blindly."""
+"""The fast-start copy of an exported program (`deep_repro.inference.fast_program`): same
+logits as the program on real images, used from the second load on, and never trusted blindly."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from deep_repro import config, data, fast_program, inference, models
+from deep_repro import config, data, inference, models
 from deep_repro.errors import DataError
+from deep_repro.inference import fast_program
 from tests.helpers import REPO
 
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from deep_repro import config, data, inference, models, safe_archive, training
+from deep_repro import config, data, inference, models, training
 from deep_repro.errors import DataError
 from deep_repro.files import atomic_path
+from deep_repro.inference import safe_archive
 from tests.helpers import REPO
 
 Make = Callable[..., config.Config]
@@ -38,7 +39,7 @@ SMALL = {
 
 
 def test_every_registered_model_kind_is_exported_here() -> None:
-    from deep_repro.models import MODELS
+    from deep_repro.models.registry import MODELS
 
     assert set(MODELS) == {name.split("-")[0] for name in SMALL}
 

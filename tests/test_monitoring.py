@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from deep_repro import cli, config, data, inference, monitoring, serving, tracking, training
+from deep_repro import cli, config, data, inference, monitoring, tracking, training
 from deep_repro.files import atomic_path, file_digest
+from deep_repro.serving import pyfunc as serving
 from tests.helpers import REPO, fixture_overrides
 
 Scenario = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -123,7 +124,7 @@ def test_log_format_is_shared_and_monitorable(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # serving.py cannot import the package: its statistics must equal the monitor's.
+    # serving/pyfunc.py cannot import the package: its statistics must equal the monitor's.
     ours = monitoring.image_stats(splits.x_test)
     assert np.allclose(np.stack(serving.image_stats(splits.x_test), axis=1), ours)
     monkeypatch.setenv(serving.LOG_ENV, str(tmp_path / "clean"))

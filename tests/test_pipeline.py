@@ -105,6 +105,16 @@ def experiment(experiment_state: Path, tmp_path: Path) -> Path:
     return copy_project(experiment_state, tmp_path / "project")
 
 
+def test_editing_model_code_reruns_no_data_stage(first_repro: Path) -> None:
+    """Issue 21: the data stages do not import the model registry, so DVC reruns none of them
+    when it changes (validate is listed because it always runs)."""
+    registry = first_repro / "src/deep_repro/models/registry.py"
+    registry.write_text(registry.read_text() + "\n# a comment is a change to DVC\n")
+    status = dvc(first_repro, "status").stdout
+    changed = {line[:-1] for line in status.splitlines() if line and not line[0].isspace()}
+    assert changed == {"validate", "train", "postprocess", "evaluate"}, status
+
+
 def test_repro_produces_outputs_and_metrics(first_repro: Path) -> None:
     root = first_repro
     for stage in STAGES.values():

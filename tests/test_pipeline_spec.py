@@ -1,6 +1,6 @@
-"""The stage contract, written once and checked everywhere: dvc.yaml == deep_repro.pipeline.STAGES
-(cmd, data deps, outs, params), each stage's code deps == the package modules it really imports,
-and a stage's config view exposes only the params it declares."""
+"""The stage contract, written once: dvc.yaml is generated from deep_repro.pipeline.STAGES (cmd,
+data deps, outs, params) and each stage's imports (code deps), and a stage's config view exposes
+only the params it declares."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deep_repro import config, stage_config
+from deep_repro import config, dvc_yaml
+from deep_repro.config import stage_view as stage_config
+from deep_repro.dvc_yaml import render
 from deep_repro.errors import ConfigError, UndeclaredParamError
 from deep_repro.pipeline import CODE_DEPS_EXEMPT, STAGES, VALIDATED
 
@@ -46,6 +48,28 @@ def test_dvc_yaml_matches_stage_specs() -> None:
             assert (
                 dep in outs or (REPO / dep).exists() or any(dep in s.outs for s in STAGES.values())
             ), dep
+
+
+def test_dvc_yaml_is_generated_from_the_stage_specs_and_the_imports() -> None:
+    """One stage graph: dvc.yaml's cmd, deps and params are `render`ed, never hand-edited."""
+    assert render(REPO) == (REPO / "dvc.yaml").read_text(), (
+        "dvc.yaml is stale: uv run python -m deep_repro.dvc_yaml"
+    )
+
+
+def test_a_stale_dvc_yaml_fails_the_check_in_one_line_and_is_regenerated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _copy_project(tmp_path)
+    stale = (root / "dvc.yaml").read_text().replace("      - src/deep_repro/files.py\n", "", 1)
+    (root / "dvc.yaml").write_text(stale)
+    assert dvc_yaml.main(["--check", "--root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dvc.yaml is stale" in err
+    assert (root / "dvc.yaml").read_text() == stale  # --check writes nothing
+    assert dvc_yaml.main(["--root", str(root)]) == 0
+    assert (root / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()
+    assert not list(root.glob(".dvc.yaml*"))  # no temp file left behind
 
 
 def test_only_validate_runs_on_every_repro() -> None:
@@ -114,12 +138,12 @@ def test_a_dep_the_stage_never_imports_is_reported(tmp_path: Path) -> None:
     (root / "dvc.yaml").write_text(
         text.replace(
             "      - stages/preprocess.py\n",
-            "      - stages/preprocess.py\n      - src/deep_repro/serving.py\n",
+            "      - stages/preprocess.py\n      - src/deep_repro/serving/pyfunc.py\n",
             1,
         )
     )
     assert code_dep_problems(root, CODE_DEPS_EXEMPT) == [
-        "stage 'preprocess' lists src/deep_repro/serving.py in its deps but never imports it"
+        "stage 'preprocess' lists src/deep_repro/serving/pyfunc.py in its deps but never imports it"
     ]
 
 

@@ -1,5 +1,5 @@
 """The validate stage's checks of this machine and this data (deep_repro.preflight), and the
-removal of a credential that `dvc exp run -S` wrote into params.yaml (deep_repro.urls).
+removal of a credential that `dvc exp run -S` wrote into params.yaml (deep_repro.config.urls).
 End to end through `dvc exp run` / `dvc repro`: tests/test_faults.py."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
-from deep_repro import config, preflight, urls
+from deep_repro import config, preflight
+from deep_repro.config import urls
 from deep_repro.errors import ConfigError
-from deep_repro.models import MODELS, build_model, count_parameters
+from deep_repro.models.registry import MODELS, build_model, count_parameters
 
 from .helpers import FIXTURE, REPO, fixture_overrides, project_env, run
 
@@ -271,3 +272,59 @@ def test_the_memory_limit_is_read_from_this_process_s_nested_cgroup(tmp_path: Pa
     (job / "memory.stat").write_text("anon 10\ninactive_file 4096\nactive_file 1\n")
     assert preflight._reclaimable(job) == 4096
     assert preflight._reclaimable(root) == 0
+
+
+# --------------------------------------------------------------------------- conf/ -> params.yaml
+def _conf_project(root: Path) -> Path:
+    shutil.copytree(REPO / "conf", root / "conf")
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    return root
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_an_edit_of_conf_that_params_yaml_does_not_reflect_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21 §4: `dvc repro` after editing conf/ said "up to date" and trained the old config."""
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    root = _conf_project(tmp_path)
+    preflight.check_composed(root)  # the first validate of a checkout records what it sees
+    assert (root / preflight.COMPOSE_STATE).is_file()
+    _edit(root / "conf/config.yaml", "  epochs: 15", "  epochs: 3")
+    with pytest.raises(ConfigError) as err:
+        preflight.check_composed(root)
+    assert "\n" not in str(err.value)
+    assert "conf/config.yaml changed but params.yaml was not recomposed" in str(err.value)
+    assert "make params" in str(err.value)
+    # `dvc exp run` composes params.yaml itself (from conf/ and its -S overrides): not stale.
+    monkeypatch.setenv("DVC_EXP_NAME", "quiet-lynx")
+    preflight.check_composed(root)
+    monkeypatch.delenv("DVC_EXP_NAME")
+    # Recomposed: fine, and remembered.
+    composed = config.compose(None, root / "conf")
+    (root / "params.yaml").write_text(yaml.safe_dump(composed, sort_keys=False))
+    preflight.check_composed(root)
+    preflight.check_composed(root)
+    # A comment in conf/ changes no composition: not stale.
+    _edit(root / "conf/config.yaml", "  epochs: 3", "  epochs: 3  # shorter")
+    preflight.check_composed(root)
+    # params.yaml edited by hand (conf/ unchanged): the user's choice, not stale.
+    _edit(root / "params.yaml", "epochs: 3", "epochs: 4")
+    preflight.check_composed(root)
+
+
+def test_a_fresh_clone_with_an_uncomposed_conf_edit_is_refused(tmp_path: Path) -> None:
+    """No record yet (a fresh clone): git says conf/ changed and params.yaml did not."""
+    root = _conf_project(tmp_path)
+    env = project_env(root)
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "clone"], root, env)
+    _edit(root / "conf/config.yaml", "  epochs: 15", "  epochs: 3")
+    with pytest.raises(ConfigError, match=r"^config error: conf/config.yaml changed but"):
+        preflight.check_composed(root)

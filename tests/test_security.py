@@ -24,9 +24,10 @@ import torch
 import yaml
 from PIL import Image
 
-from deep_repro import cli, config, data, inference, safe_archive, tracking, training
+from deep_repro import cli, config, data, inference, tracking, training
 from deep_repro.errors import DataError
 from deep_repro.files import atomic_path
+from deep_repro.inference import safe_archive
 
 Make = Callable[..., config.Config]
 REPO = Path(__file__).resolve().parents[1]

@@ -324,8 +324,8 @@ def test_logreg_runs_log_only_the_params_its_trainer_reads(make_cfg: Make, split
     """A logreg pipeline run logs no optimizer/scheduler/augment/epochs and no tune.*; and
     training it through a view that allows ONLY the logged keys works (it reads nothing else)."""
     from deep_repro import training
-    from deep_repro.config import flatten, to_dict
-    from deep_repro.stage_config import StageConfig
+    from deep_repro.config.schema import flatten, to_dict
+    from deep_repro.config.stage_view import StageConfig
     from deep_repro.tracking.provenance import pipeline_params, used_params
 
     cfg = make_cfg("model=logreg", "model.max_iter=20")

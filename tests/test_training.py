@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from deep_repro import config, data, device, inference, training
-from deep_repro.config import LightAugmentConfig, NoAugmentConfig
+from deep_repro import config, data, inference, training
+from deep_repro.config.schema import LightAugmentConfig, NoAugmentConfig
 from deep_repro.errors import TrainingError
 from deep_repro.files import atomic_path
-from deep_repro.models import MODELS, build_model, count_parameters
+from deep_repro.models.registry import MODELS, build_model, count_parameters, get_spec
+from deep_repro.training import device
 
 Make = Callable[..., config.Config]
 
@@ -236,8 +237,9 @@ def test_fit_refuses_a_model_it_does_not_train(make_cfg: Make, splits: data.Spli
 def test_new_architecture_trains_and_exports_through_the_registry(
     make_cfg: Make, splits: data.Splits, tmp_path: Path
 ) -> None:
-    # mobilenet was added with conf/model/mobilenet.yaml, one entry in models.py and
-    # conf/search/mobilenet.yaml only: train_model, the memory format and export find it.
+    # mobilenet was added with conf/model/mobilenet.yaml, entries in config/architectures.py
+    # and models/registry.py, and conf/search/mobilenet.yaml only: train_model, the memory
+    # format and export find it.
     # One epoch at full lr (no one-cycle warm-up, no augmentation) to learn visibly in 28 steps.
     cfg = make_cfg(
         "model=mobilenet",
@@ -247,7 +249,7 @@ def test_new_architecture_trains_and_exports_through_the_registry(
         "scheduler=none",
         "augment=none",
     )
-    assert cfg.is_torch_model and cfg.model_spec.channels_last
+    assert cfg.is_torch_model and get_spec(cfg.model.name).channels_last
     result = training.train_model(cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val)
     assert len(result.history) == 1 and math.isfinite(result.history[0].train_loss)
     assert result.best_val_accuracy > 0.25  # chance is 0.10

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deep_repro import serve
+from deep_repro.classroom.leaderboard import format_table, leaderboard_rows, seed_group_rows
 from deep_repro.errors import DeepReproError, TrackingError, entrypoint
-from deep_repro.leaderboard import format_table, leaderboard_rows, seed_group_rows
-from deep_repro.predict import _load_predictor, _model_error, load_image
+from deep_repro.serving import server as serve
+from deep_repro.serving.predict import load_image, load_predictor, model_error
 
 log = logging.getLogger("deep_repro")
 
@@ -56,7 +56,7 @@ def _store_uri(args: argparse.Namespace) -> tuple[str, Any]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from deep_repro.data import CLASS_NAMES
+    from deep_repro.config.task import CLASS_NAMES
 
     model_ref, uri = args.model, None
     if model_ref is None or model_ref.startswith(("models:/", "runs:/")):
@@ -68,7 +68,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
                 cfg = config.validate(config.compose())
             model_ref = f"models:/{cfg.tracking.model_name}@champion"
-    predictor = _load_predictor(model_ref, uri)
+    predictor = load_predictor(model_ref, uri)
     images, names, failed = [], [], 0
     for path in args.images:
         try:
@@ -89,7 +89,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- serve
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deep_repro.predict import _registry_uri
+    from deep_repro.serving.predict import use_registry
 
     model_ref = args.model
     if model_ref is None or model_ref.startswith(("models:/", "runs:/")):
@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
                 cfg = config.validate(config.compose())
             model_ref = f"models:/{cfg.tracking.model_name}@champion"
-        _registry_uri(uri)
+        use_registry(uri)
     serve.serve(model_ref, args.host, args.port, args.max_body_bytes, args.max_batch)
     return 0
 
@@ -115,7 +115,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     try:
         run_id = tracking.resolve_run_id(client, args.ref)
     except MlflowException as exc:
-        raise TrackingError(_model_error(args.ref, exc)) from None
+        raise TrackingError(model_error(args.ref, exc)) from None
     from deep_repro.pipeline import STAGES
 
     order = list(STAGES)
@@ -239,7 +239,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- monitor
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from deep_repro import monitoring, monitoring_report
+    from deep_repro import monitoring
+    from deep_repro.monitoring import report as monitoring_report
     from deep_repro.paths import repo_root
     from deep_repro.pipeline import SPLIT_TRAIN_VAL
 
@@ -251,7 +252,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     os.environ.pop("DEEP_REPRO_PREDICTION_LOG", None)  # monitoring's own predictions
     client, exp_id, cfg = _tracking(args)
     model_ref = args.model or f"models:/{cfg.tracking.model_name}@champion"
-    predictor = _load_predictor(model_ref)
+    predictor = load_predictor(model_ref)
     reference = monitoring.Reference(
         *monitoring.load_reference(Path(args.reference or repo_root() / SPLIT_TRAIN_VAL)),
         predictor,

@@ -62,6 +62,13 @@ def scrub(text: str) -> str:
     return _CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The one line of an exception a user is shown (credentials scrubbed, at most `limit`
+    characters; the exception's type when it has no message): never a traceback."""
+    text = str(exc).strip()
+    return scrub(text.splitlines()[0])[:limit] if text else type(exc).__name__
+
+
 class _RedactCredentials(logging.Filter):
     """Never let a password in a tracking/storage/mirror URI reach a log line."""
 

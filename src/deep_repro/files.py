@@ -7,8 +7,10 @@ result. Writers never embed timestamps, so rerunning a stage yields byte-identic
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -55,3 +57,29 @@ def file_digest(path: Path, algorithm: str = "md5", *, decompress: bool = False)
 def file_hashes(paths: tuple[str, ...], root: Path) -> dict[str, str]:
     """`{path: md5}` (the dvc.lock hash) of those of `paths` under `root` that exist."""
     return {p: file_digest(root / p) for p in paths if (root / p).is_file()}
+
+
+# --------------------------------------------------------------------------- report files
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """PNG without timestamps/software metadata: byte-identical across reruns."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display, same bytes everywhere)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,8 +1,9 @@
 """The pipeline's stages as data: what each consumes, produces and is configured by.
 
-`dvc.yaml` declares the same graph for DVC (a test keeps the two in sync); the tracking module
-uses it to record the content hash of every input and output, which is how MLflow runs are linked
-across stages even when DVC skips a cached stage.
+This is the one place the graph is written: `dvc.yaml` is generated from it and from the stage
+scripts' imports (`python -m deep_repro.dvc_yaml`; CI and pre-commit check it is fresh), and the
+tracking module uses it to record the content hash of every input and output, which is how MLflow
+runs are linked across stages even when DVC skips a cached stage.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ CODE_DEPS_EXEMPT: dict[str, str] = {
     "deep_repro": "package __init__: only defaults OMP_WAIT_POLICY (how idle threads wait)",
     "deep_repro.errors": "exception types, one-line messages, exit status, log redaction",
     "deep_repro.paths": "finds the repository root; output paths themselves are fixed in dvc.yaml",
-    "deep_repro.pipeline": "path constants and STAGES, kept equal to dvc.yaml by a test, so any "
+    "deep_repro.pipeline": "path constants and STAGES, from which dvc.yaml is generated, so any "
     "change that matters changes dvc.yaml itself",
     "deep_repro.tracking": "writes to MLflow only (runs, tags, registry), never a DVC output",
 }

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deep_repro.config import Config
-from deep_repro.data import NUM_CLASSES
+from deep_repro.config.schema import Config
+from deep_repro.config.task import NUM_CLASSES
 from deep_repro.errors import ConfigError
 from deep_repro.files import file_digest
 from deep_repro.pipeline import RAW_DIR
@@ -46,6 +46,89 @@ def check(cfg: Config, root: Path) -> None:
     check_memory(cfg)
     check_device(cfg.train.device)
     check_tracking_host(cfg.tracking.uri)
+
+
+# --------------------------------------------------------------------------- conf/ -> params.yaml
+# Where the validate stage remembers what it last saw (DVC's own scratch folder: never tracked).
+COMPOSE_STATE = ".dvc/tmp/deep-repro/compose.json"
+
+
+def check_composed(root: Path) -> None:
+    """Refuse params.yaml left behind by an edit of conf/ (`dvc repro` does not recompose it).
+
+    Stale means: the composition of conf/ changed since the last validate while params.yaml did
+    not. A params.yaml edited by hand is fine (it changed); so is `dvc exp run`, which composes
+    params.yaml itself from conf/ and its `-S` overrides (DVC_EXP_NAME is set in its stages).
+    The first validate of a checkout only records what it sees."""
+    import hashlib
+    import json
+
+    import yaml
+
+    from deep_repro.config.schema import compose
+
+    if os.environ.get("DVC_EXP_NAME") or not (root / "conf").is_dir():
+        return
+    params = root / "params.yaml"
+    conf_files = {
+        path.relative_to(root).as_posix(): hashlib.md5(path.read_bytes()).hexdigest()
+        for path in sorted((root / "conf").rglob("*.yaml"))
+    }
+    composed = yaml.safe_dump(compose(None, root / "conf"), sort_keys=False)
+    now = {
+        "composed": hashlib.md5(composed.encode()).hexdigest(),
+        "params": hashlib.md5(params.read_bytes()).hexdigest() if params.is_file() else "",
+        "conf": conf_files,
+    }
+    state = root / COMPOSE_STATE
+    try:
+        before = json.loads(state.read_text())
+    except (OSError, ValueError):
+        before = None
+    changed: list[str] | None = None
+    if isinstance(before, dict):
+        if before.get("composed") != now["composed"] and before.get("params") == now["params"]:
+            seen = before.get("conf")
+            old: dict[str, str] = seen if isinstance(seen, dict) else {}
+            changed = sorted(
+                f for f in conf_files.keys() | old.keys() if conf_files.get(f) != old.get(f)
+            )
+    elif params.is_file() and params.read_text() != composed:
+        changed = _edited_since_commit(root, "conf", "params.yaml")  # a fresh clone: ask git
+    if changed is not None:
+        raise ConfigError(
+            f"config error: {', '.join(changed) or 'conf/'} changed but params.yaml was not "
+            "recomposed (`dvc repro` reads params.yaml only): run `make params` (uv run python "
+            "scripts/compose_params.py), or `uv run dvc exp run`, which composes it"
+        )
+    state.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state.with_name(f".{state.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(now, indent=1, sort_keys=True))
+    tmp.replace(state)
+
+
+def _edited_since_commit(root: Path, folder: str, product: str) -> list[str] | None:
+    """Files of `folder` changed since the last commit while `product` was not (None if that is
+    not so, or this is no git checkout)."""
+    import subprocess
+
+    def changed(path: str) -> list[str]:
+        out = subprocess.run(
+            ["git", "diff", "--name-only", "HEAD", "--", path],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode != 0:
+            raise OSError(out.stderr)
+        return out.stdout.split()
+
+    try:
+        edited, remade = changed(folder), changed(product)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return edited if edited and not remade else None
 
 
 # --------------------------------------------------------------------------- split sizes

@@ -58,7 +58,6 @@ from deep_repro.tracking.registry import (  # noqa: F401
 from deep_repro.tracking.runs import (  # noqa: F401
     Outcome,
     StageRun,
-    _first_line,
     _lock_entry,
     _metric_batch,
     _stage_params,

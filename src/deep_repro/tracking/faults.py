@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deep_repro.errors import _RedactCredentials, scrub
-from deep_repro.tracking.store import TAG_FAIL_REASON, TAG_PREFIX
+from deep_repro.errors import _RedactCredentials, first_line
+from deep_repro.tracking.store import TAG_FAIL_REASON, TAG_PREFIX, end_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -92,8 +92,6 @@ def owner_alive(who: Mapping[str, Any]) -> bool:
 def fail_orphan_runs(client: MlflowClient, exp_id: str) -> list[str]:
     """Mark FAILED the RUNNING runs of `exp_id` owned by a dead process on this host; returns
     their ids. Never raises: a sweep must not stop the stage or command that runs it."""
-    from deep_repro.tracking.runs import end_run
-
     host = socket.gethostname()
     try:
         runs = client.search_runs(
@@ -129,11 +127,6 @@ def fail_orphan_runs(client: MlflowClient, exp_id: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- failure reasons
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip()
-    return scrub(text.splitlines()[0])[:limit] if text else type(exc).__name__
-
-
 class LogTail(logging.Handler):
     """The last `LOG_TAIL_LINES` log lines of this process (credentials redacted)."""
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deep_repro.evaluation import mcnemar_p_value
+from deep_repro.evaluation.metrics import mcnemar_p_value
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

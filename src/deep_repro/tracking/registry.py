@@ -33,8 +33,8 @@ def log_inference_model(
 ) -> str | None:
     """Log the exported program as a pyfunc model and register a new version.
 
-    Returns the registered version number. The pyfunc wrapper (`deep_repro/serving.py`) and the
-    archive check it loads the program with (`deep_repro/safe_archive.py`) are logged as code,
+    Returns the registered version number. The pyfunc wrapper (`serving/pyfunc.py`) and the
+    archive check it loads the program with (`inference/safe_archive.py`) are logged as code,
     so `mlflow models serve -m models:/<name>@champion` needs no project code.
     """
     import importlib.util
@@ -46,7 +46,8 @@ def log_inference_model(
     import torch
     from mlflow.models import ModelSignature, infer_signature
 
-    from deep_repro import inference, safe_archive
+    from deep_repro import inference
+    from deep_repro.inference import safe_archive
 
     if spool.is_offline(run.client):
         log.warning(
@@ -57,7 +58,7 @@ def log_inference_model(
         )
         return None
     # Run the very wrapper that will be logged on the example to derive the output schema.
-    code = Path(__file__).parents[1] / "serving.py"  # deep_repro/serving.py, not tracking/
+    code = Path(__file__).parents[1] / "serving" / "pyfunc.py"  # logged as the model's code
     spec = importlib.util.spec_from_file_location("deep_repro_serving", code)
     assert spec is not None and spec.loader is not None
     serving = importlib.util.module_from_spec(spec)
@@ -76,7 +77,7 @@ def log_inference_model(
             _env_unset("DEEP_REPRO_PREDICTION_LOG"),
         ):
             warnings.simplefilter("ignore", UserWarning)
-            # Output schema only: the wrapper checks its input itself (see serving.py), and an
+            # Output schema only: the wrapper checks its input itself (serving/pyfunc.py), and an
             # MLflow tensor schema would refuse every dtype and shape but one before it could.
             signature = ModelSignature(
                 inputs=None, outputs=infer_signature(example, output).outputs

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deep_repro.config import Config, flatten, to_dict
-from deep_repro.errors import scrub
+from deep_repro.config.schema import Config, flatten, to_dict
+from deep_repro.config.stage_view import unrestricted
+from deep_repro.errors import first_line, scrub
 from deep_repro.files import file_hashes
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import STAGES, StageSpec
-from deep_repro.stage_config import unrestricted
 from deep_repro.tracking import faults, spool
 from deep_repro.tracking.lineage import producer_run
 from deep_repro.tracking.provenance import (
@@ -46,6 +46,7 @@ from deep_repro.tracking.store import (
     _search_one,
     _store_lock,
     connect,
+    end_run,
     tracking_uri,
 )
 
@@ -116,32 +117,6 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[start : start + 100])
 
 
-def end_run(
-    client: MlflowClient,
-    run_id: str,
-    status: str,
-    tags: Mapping[str, str] | None = None,
-    *,
-    missing_ok: bool = False,
-) -> None:
-    """The one close-out of a run: its final tags, then its MLflow status.
-
-    `missing_ok`: a run that cannot be updated (deleted, or in another store) is only warned
-    about; tuning closes runs recorded by other (possibly dead) workers.
-    """
-    from mlflow.entities import RunTag
-    from mlflow.exceptions import MlflowException
-
-    try:
-        if tags:
-            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        client.set_terminated(run_id, status)
-    except MlflowException as exc:
-        if not missing_ok:
-            raise
-        log.warning("cannot update MLflow run %s: %s", run_id, _first_line(exc))
-
-
 @dataclass
 class Outcome:
     """How a run ends (set inside `closing`): its MLflow status and final tags."""
@@ -185,12 +160,7 @@ def closing(
             except Exception as exc:
                 if not failed:
                     raise
-                log.warning("cannot close MLflow run %s: %s", rid, _first_line(exc))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return scrub(text.splitlines()[0])[:300] if text else type(exc).__name__
+                log.warning("cannot close MLflow run %s: %s", rid, first_line(exc))
 
 
 def _metric_batch(metrics: Mapping[str, float], step: int | None) -> list[Any]:
@@ -371,7 +341,7 @@ def _note_failure(run: StageRun, cfg: Config, tags: Mapping[str, str], exc: Exce
     """Put why a stage failed where the MLflow UI shows it: the run page's description
     (`mlflow.note.content`) of the stage run and, above its usual note, of the pipeline run.
     Best effort: the stage's own error is the one the user has to see."""
-    reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    reason = f"{type(exc).__name__}: {first_line(exc)}"
     head = f"**FAILED** in stage `{run.spec.name}`: {reason}"
     notes = {run.run_id: head, run.pipeline_run_id: f"{head}\n\n{pipeline_note(cfg, tags)}"}
     for run_id, note in notes.items():
@@ -379,7 +349,7 @@ def _note_failure(run: StageRun, cfg: Config, tags: Mapping[str, str], exc: Exce
             run.client.set_tag(run_id, "mlflow.note.content", note)
         except Exception as note_exc:
             log.warning(
-                "cannot record the failure on MLflow run %s: %s", run_id, _first_line(note_exc)
+                "cannot record the failure on MLflow run %s: %s", run_id, first_line(note_exc)
             )
 
 

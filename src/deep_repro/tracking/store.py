@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deep_repro.errors import TrackingError, scrub
+from deep_repro.errors import TrackingError, first_line, scrub
 from deep_repro.paths import store_root
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                 if exp.tags.get(VIEW_TAG) != _view_state():
                     client.set_experiment_tag(exp_id, VIEW_TAG, _view_state())
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise TrackingError(
             f"tracking store {scrub(uri)} unreachable or unusable "
             f"({type(exc).__name__}: {scrub(first)[:300]}); set "
@@ -174,3 +175,29 @@ def _search_one(client: MlflowClient, exp_id: str, filter_string: str) -> Any | 
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def end_run(
+    client: MlflowClient,
+    run_id: str,
+    status: str,
+    tags: Mapping[str, str] | None = None,
+    *,
+    missing_ok: bool = False,
+) -> None:
+    """The one close-out of a run: its final tags, then its MLflow status.
+
+    `missing_ok`: a run that cannot be updated (deleted, or in another store) is only warned
+    about; tuning closes runs recorded by other (possibly dead) workers.
+    """
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if tags:
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client.set_terminated(run_id, status)
+    except MlflowException as exc:
+        if not missing_ok:
+            raise
+        log.warning("cannot update MLflow run %s: %s", run_id, first_line(exc))

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from deep_repro.config import Config
+from deep_repro.config.schema import Config
 from deep_repro.tracking.provenance import (
     used_params,
 )

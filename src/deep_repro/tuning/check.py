@@ -19,8 +19,8 @@ import optuna
 from optuna.distributions import BaseDistribution
 
 from deep_repro import config
-from deep_repro.errors import ConfigError, DeepReproError
-from deep_repro.tuning.space import SearchSpace, compose, first_line, get_key, set_key
+from deep_repro.errors import ConfigError, DeepReproError, first_line
+from deep_repro.tuning.space import SearchSpace, compose, get_key, set_key
 
 log = logging.getLogger(__name__)
 

@@ -83,7 +83,7 @@ def check_journal(path: Path) -> None:
             raise DeepReproError(
                 f"{path} line {number} is not an Optuna journal record (a worker killed while "
                 f"writing?), so Optuna cannot read the file; run `deep-repro tune "
-                f"--repair-journal {path}` (keeps a backup; see README, Tuning)"
+                f"--repair-journal {path}` (keeps a backup; see docs/how-to/tuning.md)"
             )
         backup = _backup(path)
         os.truncate(path, offset)

@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from deep_repro import tracking
-from deep_repro.config import Config
+from deep_repro.config.schema import Config
 from deep_repro.errors import DeepReproError
 from deep_repro.tuning import storage
 from deep_repro.tuning.export import write_experiment

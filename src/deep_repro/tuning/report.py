@@ -12,10 +12,9 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
-from deep_repro.tuning.space import first_line
-
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+from deep_repro.errors import first_line
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 import optuna
 from optuna.exceptions import ExperimentalWarning
 
-from deep_repro.errors import ConfigError
-from deep_repro.tuning.space import SearchSpace, first_line
+from deep_repro.errors import ConfigError, first_line
+from deep_repro.tuning.space import SearchSpace
 
 PRUNER_DEFAULTS: dict[str, dict[str, Any]] = {
     "median": {"n_startup_trials": 5, "n_warmup_steps": 0},

@@ -49,7 +49,7 @@ from optuna.distributions import (
 )
 
 from deep_repro import config
-from deep_repro.errors import ConfigError, DeepReproError
+from deep_repro.errors import ConfigError, DeepReproError, first_line
 from deep_repro.paths import repo_root
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,6 @@ PARAM_KEYS = {
 
 
 # --------------------------------------------------------------------------- small helpers
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def _encode(value: Any) -> Any:
     """Optuna stores only primitives as categorical choices: lists/mappings go in as JSON text."""
     return json.dumps(value) if isinstance(value, list | dict) else value

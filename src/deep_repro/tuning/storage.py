@@ -42,12 +42,11 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from deep_repro.errors import DeepReproError, scrub
+from deep_repro.errors import DeepReproError, first_line, scrub
 from deep_repro.paths import store_root
 from deep_repro.tracking.faults import owner as owner  # shared with pipeline/stage runs
 from deep_repro.tracking.faults import owner_alive
 from deep_repro.tuning.journal import check_journal
-from deep_repro.tuning.space import first_line
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from deep_repro import config, tracking
-from deep_repro.config import Config
-from deep_repro.errors import ConfigError, DataError, TrainingError, scrub
+from deep_repro.config.schema import Config
+from deep_repro.errors import ConfigError, DataError, TrainingError, first_line, scrub
 from deep_repro.files import file_digest
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import SPLIT_TRAIN_VAL
@@ -29,14 +29,14 @@ from deep_repro.tuning import sampling, storage
 from deep_repro.tuning.check import check_search_space, check_study, comparable_setup
 from deep_repro.tuning.outcome import StudyOutcome, StudyResult
 from deep_repro.tuning.parse import load_search_space
-from deep_repro.tuning.space import compose, config_groups, first_line, get_key
+from deep_repro.tuning.space import compose, config_groups, get_key
 from deep_repro.tuning.storage import ATTR_OVERRIDES, ATTR_OWNER, ATTR_RETRY_OF, ATTR_RUN
 
 if TYPE_CHECKING:
     import numpy as np
     from mlflow import MlflowClient
 
-    from deep_repro.training import EpochMetrics
+    from deep_repro.training.loop import EpochMetrics
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class _Tuner(StudyOutcome):
                 f"{self.data_path} not found: tuning uses only the train/val split "
                 "of the DVC pipeline; run `uv run dvc repro split` first"
             )
-        from deep_repro.data import load_arrays
+        from deep_repro.data.dataset import load_arrays
 
         arrays = load_arrays(self.data_path)
         missing = {"x_train", "y_train", "x_val", "y_val"} - set(arrays)

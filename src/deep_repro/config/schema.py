@@ -12,18 +12,15 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from deep_repro import urls
+from deep_repro.config import urls
+from deep_repro.config.architectures import ModelConfig, TorchModelConfig
+from deep_repro.config.typecheck import _build, _fail, rng
 from deep_repro.errors import ConfigError
 from deep_repro.paths import repo_root
-from deep_repro.typecheck import _build, _fail, rng
-
-if TYPE_CHECKING:
-    from deep_repro.models import ModelSpec
-
 
 # The schema holds types and ranges only, never values: every value comes from conf/ (the one
 # source of defaults), so a field has no default and a key missing from the composition is an
@@ -31,7 +28,7 @@ if TYPE_CHECKING:
 # tagged unions: one dataclass per option, picked by `name`.
 
 
-# Every URL-valued key has one of these types (deep_repro.urls: no credentials, a usable
+# Every URL-valued key has one of these types (deep_repro.config.urls: no credentials, a usable
 # scheme and host); tests/test_config.py lists them all.
 MirrorUrl = Annotated[str, urls.MIRROR]
 TrackingUri = Annotated[str, urls.TRACKING]
@@ -54,51 +51,6 @@ class DataConfig:
 class SplitConfig:
     val_size: float = field(metadata=rng(gt=0.0, lt=1.0))
     seed: int = field(metadata=SEED)
-
-
-# --------------------------------------------------------------------------- architectures
-@dataclass(frozen=True)
-class ModelConfig:
-    """Base of every architecture's schema (group `model`). The schemas themselves live next to
-    their builders in `deep_repro.models` (the model registry), each with a `name: Literal[...]`.
-    """
-
-    name: str
-
-    @classmethod
-    def tagged_options(cls) -> dict[str, type]:
-        """The architectures `model.name` may pick: the registry (imports no torch)."""
-        from deep_repro.models import MODELS
-
-        return {name: spec.schema for name, spec in MODELS.items()}
-
-    def check(self) -> None:
-        """Cross-field rules of this architecture; raise ConfigError naming `model.<key>`."""
-
-    def footprint(self) -> tuple[int, int]:
-        """(parameters, activation values per image in one forward pass), from the config
-        alone (no torch): `preflight` refuses a model that cannot fit in memory before the
-        train stage deletes the last checkpoint. tests/test_preflight.py compares the parameters
-        with torch's count for every registered model."""
-        raise NotImplementedError(self.name)
-
-
-@dataclass(frozen=True)
-class TorchModelConfig(ModelConfig):
-    """Base of the networks trained by `training.fit` (gradient descent needs a learning rate)."""
-
-    lr: float = field(metadata=rng(gt=0.0))
-    dropout: float = field(metadata=rng(ge=0.0, lt=1.0))
-
-
-def check_sizes(
-    key: str, values: list[int], *, at_most: int | None = None, too_many: str = ""
-) -> None:
-    """A model's list of layer sizes: non-empty, every item >= 1, at most `at_most` items."""
-    if not values or any(v < 1 for v in values):
-        raise _fail(f"model.{key}", values, "a non-empty list of integers >= 1")
-    if at_most is not None and len(values) > at_most:
-        raise _fail(f"model.{key}", values, too_many or f"at most {at_most} items")
 
 
 # --------------------------------------------------------------------------- training protocol
@@ -193,7 +145,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class AnalyzeConfig:
     # RMS pixel difference (gray levels, 0..255) under which a test image counts as a
-    # near-duplicate of its nearest training image (deep_repro.data_analysis); 0: exact only.
+    # near-duplicate of its nearest training image (deep_repro.data.analysis); 0: exact only.
     # At most 32: beyond that the pairs are different garments and the search takes minutes.
     near_duplicate_threshold: float = field(metadata=rng(ge=0.0, le=32.0))
     duplicate_examples: int = field(metadata=rng(ge=0))  # pairs drawn in duplicates.png
@@ -237,15 +189,9 @@ class Config:
     tune: TuneConfig
 
     @property
-    def model_spec(self) -> ModelSpec:
-        """The registry entry of `model.name` (builder, trainer kind, layout flags)."""
-        from deep_repro.models import get_spec
-
-        return get_spec(self.model.name)
-
-    @property
     def is_torch_model(self) -> bool:
-        return self.model_spec.trainer == "torch"
+        """Trained by gradient descent (`training.fit`), not by scikit-learn."""
+        return isinstance(self.model, TorchModelConfig)
 
 
 def _semantic_checks(cfg: Config) -> None:

@@ -38,7 +38,7 @@ MMD_MAX_N = 500
 def image_stats(images: np.ndarray) -> np.ndarray:
     """Per-image [mean, std, dark fraction] on the 0..1 scale (the prediction log's fields)."""
     x = np.asarray(images, dtype=np.float32).reshape(len(images), -1) / np.float32(255.0)
-    # Same threshold as deep_repro/serving.py (which cannot import this package).
+    # Same threshold as deep_repro/serving/pyfunc.py (which cannot import this package).
     return np.stack([x.mean(axis=1), x.std(axis=1), (x < 26 / 255.0).mean(axis=1)], axis=1)
 
 
@@ -114,7 +114,7 @@ def log_files(path: Path) -> list[Path]:
 
 
 def features_from_log(files: list[Path], since: str | None = None) -> Features:
-    """Prediction-log records (see deep_repro/serving.py) -> features; `since`: ISO time."""
+    """Prediction-log records (see deep_repro/serving/pyfunc.py) -> features; `since`: ISO time."""
     rows, probs, models = [], [], {}
     for file in files:
         for n, line in enumerate(file.read_text().splitlines(), 1):
@@ -141,7 +141,7 @@ def features_from_log(files: list[Path], since: str | None = None) -> Features:
 
 def load_batch(path: Path, predictor: Predictor, since: str | None = None) -> Features:
     """A prediction log (dir or .jsonl), an .npz of images (+labels), or a dir of images."""
-    from deep_repro.cli import load_image  # the exact conversion `predict` applies
+    from deep_repro.serving.predict import load_image  # the exact conversion `predict` applies
 
     if not path.exists():
         raise DataError(

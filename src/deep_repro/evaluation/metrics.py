@@ -6,18 +6,15 @@ All functions are pure (arrays in, numbers/figures out); the evaluate stage deci
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deep_repro.data import CLASS_NAMES, NUM_CLASSES
-from deep_repro.files import atomic_path
+from deep_repro.config.task import CLASS_NAMES, NUM_CLASSES, class_label
+from deep_repro.files import pyplot
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -167,15 +164,6 @@ def classification_report(y_true: np.ndarray, logits: np.ndarray) -> Classificat
 
 
 # --------------------------------------------------------------------------- files
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-
-
 def per_class_rows(report: ClassificationReport) -> list[dict[str, Any]]:
     return [
         {
@@ -187,12 +175,6 @@ def per_class_rows(report: ClassificationReport) -> list[dict[str, Any]]:
         }
         for i in range(NUM_CLASSES)
     ]
-
-
-def class_label(index: int) -> str:
-    """`3 Dress`: DVC/vega sort category axes alphabetically; the index prefix keeps the
-    dataset's class order, the same order as the PNG confusion matrix."""
-    return f"{index} {CLASS_NAMES[index]}"
 
 
 def prediction_rows(y_true: np.ndarray, y_pred: np.ndarray) -> list[dict[str, Any]]:
@@ -210,23 +192,8 @@ def reliability_rows(table: list[dict[str, float]]) -> list[dict[str, float]]:
 
 
 # --------------------------------------------------------------------------- figures
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """PNG without timestamps/software metadata: byte-identical across reruns."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
-
-
 def confusion_figure(cm: np.ndarray, title: str) -> Any:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -256,7 +223,7 @@ def misclassified_figure(
     images: np.ndarray, y_true: np.ndarray, logits: np.ndarray, n: int = 24
 ) -> Any:
     """The most confidently wrong test images, with true and predicted class names."""
-    plt = _pyplot()
+    plt = pyplot()
     probs = softmax(logits)
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != y_true)
@@ -279,7 +246,7 @@ def misclassified_figure(
 
 
 def reliability_figure(table: list[dict[str, float]], ece: float) -> Any:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     centers = [(r["bin_lower"] + r["bin_upper"]) / 2 for r in table]
     width = table[0]["bin_upper"] - table[0]["bin_lower"]

@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from deep_repro.config import ModelConfig, TorchModelConfig, check_sizes
-from deep_repro.data import NUM_CLASSES
-from deep_repro.typecheck import option_name, rng
+from deep_repro.config.architectures import (
+    CNNConfig,
+    LogRegConfig,
+    MLPConfig,
+    MobileNetConfig,
+    ModelConfig,
+    ResNetConfig,
+)
+from deep_repro.config.task import NUM_CLASSES
+from deep_repro.config.typecheck import option_name
 
 if TYPE_CHECKING:
     from torch import nn
-
-# Pixel statistics of the Fashion-MNIST training set (uint8 scale / 255).
-PIXEL_MEAN = 0.2860
-PIXEL_STD = 0.3530
 
 TrainerKind = Literal["torch", "sklearn"]
 
@@ -81,16 +84,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _linear(fan_in: int, fan_out: int) -> int:
-    """Parameters of `nn.Linear` (weights and bias)."""
-    return (fan_in + 1) * fan_out
-
-
-def _conv_bn(cin: int, cout: int, kernel: int = 3) -> int:
-    """Parameters of a bias-free convolution and its BatchNorm (`_conv_bn_relu`)."""
-    return cin * cout * kernel * kernel + 2 * cout
-
-
 def _conv_bn_relu(
     cin: int, cout: int, stride: int = 1, groups: int = 1, kernel: int = 3
 ) -> list[nn.Module]:
@@ -105,16 +98,6 @@ def _conv_bn_relu(
 
 
 # --------------------------------------------------------------------------- logreg
-@dataclass(frozen=True)
-class LogRegConfig(ModelConfig):
-    name: Literal["logreg"]
-    C: float = field(metadata=rng(gt=0.0))
-    max_iter: int = field(metadata=rng(ge=1))
-
-    def footprint(self) -> tuple[int, int]:
-        return _linear(28 * 28, NUM_CLASSES), 28 * 28 + NUM_CLASSES
-
-
 @register(LogRegConfig, trainer="sklearn")
 def linear_classifier(cfg: LogRegConfig | None = None) -> nn.Sequential:
     """Logistic regression as a module (weights come from scikit-learn)."""
@@ -124,22 +107,6 @@ def linear_classifier(cfg: LogRegConfig | None = None) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------- mlp
-@dataclass(frozen=True)
-class MLPConfig(TorchModelConfig):
-    name: Literal["mlp"]
-    hidden_sizes: list[int]
-    activation: Literal["relu", "gelu", "silu"]
-
-    def check(self) -> None:
-        check_sizes("hidden_sizes", self.hidden_sizes)
-
-    def footprint(self) -> tuple[int, int]:
-        params, acts, width = 0, 28 * 28, 28 * 28
-        for size in self.hidden_sizes:
-            params, acts, width = params + _linear(width, size), acts + 3 * size, size
-        return params + _linear(width, NUM_CLASSES), acts + NUM_CLASSES
-
-
 @register(MLPConfig, trainer="torch")
 def mlp(cfg: MLPConfig) -> nn.Sequential:
     from torch import nn
@@ -155,36 +122,6 @@ def mlp(cfg: MLPConfig) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------- cnn
-@dataclass(frozen=True)
-class CNNConfig(TorchModelConfig):
-    name: Literal["cnn"]
-    channels: list[int]
-    # Convolutions per block (all of width channels[i]); the last one of a block is pooled.
-    convs_per_block: int = field(metadata=rng(ge=1, le=4))
-    # Pool right after the block's last convolution, before its BatchNorm and ReLU: the same
-    # layers, but BN and ReLU (memory-bound: a few FLOPs per byte) run on a quarter of the
-    # pixels. On two CPU cores that alone makes the training step ~1.6x faster (benchmarks/).
-    pool_before_bn: bool
-    hidden: int = field(metadata=rng(ge=1))
-
-    def check(self) -> None:
-        check_sizes(
-            "channels", self.channels, at_most=3, too_many="at most 3 conv blocks (28 -> 3 pixels)"
-        )
-
-    def footprint(self) -> tuple[int, int]:
-        params, acts, cin, size = 0, 0, 1, 28
-        for cout in self.channels:
-            for _ in range(self.convs_per_block):
-                params += _conv_bn(cin, cout)
-                acts += 2 * cout * size * size  # conv, BN (ReLU in place); an upper bound
-                cin = cout
-            size //= 2
-            acts += cout * size * size  # max-pool
-        params += _linear(cin * size * size, self.hidden) + _linear(self.hidden, NUM_CLASSES)
-        return params, acts + 2 * self.hidden + NUM_CLASSES
-
-
 @register(CNNConfig, trainer="torch", channels_last=True)
 def cnn(cfg: CNNConfig) -> nn.Sequential:
     """VGG-style blocks (28 -> 14 -> 7 [-> 3] pixels), each `convs_per_block` 3x3 convolutions
@@ -216,32 +153,6 @@ def cnn(cfg: CNNConfig) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------- resnet
-@dataclass(frozen=True)
-class ResNetConfig(TorchModelConfig):
-    name: Literal["resnet"]
-    width: int = field(metadata=rng(ge=4))
-    blocks: list[int]
-
-    def check(self) -> None:
-        check_sizes("blocks", self.blocks, at_most=3, too_many="at most 3 stages")
-
-    def footprint(self) -> tuple[int, int]:
-        params, size = _conv_bn(1, self.width), 28
-        acts, cin = 2 * self.width * size * size, self.width
-        for stage, n_blocks in enumerate(self.blocks):
-            cout = self.width * 2**stage
-            for i in range(n_blocks):
-                if i == 0 and stage > 0:
-                    size = (size - 1) // 2 + 1  # 3x3, stride 2, padding 1
-                params += _conv_bn(cin, cout) + _conv_bn(cout, cout)
-                acts += 5 * cout * size * size  # two conv-BN pairs and the sum
-                if i == 0 and (stage > 0 or cin != cout):
-                    params += _conv_bn(cin, cout, kernel=1)
-                    acts += 2 * cout * size * size
-                cin = cout
-        return params + _linear(cin, NUM_CLASSES), acts + 2 * cin + NUM_CLASSES
-
-
 @functools.cache
 def _basic_block() -> type[nn.Module]:
     """The residual block class, defined on first use so that importing this module needs no
@@ -295,31 +206,6 @@ def resnet(cfg: ResNetConfig) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------- mobilenet
-@dataclass(frozen=True)
-class MobileNetConfig(TorchModelConfig):
-    name: Literal["mobilenet"]
-    width: int = field(metadata=rng(ge=4))
-    channels: list[int]
-
-    def check(self) -> None:
-        check_sizes(
-            "channels",
-            self.channels,
-            at_most=3,
-            too_many="at most 3 stride-2 blocks (28 -> 4 pixels)",
-        )
-
-    def footprint(self) -> tuple[int, int]:
-        params, size = _conv_bn(1, self.width), 28
-        acts, cin = 2 * self.width * size * size, self.width
-        for cout in self.channels:
-            size = (size - 1) // 2 + 1  # depthwise 3x3, stride 2, padding 1
-            params += _conv_bn(1, cin) + _conv_bn(cin, cout, kernel=1)  # depthwise: 1 in/group
-            acts += 2 * (cin + cout) * size * size
-            cin = cout
-        return params + _linear(cin, NUM_CLASSES), acts + 2 * cin + NUM_CLASSES
-
-
 @register(MobileNetConfig, trainer="torch", channels_last=True)
 def mobilenet(cfg: MobileNetConfig) -> nn.Sequential:
     """MobileNet-style: a 3x3 stem, then depthwise-separable blocks (3x3 depthwise conv with

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from deep_repro import safe_archive
+from deep_repro.inference import safe_archive
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def warm(path: Path, program: Any, cache_root: Path) -> None:
 def load(path: Path, cache_root: Path) -> Any:
     """A callable uint8 images -> logits for the `.pt2` at `path`: the verified fast copy when
     there is one, else the (checked) program, leaving a fast copy for the next call."""
-    from deep_repro.inference import load_exported_program, read_checked_model
+    from deep_repro.inference.export import load_exported_program, read_checked_model
 
     # The archive check on every load (also refuses what is not a regular file, before reading).
     folder = cache_root / hashlib.sha256(read_checked_model(path)).hexdigest()

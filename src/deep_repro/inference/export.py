@@ -6,7 +6,7 @@ The training-time normalisation is baked in (no train/serve skew), dropout is re
 BatchNorm folded into the preceding conv/linear layer, optionally weights are stored as int8.
 The file loads with torch alone (no training code needed to serve it), and only through
 `load_inference_model`, which first refuses any archive that would unpickle or evaluate code
-(`deep_repro.safe_archive`).
+(`deep_repro.inference.safe_archive`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from deep_repro import safe_archive
-from deep_repro.augment import hflip_mean
-from deep_repro.errors import DataError, DeepReproError
-from deep_repro.models import PIXEL_MEAN, PIXEL_STD
+from deep_repro.config.task import PIXEL_MEAN, PIXEL_STD
+from deep_repro.errors import DataError, DeepReproError, first_line
+from deep_repro.inference import safe_archive
+from deep_repro.training.augment import hflip_mean
 
 
 class EquivalenceError(DeepReproError):
@@ -236,9 +236,9 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             "tensors, which could run code); retrain with `dvc repro train`"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"{path}: refused to load checkpoint ({first[:200]}); retrain with `dvc repro train`"
+            f"{path}: refused to load checkpoint ({first_line(exc, 200)}); retrain with "
+            "`dvc repro train`"
         ) from None
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a state_dict checkpoint; retrain with `dvc repro train`")

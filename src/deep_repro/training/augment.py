@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from deep_repro.config import AugmentConfig, NoAugmentConfig
-from deep_repro.models import PIXEL_MEAN, PIXEL_STD
+from deep_repro.config.schema import AugmentConfig, NoAugmentConfig
+from deep_repro.config.task import PIXEL_MEAN, PIXEL_STD
 
 
 def normalise(images_u8: torch.Tensor) -> torch.Tensor:

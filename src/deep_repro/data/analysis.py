@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from deep_repro.data import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES, load_arrays
+from deep_repro.config.task import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES, class_label
+from deep_repro.data.dataset import load_arrays
 from deep_repro.errors import DataError
-from deep_repro.evaluation import class_label, save_figure, write_csv
-from deep_repro.files import write_json
+from deep_repro.files import pyplot, save_figure, write_csv, write_json
 from deep_repro.pipeline import (
     CLASS_BALANCE,
     DATA_SUMMARY,
@@ -296,15 +296,6 @@ def analyze(parts: dict[str, Part], threshold: float, examples: int) -> Report:
 
 
 # --------------------------------------------------------------------------- files
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _mosaic(tiles: list[np.ndarray], cols: int, gap: int = 2) -> np.ndarray:
     """Tiles (28x28) in a grid, `gap` blank pixels apart: one image, so one fast imshow."""
     h, w = IMAGE_SHAPE
@@ -317,7 +308,7 @@ def _mosaic(tiles: list[np.ndarray], cols: int, gap: int = 2) -> np.ndarray:
 
 
 def mean_images_figure(means: dict[str, np.ndarray]) -> Any:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(11, 1.2 * len(means) + 1.2))
     ax.imshow(_mosaic([m for split in means.values() for m in split], NUM_CLASSES), cmap="gray_r")
     step = IMAGE_SHAPE[0] + 2
@@ -330,7 +321,7 @@ def mean_images_figure(means: dict[str, np.ndarray]) -> Any:
 
 def duplicates_figure(pairs: list[tuple[np.ndarray, np.ndarray, str]], threshold: float) -> Any:
     """Each pair: the test image, then its nearest training image (titled above the pair)."""
-    plt = _pyplot()
+    plt = pyplot()
     cols = 4  # pairs per row
     rows = max(1, -(-len(pairs) // cols))
     fig, ax = plt.subplots(figsize=(10, 1.3 * rows + 0.8))
@@ -357,7 +348,7 @@ def write_report(report: Report, root: Path) -> tuple[str, ...]:
     write_json(root / DATA_SUMMARY, report.summary)
     write_csv(root / CLASS_BALANCE, report.class_rows)
     write_csv(root / INTENSITY_HIST, report.hist_rows)
-    plt = _pyplot()
+    plt = pyplot()
     for path, fig in (
         (MEAN_IMAGES_PNG, mean_images_figure(report.means)),
         (DUPLICATES_PNG, duplicates_figure(report.pairs, report.threshold)),

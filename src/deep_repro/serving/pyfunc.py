@@ -34,7 +34,7 @@ from mlflow.pyfunc.model import PythonModel
 try:  # the logged model: MLflow puts the copy logged alongside this file on sys.path
     import safe_archive
 except ImportError:  # inside the project (log time)
-    from deep_repro import safe_archive
+    from deep_repro.inference import safe_archive
 
 CLASS_NAMES = (
     "T-shirt/top",

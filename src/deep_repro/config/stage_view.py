@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from deep_repro.config import Config, load_config
+from deep_repro.config.schema import Config, load_config
 from deep_repro.errors import UndeclaredParamError
 
 # Always visible to every stage: `tracking` only says where MLflow records runs, so it cannot
@@ -56,7 +56,7 @@ class StageConfig:
         raise UndeclaredParamError(
             f"stage {self._stage!r} reads {key}, which its params in dvc.yaml do not declare "
             f"(declared: {', '.join(visible) or 'none'}); add it to the stage's params in "
-            "dvc.yaml and deep_repro.pipeline.STAGES"
+            "deep_repro.pipeline.STAGES, then `uv run python -m deep_repro.dvc_yaml`"
         )
 
     def __setattr__(self, name: str, value: Any) -> None:

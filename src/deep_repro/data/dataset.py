@@ -24,25 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from deep_repro.config.task import IMAGE_SHAPE, NUM_CLASSES
 from deep_repro.errors import DataError, scrub
 from deep_repro.files import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-NUM_CLASSES = len(CLASS_NAMES)
-IMAGE_SHAPE = (28, 28)
 # IDX magic numbers: 0x0000 0803 = unsigned byte, 3 dims; 0x0000 0801 = unsigned byte, 1 dim.
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -62,7 +49,7 @@ class MirrorFailure:
 
 def netrc_login(host: str) -> tuple[str, str] | None:
     """A private mirror's (login, password) from ~/.netrc or the file $NETRC names: the config
-    never holds credentials (deep_repro.urls), and urllib, unlike curl or requests, does not
+    never holds credentials (deep_repro.config.urls), and urllib, unlike curl or requests, does not
     read netrc by itself. None when there is no file or no entry for `host`."""
     import netrc
     import os

@@ -21,7 +21,7 @@ memory; a graph signature that writes back buffers or user inputs carries state 
 the next. Everything else, including any damaged or truncated file, is refused with a reason.
 
 This module depends on the standard library only (torch is imported lazily by `load_pt2`): it is
-logged next to `serving.py` as MLflow code, so a served model runs the very same check.
+logged next to `serving/pyfunc.py` as MLflow code, so a served model runs the very same check.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import torch
 
-from deep_repro.config import (
+from deep_repro.config.schema import (
     TrainConfig,
 )
 from deep_repro.errors import TrainingError

@@ -1,8 +1,9 @@
 """Checking plain YAML values against the typed dataclass schema of `deep_repro.config`.
 
-Generic on purpose: the schema (config.py, models.py) says *what* is allowed (types, Literal
-options, ranges in field metadata, tagged unions picked by `name`); this module says *how* a
-value is checked, so every error has the same one-line shape naming the key:
+Generic on purpose: the schema (config/schema.py, config/architectures.py) says *what* is
+allowed (types, Literal options, ranges in field metadata, tagged unions picked by `name`);
+this module says *how* a value is checked, so every error has the same one-line shape
+naming the key:
 `config error: model.lr = -1: expected a value > 0`.
 """
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from deep_repro.config import (
+from deep_repro.config.schema import (
     AdamWConfig,
     CosineConfig,
     OneCycleConfig,

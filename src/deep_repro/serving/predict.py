@@ -96,8 +96,8 @@ def _program_predictor(program_path: Path, identity: dict[str, str]) -> Any:
     through the safe-archive check; writes the opt-in prediction log like the pyfunc model."""
     import torch
 
-    from deep_repro import fast_program
-    from deep_repro.inference import predict_logits
+    from deep_repro.inference import fast_program
+    from deep_repro.inference.export import predict_logits
 
     # A verified fast-start copy of the program (see fast_program): torch.export.load itself
     # costs about as much again as `import torch`, once per distinct file.
@@ -105,8 +105,8 @@ def _program_predictor(program_path: Path, identity: dict[str, str]) -> Any:
 
     def predict_program(x: Any) -> Any:
         probs = torch.softmax(predict_logits(program, x), dim=1).numpy()
-        if os.environ.get("DEEP_REPRO_PREDICTION_LOG"):  # opt-in (imports mlflow: serving.py)
-            from deep_repro.serving import _file_md5, log_predictions
+        if os.environ.get("DEEP_REPRO_PREDICTION_LOG"):  # opt-in: imports mlflow
+            from deep_repro.serving.pyfunc import _file_md5, log_predictions
 
             log_predictions(
                 x, probs, {"md5": identity.get("md5") or _file_md5(program_path), **identity}
@@ -116,16 +116,16 @@ def _program_predictor(program_path: Path, identity: dict[str, str]) -> Any:
     return predict_program
 
 
-def _load_predictor(model_ref: str, uri: str | None = None) -> Any:
+def load_predictor(model_ref: str, uri: str | None = None) -> Any:
     """A callable images[N,28,28] uint8 -> probabilities [N,10] from a .pt2 or a models:/ URI.
 
     A registered model in a store this CLI can query cheaply (`uri`: local sqlite, http(s)) is
-    served from a local copy of its program (deep_repro.model_cache); anything else goes through
-    MLflow's pyfunc loader."""
+    served from a local copy of its program (`model_cache`); anything else goes through MLflow's
+    pyfunc loader."""
     if model_ref.endswith(".pt2") and not model_ref.startswith(("models:/", "runs:/")):
         return _program_predictor(Path(model_ref), {"path": model_ref})
     if uri is not None and model_ref.startswith("models:/"):
-        from deep_repro import model_cache
+        from deep_repro.serving import model_cache
 
         version = model_cache.resolve(uri, model_ref)
         if version is not None:
@@ -137,27 +137,27 @@ def _load_predictor(model_ref: str, uri: str | None = None) -> Any:
     from mlflow.exceptions import MlflowException
 
     if uri is not None:
-        _registry_uri(uri)
+        use_registry(uri)
     # The pyfunc model writes the prediction log itself (it only knows its program's md5).
     os.environ.setdefault("DEEP_REPRO_PREDICTION_LOG_MODEL", model_ref)
     try:
         model = mlflow.pyfunc.load_model(model_ref)
     except (MlflowException, OSError, ValueError) as exc:  # ValueError: a refused program
-        raise TrackingError(_model_error(model_ref, exc)) from None
+        raise TrackingError(model_error(model_ref, exc)) from None
 
     def predict(x: Any) -> Any:
-        # The logged signature takes float64 pixel values (see deep_repro/serving.py).
+        # The logged signature takes float64 pixel values (see deep_repro/serving/pyfunc.py).
         frame = model.predict(np.asarray(x, dtype=np.float64))
         return frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy()
 
     return predict
 
 
-def _model_error(model_ref: str, exc: Exception) -> str:
+def model_error(model_ref: str, exc: Exception) -> str:
     """One line for a model MLflow could not load; a missing alias says what to do."""
     from mlflow import get_registry_uri
 
-    from deep_repro import model_cache
+    from deep_repro.serving import model_cache
 
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     parsed = model_cache.parse_models_uri(model_ref)
@@ -167,7 +167,7 @@ def _model_error(model_ref: str, exc: Exception) -> str:
     return f"cannot load model {model_ref}: {first}"
 
 
-def _registry_uri(uri: str) -> None:
+def use_registry(uri: str) -> None:
     """Point MLflow at the store for a models:/ or runs:/ reference (also outside a project)."""
     import mlflow
 

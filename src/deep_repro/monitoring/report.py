@@ -13,7 +13,7 @@ import numpy as np
 
 from deep_repro import tracking
 from deep_repro.files import file_digest
-from deep_repro.monitoring import STAT_NAMES, Features, Reference, Report
+from deep_repro.monitoring.drift import STAT_NAMES, Features, Reference, Report
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

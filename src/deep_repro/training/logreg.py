@@ -7,13 +7,14 @@ import logging
 import numpy as np
 import torch
 
-from deep_repro.augment import normalise
-from deep_repro.config import (
+from deep_repro.config.architectures import LogRegConfig
+from deep_repro.config.schema import (
     Config,
 )
-from deep_repro.device import seed_everything
-from deep_repro.models import LogRegConfig, build_model
-from deep_repro.training import (
+from deep_repro.models.registry import build_model
+from deep_repro.training.augment import normalise
+from deep_repro.training.device import seed_everything
+from deep_repro.training.protocol import (
     EpochCallback,
     EpochMetrics,
     TrainResult,

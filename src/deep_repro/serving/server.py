@@ -254,14 +254,14 @@ def serve(model_ref: str, host: str, port: int, max_body: int, max_batch: int) -
     from mlflow.exceptions import MlflowException
 
     from deep_repro.errors import DeepReproError, TrackingError
-    from deep_repro.predict import _model_error
+    from deep_repro.serving.predict import model_error
 
     if max_body < 1 or max_batch < 1:
         raise DeepReproError("--max-body-bytes and --max-batch must be positive")
     try:
         model = mlflow.pyfunc.load_model(model_ref)
     except (MlflowException, OSError, ValueError) as exc:
-        raise TrackingError(_model_error(model_ref, exc)) from None
+        raise TrackingError(model_error(model_ref, exc)) from None
     log.info(
         "serving %s on http://%s:%d (at most %d bytes and %d images per request)",
         model_ref,

@@ -1,0 +1,8 @@
+"""Serving: the inference model answering requests.
+
+`predict` (the `deep-repro predict` command: images or arrays in, labels out), `server` (`deep-repro
+serve`: HTTP with request limits and one-line JSON errors), `pyfunc` (the MLflow pyfunc wrapper,
+logged as code with the model, so it imports nothing of this package) and `model_cache` (registry
+models fetched once and checked on every load). Nothing is re-exported here: `predict` must start
+without importing MLflow.
+"""
