@@ -362,8 +362,16 @@ def rows_for(
 
 
 def limits(f: Field) -> str:
-    is_list = typing.get_origin(strip_annotated(f.annotation)[0]) is list
-    return cell("; ".join(t for t in (range_text(f.bounds, is_list), rule_text(f.annotation)) if t))
+    """The range column: bounds of the value (or of each item of a list), then string rules."""
+    inner = strip_annotated(f.annotation)[0]
+    is_list = typing.get_origin(inner) is list
+    bounds = dict(f.bounds)
+    if is_list and not bounds:  # pydantic style: `list[Annotated[int, Field(ge=1)]]`
+        bounds = _bounds_from_metadata(strip_annotated(typing.get_args(inner)[0])[1])
+    text = "; ".join(t for t in (range_text(bounds, is_list), rule_text(f.annotation)) if t)
+    return (
+        cell(text).replace("&gt;", ">").replace("&lt;", "<")
+    )  # no HTML tag can start with a space
 
 
 # Meanings of keys that have no comment in conf/ nor in the schema yet. Used only as a fallback:
