@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(text)
     if stale:
         print(
-            f"stale generated docs: {', '.join(stale)} differ from the code; "
+            f"out of date with the code: {', '.join(stale)}; "
             f"run `uv run python {SCRIPT}` and commit the result"
         )
         return 1
