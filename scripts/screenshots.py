@@ -81,6 +81,8 @@ def populate(work: Path) -> Path:
     """A clone of this repository with a few real pipeline runs in its own mlflow.db."""
     repo = work / "repo"
     run(["git", "clone", "--quiet", str(ROOT), str(repo)], cwd=work, timeout=300)
+    # The runs record the remote URL (tag deep_repro.git.remote): not this machine's path.
+    run(["git", "remote", "remove", "origin"], cwd=repo, timeout=30)
     for key, value in (("user.email", "screenshots@deep-repro.invalid"), ("user.name", "docs")):
         probe = subprocess.run(["git", "config", key], cwd=repo, capture_output=True, text=True)
         if not probe.stdout.strip():
