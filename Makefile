@@ -1,5 +1,5 @@
 # Everyday commands. Each is one `uv run ...` line you can also type yourself.
-.PHONY: help check lint format test test-slow docs params dvc-yaml
+.PHONY: help check lint format test test-slow docs docs-reference params dvc-yaml
 
 help:  ## this list
 	@grep -E "^[a-z-]+:.*## " $(MAKEFILE_LIST) | sed -E "s/:.*## /\t/"
@@ -7,6 +7,7 @@ help:  ## this list
 check: lint  ## everything CI checks before the tests (fast)
 	uv run python -m deep_repro.dvc_yaml --check
 	uv run python scripts/compose_params.py --check
+	uv run python scripts/docs_reference.py --check
 
 lint:  ## format check, lint, types, the layer contract
 	uv run ruff format --check .
@@ -24,8 +25,11 @@ test:  ## the fast suite (the README's test command)
 test-slow:  ## queued experiments, parallel tuning, byte-reproducibility
 	uv run pytest -m slow
 
-docs:  ## build the docs site strictly into site/
+docs:  ## build the docs site strictly into site/ (uv run mkdocs serve: live preview)
 	uv run mkdocs build --strict
+
+docs-reference:  ## regenerate the config and CLI reference pages from the schema and the parser
+	uv run python scripts/docs_reference.py
 
 params:  ## recompose params.yaml from conf/ (after editing conf/)
 	uv run python scripts/compose_params.py
