@@ -26,7 +26,7 @@ test-slow:  ## queued experiments, parallel tuning, byte-reproducibility
 	uv run pytest -m slow
 
 docs:  ## build the docs site strictly into site/ (uv run mkdocs serve: live preview)
-	uv run mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 uv run mkdocs build --strict
 
 docs-reference:  ## regenerate the config and CLI reference pages from the schema and the parser
 	uv run python scripts/docs_reference.py
