@@ -16,6 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import deep_repro.models  # noqa: E402, F401  (registers the architectures: `model` options)
 from deep_repro.config.schema import compose, load_config  # noqa: E402
 from deep_repro.errors import DeepReproError  # noqa: E402
 

@@ -440,8 +440,9 @@ HEADER_ROW = ["key", "type", "range / rule", "default", "meaning"]
 
 def config_page() -> str:
     sys.path.insert(0, str(ROOT / "src"))
-    from deep_repro import config
+    from deep_repro import config, models  # models: registers the architectures' schemas
 
+    assert models.MODELS
     defaults = compose([])
     _, top_comments = yaml_comments(CONF / "config.yaml")
     out = [HEADER, CONFIG_INTRO, "\n"]

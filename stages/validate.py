@@ -10,6 +10,7 @@ changing, and an edit of conf/ that was never composed into params.yaml is caugh
 
 import logging
 
+import deep_repro.models  # noqa: F401  (registers the architectures: checks `model` too)
 from deep_repro import preflight
 from deep_repro.config import urls
 from deep_repro.config.schema import load_config, validate

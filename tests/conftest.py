@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deep_repro import config, data
+from deep_repro import config, data, models  # noqa: F401  (models: registers `model` options)
 
 from .helpers import FIXTURE, REPO, Services, fixture_overrides
 

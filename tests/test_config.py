@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from deep_repro import config
+from deep_repro.config import stage_view as stage_config
 from deep_repro.config import urls
 from deep_repro.errors import ConfigError
 from deep_repro.models.registry import MODELS
@@ -111,7 +112,7 @@ def test_validation_imports_no_torch(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(config.compose([], REPO / "conf")))
     code = (
-        "import sys; from pathlib import Path; from deep_repro import config, preflight; "
+        "import sys; from pathlib import Path; from deep_repro import config, models, preflight; "
         f"cfg = config.load_config(Path({str(params)!r})); assert cfg.is_torch_model; "
         f"preflight.check(cfg, Path({str(tmp_path)!r})); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
@@ -125,6 +126,40 @@ def test_validation_imports_no_torch(tmp_path: Path) -> None:
         check=True,
     )
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_stage_that_reads_no_model_param_validates_all_but_model_without_model_code(
+    tmp_path: Path,
+) -> None:
+    # Issue 21: the data stages must not depend on model code (adding an architecture would
+    # rerun the download), so they check every section but `model`, and import no model module.
+    raw = config.compose([], REPO / "conf")
+    raw["model"] = {"name": "not-a-model-yet", "lr": -1}  # only `validate` and train see it
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    code = (
+        "import sys; from pathlib import Path; "
+        "from deep_repro.config.stage_view import load_stage_config, unrestricted; "
+        f"cfg = load_stage_config('split', Path({str(params)!r})); "
+        "print(cfg.split.val_size, unrestricted(cfg).model.name, "
+        "sorted(m for m in sys.modules if m.startswith('deep_repro.models')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(raw["split"]["val_size"]), "not-a-model-yet", "[]"]
+    # The same file fails every stage that reads the model, and the whole-config check.
+    with pytest.raises(ConfigError, match=r"model\.name = 'not-a-model-yet': expected one of"):
+        stage_config.load_stage_config("train", params)
+    with pytest.raises(ConfigError, match=r"model\.name = 'not-a-model-yet'"):
+        config.load_config(params)
+    # Every other section is still checked in full by a data stage.
+    raw["model"] = config.compose([], REPO / "conf")["model"]
+    raw["split"]["val_size"] = 1.5
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"split.val_size = 1.5: expected a value < 1.0"):
+        stage_config.load_stage_config("download", params)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from deep_repro import config, tracking
 from deep_repro.pipeline import STAGES
 
-from .helpers import copy_project, make_project, project_env, run
+from .helpers import VENV_BIN, copy_project, make_project, project_env, run
 
 # The stages that record an MLflow stage run (`validate` records none: nothing to track).
 TRACKED = {name for name, spec in STAGES.items() if spec.tracked}
@@ -105,14 +105,59 @@ def experiment(experiment_state: Path, tmp_path: Path) -> Path:
     return copy_project(experiment_state, tmp_path / "project")
 
 
-def test_editing_model_code_reruns_no_data_stage(first_repro: Path) -> None:
-    """Issue 21: the data stages do not import the model registry, so DVC reruns none of them
-    when it changes (validate is listed because it always runs)."""
-    registry = first_repro / "src/deep_repro/models/registry.py"
-    registry.write_text(registry.read_text() + "\n# a comment is a change to DVC\n")
-    status = dvc(first_repro, "status").stdout
+# A whole new architecture, written the way docs/how-to/add-model.md says: its schema and builder
+# appended to models/architectures.py; its values and search space in conf/.
+TINY_ARCHITECTURE = """
+
+@dataclass(frozen=True)
+class TinyConfig(TorchModelConfig):
+    name: Literal["tiny"]
+    hidden: int = field(metadata=rng(ge=1))
+
+    def footprint(self) -> tuple[int, int]:
+        return _linear(28 * 28, self.hidden) + _linear(self.hidden, NUM_CLASSES), 2 * self.hidden
+
+
+@register(TinyConfig, trainer="torch")
+def tiny(cfg: TinyConfig) -> nn.Sequential:
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, cfg.hidden), nn.ReLU(),
+                         nn.Linear(cfg.hidden, NUM_CLASSES))
+"""
+
+
+def test_adding_a_model_touches_three_files_and_reruns_no_data_stage(first_repro: Path) -> None:
+    """Issue 21: an architecture is one Python file's entry plus its two conf/ files, and the
+    data stages neither import nor validate model code, so DVC reruns none of them (validate is
+    listed because it always runs)."""
+    root = first_repro
+
+    def dirty() -> set[str]:
+        out = run(["git", "status", "--porcelain", "--untracked-files=all"], root).stdout
+        return {line[3:] for line in out.splitlines()}
+
+    before = dirty()  # the outputs of the repro (this copy commits none of them)
+    architectures = root / "src/deep_repro/models/architectures.py"
+    architectures.write_text(architectures.read_text() + TINY_ARCHITECTURE)
+    (root / "conf/model/tiny.yaml").write_text("name: tiny\nlr: 0.01\ndropout: 0.0\nhidden: 16\n")
+    (root / "conf/search/tiny.yaml").write_text(
+        "params:\n  model.hidden: {type: int, low: 8, high: 64, log: true}\n"
+    )
+    assert sorted(dirty() - before) == [
+        "conf/model/tiny.yaml",
+        "conf/search/tiny.yaml",
+        "src/deep_repro/models/architectures.py",
+    ]
+    status = dvc(root, "status").stdout
     changed = {line[:-1] for line in status.splitlines() if line and not line[0].isspace()}
     assert changed == {"validate", "train", "postprocess", "evaluate"}, status
+    # The new model is a choice the project's own code (scripts/ imports the copy's src/)
+    # composes and validates, like the five registered before it.
+    python = str(VENV_BIN / "python")
+    run([python, "scripts/compose_params.py", "model=tiny"], root, project_env(root))
+    assert yaml.safe_load((root / "params.yaml").read_text())["model"]["name"] == "tiny"
+    run([python, "scripts/compose_params.py", "--check"], root, project_env(root))
 
 
 def test_repro_produces_outputs_and_metrics(first_repro: Path) -> None:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import deep_repro.models  # noqa: F401  (registers the architectures: the config's `model` options)
 from deep_repro.classroom.leaderboard import format_table, leaderboard_rows, seed_group_rows
 from deep_repro.errors import DeepReproError, TrackingError, entrypoint
 from deep_repro.serving import server as serve

@@ -3,20 +3,17 @@
 Owns the schema (`schema`: every section of `params.yaml`, its types and ranges), the checker that
 turns plain YAML into typed, frozen objects with one-line errors (`typecheck`), the URL rules for
 every param that names a server (`urls`), the view of the config one DVC stage may read
-(`stage_view`) and the facts of the task itself (`task`: Fashion-MNIST's classes and image shape).
-Imports no torch: `validate` rejects a bad config in its first second.
+(`stage_view`), the facts of the task itself (`task`: Fashion-MNIST's classes and image shape)
+and the base of the architectures' schemas (`model_base`; the schemas themselves register from
+`deep_repro.models`). Imports no torch: `validate` rejects a bad config in its first second.
 """
 
-from deep_repro.config.architectures import (
-    ARCHITECTURES,
-    CNNConfig,
-    LogRegConfig,
-    MLPConfig,
-    MobileNetConfig,
+from deep_repro.config.model_base import (
     ModelConfig,
-    ResNetConfig,
     TorchModelConfig,
+    architectures,
     check_sizes,
+    register_architecture,
 )
 from deep_repro.config.schema import (
     DATA_FILES,
@@ -58,9 +55,9 @@ from deep_repro.config.task import (
     PIXEL_STD,
     class_label,
 )
+from deep_repro.config.typecheck import Unchecked
 
 __all__ = [
-    "ARCHITECTURES",
     "CLASS_NAMES",
     "DATA_FILES",
     "IMAGE_SHAPE",
@@ -71,23 +68,18 @@ __all__ = [
     "AdamWConfig",
     "AnalyzeConfig",
     "AugmentConfig",
-    "CNNConfig",
     "Config",
     "CosineConfig",
     "DataConfig",
     "EvaluateConfig",
     "LightAugmentConfig",
-    "LogRegConfig",
-    "MLPConfig",
     "MirrorUrl",
-    "MobileNetConfig",
     "ModelConfig",
     "NoAugmentConfig",
     "NoSchedulerConfig",
     "OneCycleConfig",
     "OptimizerConfig",
     "PostprocessConfig",
-    "ResNetConfig",
     "SGDConfig",
     "SchedulerConfig",
     "SplitConfig",
@@ -97,12 +89,15 @@ __all__ = [
     "TrackingUri",
     "TrainConfig",
     "TuneConfig",
+    "Unchecked",
+    "architectures",
     "check_sizes",
     "class_label",
     "compose",
     "compose_with_choices",
     "flatten",
     "load_config",
+    "register_architecture",
     "to_dict",
     "validate",
 ]

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from deep_repro.config import urls
-from deep_repro.config.architectures import ModelConfig, TorchModelConfig
-from deep_repro.config.typecheck import _build, _fail, rng
+from deep_repro.config.model_base import ModelConfig, TorchModelConfig
+from deep_repro.config.typecheck import Unchecked, _build, _fail, rng
 from deep_repro.errors import ConfigError
 from deep_repro.paths import repo_root
 
@@ -216,7 +216,8 @@ def _semantic_checks(cfg: Config) -> None:
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
     ):
         raise _fail("train.device", device, "one of 'auto', 'cpu', 'cuda', 'cuda:N'")
-    cfg.model.check()
+    if not isinstance(cfg.model, Unchecked):
+        cfg.model.check()
     if isinstance(cfg.optimizer, AdamWConfig):
         betas = cfg.optimizer.betas
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
@@ -231,15 +232,21 @@ DATA_FILES: tuple[str, ...] = (
 )
 
 
-def validate(raw: dict[str, Any]) -> Config:
-    """Turn a plain mapping (parsed params.yaml) into a typed `Config`, or raise ConfigError."""
-    cfg = _build(Config, raw, "")
+def validate(raw: dict[str, Any], *, model: bool = True) -> Config:
+    """Turn a plain mapping (parsed params.yaml) into a typed `Config`, or raise ConfigError.
+
+    `model=False` checks every section but `model`, kept as plain values (`Unchecked`): what a
+    stage that reads no model param does, so that it needs no model code (see `model_base`).
+    Checking `model` needs the architectures registered: import `deep_repro.models` first.
+    """
+    cfg = _build(Config, raw, "", unchecked=() if model else ("model",))
     _semantic_checks(cfg)
     return cfg
 
 
-def load_config(path: Path | None = None) -> Config:
-    """Load and validate `params.yaml` (the composed config) from the repository root."""
+def load_config(path: Path | None = None, *, model: bool = True) -> Config:
+    """Load and validate `params.yaml` (the composed config) from the repository root
+    (`model`: see `validate`)."""
     path = path or repo_root() / "params.yaml"
     try:
         raw = yaml.safe_load(path.read_text())
@@ -252,7 +259,7 @@ def load_config(path: Path | None = None) -> Config:
         raise ConfigError(
             f"config error: {path} is not valid YAML: {str(exc).splitlines()[0]}"
         ) from None
-    return validate(raw or {})
+    return validate(raw or {}, model=model)
 
 
 def to_dict(cfg: Any) -> Any:

@@ -1,8 +1,9 @@
 """What one stage may read of the config: exactly the params its dvc.yaml entry declares.
 
 DVC reruns a stage only when a param it *declares* changes, so a stage that read anything else
-could leave a stale output looking up to date. Every stage therefore validates the WHOLE config
-(one bad value anywhere fails in the first second) and then works on a restricted view of it.
+could leave a stale output looking up to date. Every stage therefore validates the config (one
+bad value fails in the first second; `model` only where the stage reads it) and then works on a
+restricted view of it.
 """
 
 from __future__ import annotations
@@ -79,9 +80,17 @@ def stage_view(cfg: Config, stage: str) -> Config:
 
 
 def load_stage_config(stage: str, path: Path | None = None) -> Config:
-    """Validate the WHOLE of `params.yaml` (one bad value anywhere fails every stage in its first
-    second), then return the view of it that `stage` may read."""
-    return stage_view(load_config(path), stage)
+    """Validate `params.yaml` (one bad value fails the stage in its first second), then return
+    the view of it that `stage` may read.
+
+    Every section is checked except `model` when the stage declares no model param: checking it
+    needs the architectures' code (`deep_repro.models`), on which a data stage must not depend,
+    or adding a model would rerun the download. The `validate` stage has checked it already."""
+    from deep_repro.pipeline import STAGES
+
+    declared = STAGES[stage].params
+    reads_model = any(p == "model" or p.startswith("model.") for p in declared)
+    return stage_view(load_config(path, model=reads_model), stage)
 
 
 def unrestricted(cfg: Config) -> Config:

@@ -1,6 +1,6 @@
 """Checking plain YAML values against the typed dataclass schema of `deep_repro.config`.
 
-Generic on purpose: the schema (config/schema.py, config/architectures.py) says *what* is
+Generic on purpose: the schema (config/schema.py, models/architectures.py) says *what* is
 allowed (types, Literal options, ranges in field metadata, tagged unions picked by `name`);
 this module says *how* a value is checked, so every error has the same one-line shape
 naming the key:
@@ -13,6 +13,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from deep_repro.errors import ConfigError
@@ -137,7 +138,24 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
                 raise _fail(key, value, f"a value {sym} {bound}")
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+class Unchecked(dict[str, Any]):
+    """A section this process did not validate, kept as its plain YAML values.
+
+    A DVC stage validates only the sections it reads (the `validate` stage, first in every
+    pipeline, checks them all): the data stages leave `model` unchecked, so they need no model
+    code and adding an architecture reruns none of them. MLflow still records the values, and
+    tracking reads the few it tags (`cfg.model.name`) by attribute.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        return Unchecked(value) if isinstance(value, dict) else value
+
+
+def _build(cls: type, raw: Any, prefix: str, unchecked: Collection[str] = ()) -> Any:
     if not isinstance(raw, dict):
         raise _fail(prefix, raw, "a mapping")
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -155,6 +173,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         if name not in raw:
             raise ConfigError(f"config error: missing key {key}")
+        if name in unchecked:
+            kwargs[name] = Unchecked(raw[name]) if isinstance(raw[name], dict) else raw[name]
+            continue
         value = _coerce(key, raw[name], hints[name])
         _check_range(key, value, f.metadata)
         kwargs[name] = value

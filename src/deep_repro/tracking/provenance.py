@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deep_repro.config.schema import Config, flatten, to_dict
+from deep_repro.config.typecheck import Unchecked
 from deep_repro.files import file_digest
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import STAGES
@@ -181,6 +182,8 @@ def used_params(cfg: Config, params: Mapping[str, Any] | None = None) -> dict[st
     """`params` (default: the whole flattened config) without the keys the model's trainer
     kind does not read."""
     flat = flatten(to_dict(cfg)) if params is None else params
+    if isinstance(cfg.model, Unchecked):  # a data stage: the trainer kind is model code's to say
+        return dict(flat)
     unused = _UNUSED_BY_TRAINER.get("torch" if cfg.is_torch_model else "sklearn", ())
     return {
         k: v for k, v in flat.items() if not any(k == u or k.startswith(u + ".") for u in unused)

@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import torch
 
-from deep_repro.config.architectures import LogRegConfig
 from deep_repro.config.schema import (
     Config,
 )
+from deep_repro.models import LogRegConfig
 from deep_repro.models.registry import build_model
 from deep_repro.training.augment import normalise
 from deep_repro.training.device import seed_everything

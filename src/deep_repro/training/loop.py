@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deep_repro.config.architectures import TorchModelConfig
+from deep_repro.config.model_base import TorchModelConfig
 from deep_repro.config.schema import AugmentConfig, Config
 from deep_repro.errors import TrainingError
 from deep_repro.models.registry import build_model, get_spec
