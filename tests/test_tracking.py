@@ -391,3 +391,42 @@ def test_a_failed_stage_says_why_on_its_runs(
         assert run.data.tags["mlflow.source.type"] == "LOCAL"
     [pipeline] = [r for r in runs if r.data.tags["deep_repro.kind"] == "pipeline"]
     assert "Reproduce:" in pipeline.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.parametrize(
+    ("model", "trainer_keys"),
+    [("mlp", {"optimizer.name", "train.epochs", "augment.name"}), ("logreg", set())],
+)
+def test_a_pipeline_run_opened_by_a_data_stage_gets_its_trainer_keys_from_the_train_stage(
+    make_cfg: Make, tracking_env: str, model: str, trainer_keys: set[str]
+) -> None:
+    """Issue 21: a data stage checks no model (no model code), so it cannot know which keys the
+    trainer reads; it logs the keys every trainer reads, and the first stage that checked the
+    model adds its trainer's keys to the same pipeline run (a logreg still gets no optimizer)."""
+    from deep_repro.config.schema import to_dict, validate
+
+    cfg = make_cfg(f"model={model}")
+    data_cfg = validate(to_dict(cfg), model=False)
+    assert isinstance(data_cfg.model, config.Unchecked) and data_cfg.model.name == model
+    client, exp_id = tracking.connect(tracking_env, cfg.tracking.experiment)
+    opened = tracking.get_or_create_pipeline_run(client, exp_id, tracking_env, data_cfg, {}, "k")
+    first = set(client.get_run(opened).data.params)
+    assert "model.name" in first and "data.subset" in first
+    assert not first & {"optimizer.name", "train.epochs", "augment.name"}
+    joined = tracking.get_or_create_pipeline_run(client, exp_id, tracking_env, cfg, {}, "k")
+    assert joined == opened
+    params = client.get_run(opened).data.params
+    added = set(params) - first
+    assert trainer_keys <= added if trainer_keys else not added
+    assert params == {k: str(v) for k, v in pipeline_params_as_logged(cfg).items()}
+
+
+def pipeline_params_as_logged(cfg: Any) -> dict[str, Any]:
+    import json
+
+    from deep_repro.tracking.provenance import pipeline_params
+
+    return {
+        k: json.dumps(v) if isinstance(v, list | dict) else v
+        for k, v in pipeline_params(cfg).items()
+    }

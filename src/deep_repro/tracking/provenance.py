@@ -182,9 +182,13 @@ def used_params(cfg: Config, params: Mapping[str, Any] | None = None) -> dict[st
     """`params` (default: the whole flattened config) without the keys the model's trainer
     kind does not read."""
     flat = flatten(to_dict(cfg)) if params is None else params
-    if isinstance(cfg.model, Unchecked):  # a data stage: the trainer kind is model code's to say
-        return dict(flat)
-    unused = _UNUSED_BY_TRAINER.get("torch" if cfg.is_torch_model else "sklearn", ())
+    if isinstance(cfg.model, Unchecked):
+        # A data stage checked no model and has no model code to ask which trainer it needs:
+        # only the keys every trainer reads. The first stage that reads the model adds the rest
+        # to the pipeline run (runs.get_or_create_pipeline_run).
+        unused: tuple[str, ...] = tuple(k for keys in _UNUSED_BY_TRAINER.values() for k in keys)
+    else:
+        unused = _UNUSED_BY_TRAINER.get("torch" if cfg.is_torch_model else "sklearn", ())
     return {
         k: v for k, v in flat.items() if not any(k == u or k.startswith(u + ".") for u in unused)
     }

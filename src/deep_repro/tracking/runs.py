@@ -74,6 +74,11 @@ def get_or_create_pipeline_run(
         )
         if found is not None:
             client.update_run(found.info.run_id, status="RUNNING")
+            # Opened by a data stage, which logs only the keys every trainer reads: a stage that
+            # checked the model adds the keys its trainer reads (never changing a logged one).
+            missing = {k: v for k, v in pipeline_params(cfg).items() if k not in found.data.params}
+            if missing:
+                log_params(client, found.info.run_id, missing)
             return found.info.run_id
         run_name = pipeline_run_name(
             tags.get(f"{TAG_PREFIX}.user") or run_user(cfg.tracking.user),
