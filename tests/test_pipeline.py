@@ -227,6 +227,20 @@ def test_one_pipeline_run_with_seven_linked_stage_runs(first_repro: Path) -> Non
     assert "does not beat evaluate.baseline" in version.tags["validation_reason"]
 
 
+def test_a_registered_version_says_who_registered_it(first_repro: Path) -> None:
+    # MLflow 3.17's registry UI leaves "Created by" empty (create_model_version takes no user):
+    # a tag and the description say who, and from which run (issue 21).
+    client, _ = client_for(first_repro)
+    (version,) = client.search_model_versions("name = 'fashion-mnist-classifier'")
+    producer = client.get_run(version.run_id).data.tags
+    assert producer["deep_repro.stage"] == "postprocess"
+    assert version.tags["created_by"] == producer["deep_repro.user"]
+    assert version.description == (
+        f"Registered by {producer['deep_repro.user']} from the postprocess stage run "
+        f"{version.run_id}."
+    )
+
+
 def test_second_repro_runs_nothing(first_repro: Path) -> None:
     client, exp_id = client_for(first_repro)
     before = len(client.search_runs([exp_id], max_results=1000))

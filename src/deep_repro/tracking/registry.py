@@ -17,6 +17,7 @@ from deep_repro.tracking.provenance import invocation_key
 from deep_repro.tracking.runs import (
     StageRun,
 )
+from deep_repro.tracking.store import TAG_PREFIX
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -99,6 +100,9 @@ def log_inference_model(
                     ]
                 ),
             )
+            version = getattr(info, "registered_model_version", None)
+            if version is not None:
+                _credit(run.client, run.run_id, model_name, str(version))
     except Exception as exc:
         if not spool.is_transient(exc):
             raise
@@ -110,8 +114,21 @@ def log_inference_model(
             model_name,
         )
         return None
-    version = getattr(info, "registered_model_version", None)
     return str(version) if version is not None else None
+
+
+def _credit(client: MlflowClient, run_id: str, model_name: str, version: str) -> None:
+    """Say who registered the version: MLflow 3.17's `create_model_version` takes no user, so
+    the registry UI's "Created by" stays empty. The run's user (`deep_repro.user`, else MLflow's
+    `mlflow.user`) goes into a `created_by` tag and the description, with the run it came from."""
+    tags = client.get_run(run_id).data.tags
+    user = tags.get(f"{TAG_PREFIX}.user") or tags.get("mlflow.user") or "unknown"
+    client.set_model_version_tag(model_name, version, "created_by", user)
+    client.update_model_version(
+        model_name,
+        version,
+        description=f"Registered by {user} from the postprocess stage run {run_id}.",
+    )
 
 
 def _conda_env(pip: list[str]) -> dict[str, Any]:
