@@ -45,7 +45,7 @@ def build_project(root: Path) -> Path:
     import yaml
     from PIL import Image
 
-    from deep_repro import config, data, inference, tracking, training
+    from deep_repro import config, data, evaluation, inference, tracking, training
     from deep_repro.files import atomic_path
     from tests.helpers import FIXTURE, fixture_overrides
 
@@ -65,7 +65,11 @@ def build_project(root: Path) -> Path:
     with tracking.stage_run("postprocess", cfg) as run:
         version = tracking.log_inference_model(run, target, x[:4], cfg.tracking.model_name)
     assert version is not None
-    evidence = tracking.Evidence(np.arange(1000) < 900, "benchmark")
+    labels = np.arange(1000) % 10
+    predicted = np.where(np.arange(1000) < 900, labels, (labels + 1) % 10)
+    evidence = evaluation.Predictions(
+        {"val": evaluation.split_predictions("benchmark", labels, predicted)}
+    )
     tracking.validation_gate(run.client, cfg.tracking.model_name, version, evidence, 0.5, 0.05)
     Image.fromarray(np.asarray(x[0], dtype=np.uint8)).save(root / "one.png")
     return root

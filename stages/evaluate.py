@@ -24,6 +24,7 @@ from deep_repro.pipeline import (
     METRICS,
     MISCLASSIFIED_PNG,
     PER_CLASS,
+    PREDICTIONS,
     RELIABILITY,
     RELIABILITY_PNG,
     SPLIT_TEST,
@@ -43,18 +44,18 @@ def main() -> None:
     splits = data.load_splits(root / SPLIT_TRAIN_VAL, root / SPLIT_TEST)
     with tracking.stage_run("evaluate", cfg) as run:
         torch.set_num_threads(resolve_num_threads(cfg.train.num_threads))
-        metrics, details, logits, reports, digests = {}, {}, {}, {}, {}
+        metrics, details, logits, reports, parts = {}, {}, {}, {}, {}
         for part, x, y, source in (
             ("val", splits.x_val, splits.y_val, SPLIT_TRAIN_VAL),
             ("test", splits.x_test, splits.y_test, SPLIT_TEST),
         ):
-            digests[part] = data.array_digest(x, y)
+            digest = data.array_digest(x, y)
             tracking.log_dataset(
                 run,
                 f"fashion-mnist-{part}",
                 x,
                 y,
-                digests[part],
+                digest,
                 str(root / source),
                 context=part,
             )
@@ -62,6 +63,7 @@ def main() -> None:
             logits[part] = inference.predict_logits(model, x).numpy()
             seconds = time.perf_counter() - start
             reports[part] = evaluation.classification_report(y, logits[part])
+            parts[part] = evaluation.split_predictions(digest, y, logits[part].argmax(axis=1))
             headline = reports[part].headline(part)
             # DVC metrics: three numbers per split, so `dvc metrics show`/`exp show` stay
             # readable; every number of the report goes to reports/eval/details.json and MLflow.
@@ -72,6 +74,8 @@ def main() -> None:
             run.log_metrics({f"{part}_ms_per_image": 1e3 * seconds / len(y)})
         files.write_json(root / METRICS, metrics)
         files.write_json(root / EVAL_DETAILS, details)
+        predictions = evaluation.Predictions(parts)
+        files.write_bytes(root / PREDICTIONS, predictions.to_bytes())
 
         test, x_test, y_test = reports["test"], splits.x_test, splits.y_test
         files.write_csv(
@@ -93,14 +97,14 @@ def main() -> None:
         run.log_artifact(root / METRICS)
         run.log_artifact(root / EVAL_DETAILS)
 
-        # Model validation on the validation images only (see deep_repro.tracking.gate).
+        # Model validation on the validation images only (see deep_repro.tracking.gate): the
+        # gate stores the predictions file with the registered version as its evidence.
         val = reports["val"]
-        evidence = tracking.Evidence(logits["val"].argmax(axis=1) == splits.y_val, digests["val"])
         decision = tracking.judge_registered_model(
             run,
             cfg.tracking.model_name,
             root,
-            evidence,
+            predictions,
             cfg.evaluate.baseline,
             cfg.evaluate.alpha,
         )

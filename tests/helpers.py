@@ -199,12 +199,15 @@ class Services:
 
 
 def evidence(accuracy: float, n: int = 1000, offset: int = 0, images: str = "val") -> Any:
-    """Gate evidence of a model with this validation accuracy on `n` images. With the same
-    `offset`, the better model is right on every image the worse one is (any gap of >= 6 of
-    1,000 images is significant); different offsets make them disagree both ways (noise)."""
+    """The validation predictions of a model with this accuracy on `n` images (the gate's
+    evidence). With the same `offset`, the better model is right on every image the worse one is
+    (any gap of >= 6 of 1,000 images is significant); different offsets make them disagree both
+    ways (noise)."""
     import numpy as np
 
-    from deep_repro import tracking
+    from deep_repro import evaluation
 
+    labels = np.arange(n) % 10
     correct = (np.arange(n) + offset) % n < round(accuracy * n)
-    return tracking.Evidence(correct, images)
+    predicted = np.where(correct, labels, (labels + 1) % 10)
+    return evaluation.Predictions({"val": evaluation.split_predictions(images, labels, predicted)})

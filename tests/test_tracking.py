@@ -3,9 +3,11 @@ run of an invocation, and the model validation gate."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+import tempfile
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from deep_repro import config, tracking
-from deep_repro.errors import TrackingError, scrub
+from deep_repro.errors import TrackingError, ValidationError, scrub
 from deep_repro.paths import store_root
 from tests.helpers import evidence
 
@@ -172,15 +174,78 @@ def test_champion_moves_only_for_significantly_better_validated_models(tracking_
     assert str(client.get_model_version_by_alias(name, "champion").version) == "5"
 
 
-def test_gate_evidence_round_trips_through_a_tag() -> None:
+def test_predictions_file_round_trips_and_refuses_anything_else() -> None:
     import numpy as np
+
+    from deep_repro import evaluation
+    from deep_repro.evaluation import predictions as pf
+
+    rng = np.random.default_rng(0)
+    labels, predicted = rng.integers(0, 10, 6000), rng.integers(0, 10, 6000)
+    original = evaluation.Predictions(
+        {"val": evaluation.split_predictions("digest", labels, predicted)}
+    )
+    data = original.to_bytes()
+    assert len(data) < 13_000  # one digit per image and per label
+    assert original.to_bytes() == data and original.sha256() == pf.from_bytes(data, "x").sha256()
+    back = pf.from_bytes(data, "x").splits["val"]
+    assert np.array_equal(back.labels, labels) and np.array_equal(back.predicted, predicted)
+    assert back.accuracy == float(np.mean(labels == predicted))
+    body = json.loads(data)
+    for broken, why in [
+        (b"\x80not json", "invalid JSON"),
+        (json.dumps({**body, "format": "other"}).encode(), "expected format"),
+        (data.replace(b'"n": 6000', b'"n": 5999'), "expected labels as 5999 class digits"),
+        (data.replace(b'"predicted": "', b'"predicted": "x', 1), "expected predicted as 6000"),
+        (b" " * (pf.MAX_BYTES + 1), "expected at most"),
+    ]:
+        with pytest.raises(ValidationError, match=f"^v7: not a predictions file .*{why}"):
+            pf.from_bytes(broken, "v7")
+
+
+def test_the_gate_recomputes_evidence_and_leaves_out_a_tampered_file(tracking_env: str) -> None:
+    """The gate stores each version's predictions with its run (sha256 in a tag) and recomputes
+    which images it got right from them; a file replaced afterwards, or whose labels contradict
+    the validation images digest, takes no part in the election (issue 21 item 5)."""
+    from mlflow.artifacts import download_artifacts
 
     from deep_repro.tracking import gate
 
-    correct = np.random.default_rng(0).random(6000) < 0.92
-    value = gate.encode_correct(correct)
-    assert len(value) < 1500  # 6,000 validation images fit a model-version tag easily
-    assert np.array_equal(gate.decode_correct(value), correct)
+    client, _ = tracking.connect(tracking_env, "gate")
+    name = "evidence-model"
+    client.create_registered_model(name)
+    first = _version(client, name)
+    tracking.validation_gate(client, name, first, evidence(0.90), 0.5, 0.05)
+    tags = client.get_model_version(name, first).tags
+    assert "val_correct" not in tags  # no per-image bits in a tag any more
+    assert tags["predictions"] == f"runs:/{client.get_model_version(name, first).run_id}/" + (
+        gate.PREDICTIONS_ARTIFACT
+    )
+    local = Path(download_artifacts(tags["predictions"], tracking_uri=tracking_env))
+    assert hashlib.sha256(local.read_bytes()).hexdigest() == tags["predictions_sha256"]
+    assert local.read_bytes() == evidence(0.90).to_bytes()
+    # Tamper with the champion's file after the fact: a later gate leaves v1 out and the
+    # newcomer, unpaired, becomes champion on its own (instead of being compared to a lie).
+    gate._LOADED.clear()
+    forged = evidence(0.99)
+    run_id = client.get_model_version(name, first).run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "predictions.json"
+        path.write_bytes(forged.to_bytes())
+        client.log_artifact(run_id, str(path), "evidence")
+    second = _version(client, name)
+    decision = tracking.validation_gate(client, name, second, evidence(0.91), 0.5, 0.05)
+    assert decision.outcome == "first", decision.reason
+    # Labels that contradict the images digest the gate knows: left out as well.
+    gate._LOADED.clear()
+    third = _version(client, name)
+    lying = evidence(0.95)
+    val = lying.splits["val"]
+    lying.splits["val"] = type(val)(val.images, (val.labels + 1) % 10, (val.predicted + 1) % 10)
+    tracking.validation_gate(client, name, third, lying, 0.5, 0.05)
+    fourth = _version(client, name)
+    decision = tracking.validation_gate(client, name, fourth, evidence(0.93), 0.5, 0.05)
+    assert decision.champion_accuracy == pytest.approx(0.91), decision.reason
 
 
 @pytest.mark.slow

@@ -38,6 +38,9 @@ POSTPROCESS_REPORT = "reports/postprocess.json"
 METRICS = "reports/metrics.json"  # DVC metrics: {"val"|"test": accuracy, ci95, macro_f1}
 EVAL_DETAILS = "reports/eval/details.json"  # every number of the evaluation (top2, ece, ...)
 CONFUSION = "reports/eval/confusion.csv"
+# What the inference model predicted on every val and test image (evaluation.predictions): the
+# gate's evidence, and what any later check of the result recomputes from.
+PREDICTIONS = "reports/eval/predictions.json"
 PER_CLASS = "reports/eval/per_class.csv"
 RELIABILITY = "reports/eval/reliability.csv"
 CONFUSION_PNG = "reports/eval/confusion_matrix.png"
@@ -107,6 +110,7 @@ STAGES: dict[str, StageSpec] = {
             (
                 METRICS,
                 EVAL_DETAILS,
+                PREDICTIONS,
                 CONFUSION,
                 PER_CLASS,
                 RELIABILITY,

@@ -1,5 +1,5 @@
 """Metrics: accuracy with confidence intervals, macro-F1, calibration, McNemar's test, the
-evaluation report's tables and figures.
+evaluation report's tables and figures, and the per-image predictions file every check reads.
 """
 
 from deep_repro.evaluation.metrics import (
@@ -17,9 +17,16 @@ from deep_repro.evaluation.metrics import (
     softmax,
     wilson_interval,
 )
+from deep_repro.evaluation.predictions import (
+    Predictions,
+    SplitPredictions,
+    split_predictions,
+)
 
 __all__ = [
     "ClassificationReport",
+    "Predictions",
+    "SplitPredictions",
     "classification_report",
     "confusion_figure",
     "confusion_matrix",
@@ -31,5 +38,6 @@ __all__ = [
     "reliability_figure",
     "reliability_rows",
     "softmax",
+    "split_predictions",
     "wilson_interval",
 ]

@@ -11,19 +11,35 @@ The gate therefore moves the alias only when the candidate is better than the ch
 noise: an exact McNemar test on the images where the two disagree, at `evaluate.alpha`. Runs
 that differ only by seed share the validation images (`split.seed` is fixed), so they are
 paired image by image; versions validated on other images are never compared.
+
+Why per-image predictions and not a verdict per image: the evidence of each version is the file
+of what it predicted on every validation image (`evaluation.predictions`, logged with the
+version's run, its sha256 in a tag). Which images it got right is recomputed from it, never
+read from a claim; a file that does not match its recorded sha256, or whose labels contradict the
+images digest this gate knows, takes no part in the election.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
+import tempfile
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deep_repro.errors import ValidationError
 from deep_repro.evaluation.metrics import mcnemar_p_value
+from deep_repro.evaluation.predictions import (
+    MAX_BYTES,
+    Predictions,
+    SplitPredictions,
+    from_bytes,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -36,8 +52,11 @@ METRIC = "val_accuracy"  # the number the gate (and the leaderboard rank) decide
 # Model-version tags written by the gate: the evidence another gate needs to pair with us.
 TAG_STATUS = "validation_status"
 TAG_REASON = "validation_reason"
-TAG_CORRECT = "val_correct"  # which validation images the version got right (packed bits)
-TAG_IMAGES = "val_images"  # digest of the validation images + labels those bits refer to
+TAG_PREDICTIONS = "predictions"  # runs:/<run>/evidence/predictions.json: per-image predictions
+TAG_PREDICTIONS_SHA256 = "predictions_sha256"
+PREDICTIONS_ARTIFACT = "evidence/predictions.json"
+TAG_CORRECT = "val_correct"  # before predictions files: packed bits (read, never written)
+TAG_IMAGES = "val_images"  # digest of the validation images + labels the evidence refers to
 TAG_ALPHA = "gate_alpha"
 TAG_DECISION = "gate_decision"  # first | promoted | kept | rejected | incomparable | champion
 TAG_P_VALUE = "gate_p_value"  # McNemar vs the champion it faced (when paired)
@@ -57,13 +76,8 @@ class Evidence:
         return float(np.mean(self.correct)) if len(self.correct) else 0.0
 
 
-def encode_correct(correct: np.ndarray) -> str:
-    """`n:base64(zlib(packbits))`: 6,000 images fit in ~1 KB of tag value."""
-    bits = np.packbits(np.asarray(correct, dtype=bool))
-    return f"{len(correct)}:{base64.b64encode(zlib.compress(bits.tobytes(), 9)).decode()}"
-
-
 def decode_correct(value: str) -> np.ndarray:
+    """The evidence of versions gated before predictions files: `n:base64(zlib(packbits))`."""
     n, payload = value.split(":", 1)
     bits = np.frombuffer(zlib.decompress(base64.b64decode(payload)), dtype=np.uint8)
     return np.unpackbits(bits)[: int(n)].astype(bool)
@@ -87,18 +101,83 @@ class Verdict:
     comparable: bool
 
 
-def _entries(client: MlflowClient, model_name: str) -> list[_Entry]:
-    """Every validated version carrying complete evidence (older versions gated under another
-    rule lack it and take no part: they cannot be paired)."""
+# Predictions files already read and checked, by (URI, sha256): an election reads every version's
+# evidence, and the gate repeats the election until the alias agrees with it.
+_LOADED: dict[tuple[str, str], Predictions] = {}
+
+
+def store_predictions(client: MlflowClient, run_id: str, predictions: Predictions) -> str:
+    """Log `predictions` with the run `run_id` (the version's own run) and return its URI."""
+    uri = f"runs:/{run_id}/{PREDICTIONS_ARTIFACT}"
+    with tempfile.TemporaryDirectory(prefix="deep-repro-evidence-") as tmp:
+        path = Path(tmp) / Path(PREDICTIONS_ARTIFACT).name
+        path.write_bytes(predictions.to_bytes())
+        client.log_artifact(run_id, str(path), str(Path(PREDICTIONS_ARTIFACT).parent))
+    _LOADED[(uri, predictions.sha256())] = predictions
+    return uri
+
+
+def load_predictions(client: MlflowClient, uri: str, sha256: str, what: str) -> Predictions:
+    """The predictions file at `uri` (`runs:/<run>/<path>`), checked against `sha256`; any
+    fault is one ValidationError line naming `what`."""
+    if (uri, sha256) in _LOADED:
+        return _LOADED[(uri, sha256)]
+    from mlflow.exceptions import MlflowException
+
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    if not uri.startswith("runs:/") or not run_id or not path:
+        raise ValidationError(f"{what}: predictions URI {uri!r} is not runs:/<run>/<path>")
+    with tempfile.TemporaryDirectory(prefix="deep-repro-evidence-") as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, path, tmp))
+        except (MlflowException, OSError) as exc:
+            raise ValidationError(f"{what}: cannot read {uri}: {exc}") from None
+        if not local.is_file() or local.stat().st_size > MAX_BYTES:
+            raise ValidationError(f"{what}: {uri} is not a predictions file of <= {MAX_BYTES} B")
+        data = local.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValidationError(f"{what}: {uri} does not match its recorded sha256")
+    _LOADED[(uri, sha256)] = predictions = from_bytes(data, what)
+    return predictions
+
+
+def _evidence(client: MlflowClient, mv: Any, reference: SplitPredictions | None) -> Evidence:
+    """What one version got right on validation, recomputed from its predictions file (or, for
+    versions gated before such files, read from the packed bits they carry)."""
+    tags, what = mv.tags, f"version {mv.version}"
+    if TAG_PREDICTIONS not in tags:
+        return Evidence(decode_correct(tags[TAG_CORRECT]), tags[TAG_IMAGES])
+    val = load_predictions(
+        client, tags[TAG_PREDICTIONS], tags.get(TAG_PREDICTIONS_SHA256, ""), what
+    ).splits.get("val")
+    if val is None:
+        raise ValidationError(f"{what}: its predictions file has no 'val' split")
+    if (
+        reference is not None
+        and val.images == reference.images
+        and not np.array_equal(val.labels, reference.labels)
+    ):
+        raise ValidationError(f"{what}: its labels contradict the validation images digest")
+    return Evidence(val.correct, val.images)
+
+
+def _entries(
+    client: MlflowClient, model_name: str, reference: SplitPredictions | None = None
+) -> list[_Entry]:
+    """Every validated version carrying complete, consistent evidence (one lacking it takes no
+    part: it cannot be paired). `reference`: the validation split this gate knows."""
     entries = []
     for mv in client.search_model_versions(f"name = '{model_name}'"):
         tags = mv.tags
         if tags.get(TAG_STATUS) != "validated":
             continue
         try:
-            evidence = Evidence(decode_correct(tags[TAG_CORRECT]), tags[TAG_IMAGES])
+            evidence = _evidence(client, mv, reference)
             alpha = float(tags[TAG_ALPHA])
         except (KeyError, ValueError, zlib.error):
+            continue
+        except ValidationError as exc:
+            log.warning("%s: left out of the election", exc)
             continue
         entries.append(_Entry(str(mv.version), evidence, alpha))
     return sorted(entries, key=lambda e: int(e.version))
@@ -147,14 +226,16 @@ def _champion_version(client: MlflowClient, model_name: str) -> str | None:
         return None
 
 
-def champion_after_election(client: MlflowClient, model_name: str) -> tuple[str | None, Any]:
+def champion_after_election(
+    client: MlflowClient, model_name: str, reference: SplitPredictions | None = None
+) -> tuple[str | None, Any]:
     """Repeat "read the alias, elect, move the alias" until the alias is the elected version.
     Returns (alias, verdicts of the last election)."""
     champion = _champion_version(client, model_name)
     verdicts: dict[str, Verdict] = {}
     for _ in range(GATE_MAX_ROUNDS):
         champion = _champion_version(client, model_name)  # alias first, then the election
-        elected, verdicts = elect(_entries(client, model_name))
+        elected, verdicts = elect(_entries(client, model_name, reference))
         if elected is None or champion == elected:
             break
         client.set_registered_model_alias(model_name, CHAMPION, elected)
@@ -171,7 +252,7 @@ def validation_gate(
     client: MlflowClient,
     model_name: str,
     version: str,
-    evidence: Evidence,
+    predictions: Predictions,
     baseline: float,
     alpha: float,
 ) -> GateDecision:
@@ -180,16 +261,23 @@ def validation_gate(
     (a version counted as validated always has complete evidence), then the election runs until
     the alias agrees with it; whichever concurrent gate finishes last leaves the right champion."""
     previous = _champion_version(client, model_name)
+    val = predictions.splits["val"]
+    evidence = Evidence(val.correct, val.images)
     accuracy = evidence.accuracy
+    run_id = client.get_model_version(model_name, version).run_id
+    if not run_id:  # registered from a path: no run to keep the evidence with
+        raise ValidationError(f"{model_name} version {version} has no run to keep its evidence")
+    uri = store_predictions(client, run_id, predictions)
     client.set_model_version_tag(model_name, version, METRIC, f"{accuracy:.6f}")
-    client.set_model_version_tag(model_name, version, TAG_CORRECT, encode_correct(evidence.correct))
+    client.set_model_version_tag(model_name, version, TAG_PREDICTIONS, uri)
+    client.set_model_version_tag(model_name, version, TAG_PREDICTIONS_SHA256, predictions.sha256())
     client.set_model_version_tag(model_name, version, TAG_IMAGES, evidence.images)
     client.set_model_version_tag(model_name, version, TAG_ALPHA, repr(float(alpha)))
     validated = accuracy > baseline
     client.set_model_version_tag(
         model_name, version, TAG_STATUS, "validated" if validated else "rejected"
     )
-    champion, verdicts = champion_after_election(client, model_name)
+    champion, verdicts = champion_after_election(client, model_name, val)
     verdict = verdicts.get(version)
     ours = f"val accuracy {accuracy:.4f}"
     if not validated or verdict is None:

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deep_repro.evaluation.predictions import Predictions
 from deep_repro.files import file_digest
 from deep_repro.tracking import spool
-from deep_repro.tracking.gate import Evidence, GateDecision, validation_gate
+from deep_repro.tracking.gate import GateDecision, validation_gate
 from deep_repro.tracking.lineage import find_producer
 from deep_repro.tracking.provenance import invocation_key
 from deep_repro.tracking.runs import (
@@ -162,7 +163,7 @@ def judge_registered_model(
     run: StageRun,
     model_name: str,
     root: Path,
-    evidence: Evidence,
+    predictions: Predictions,
     baseline: float,
     alpha: float,
 ) -> GateDecision:
@@ -195,7 +196,7 @@ def judge_registered_model(
         log.warning(decision.reason)
         return decision
     decision = validation_gate(
-        run.client, model_name, str(version.version), evidence, baseline, alpha
+        run.client, model_name, str(version.version), predictions, baseline, alpha
     )
     run.set_tags(
         {
