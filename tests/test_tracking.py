@@ -218,9 +218,9 @@ def test_the_gate_recomputes_evidence_and_leaves_out_a_tampered_file(tracking_en
     tracking.validation_gate(client, name, first, evidence(0.90), 0.5, 0.05)
     tags = client.get_model_version(name, first).tags
     assert "val_correct" not in tags  # no per-image bits in a tag any more
-    assert tags["predictions"] == f"runs:/{client.get_model_version(name, first).run_id}/" + (
-        gate.PREDICTIONS_ARTIFACT
-    )
+    run_id = client.get_model_version(name, first).run_id
+    sha = tags["predictions_sha256"]
+    assert tags["predictions"] == f"runs:/{run_id}/evidence/predictions-{sha}.json"
     local = Path(download_artifacts(tags["predictions"], tracking_uri=tracking_env))
     assert hashlib.sha256(local.read_bytes()).hexdigest() == tags["predictions_sha256"]
     assert local.read_bytes() == evidence(0.90).to_bytes()
@@ -228,9 +228,8 @@ def test_the_gate_recomputes_evidence_and_leaves_out_a_tampered_file(tracking_en
     # newcomer, unpaired, becomes champion on its own (instead of being compared to a lie).
     gate._LOADED.clear()
     forged = evidence(0.99)
-    run_id = client.get_model_version(name, first).run_id
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "predictions.json"
+        path = Path(tmp) / f"predictions-{sha}.json"
         path.write_bytes(forged.to_bytes())
         client.log_artifact(run_id, str(path), "evidence")
     second = _version(client, name)

@@ -52,9 +52,10 @@ METRIC = "val_accuracy"  # the number the gate (and the leaderboard rank) decide
 # Model-version tags written by the gate: the evidence another gate needs to pair with us.
 TAG_STATUS = "validation_status"
 TAG_REASON = "validation_reason"
-TAG_PREDICTIONS = "predictions"  # runs:/<run>/evidence/predictions.json: per-image predictions
+TAG_PREDICTIONS = "predictions"  # runs:/<run>/evidence/predictions-<sha256>.json
 TAG_PREDICTIONS_SHA256 = "predictions_sha256"
-PREDICTIONS_ARTIFACT = "evidence/predictions.json"
+# Named by content: two versions of one run (or a rerun) never overwrite each other's evidence.
+EVIDENCE_DIR = "evidence"
 TAG_CORRECT = "val_correct"  # before predictions files: packed bits (read, never written)
 TAG_IMAGES = "val_images"  # digest of the validation images + labels the evidence refers to
 TAG_ALPHA = "gate_alpha"
@@ -108,12 +109,14 @@ _LOADED: dict[tuple[str, str], Predictions] = {}
 
 def store_predictions(client: MlflowClient, run_id: str, predictions: Predictions) -> str:
     """Log `predictions` with the run `run_id` (the version's own run) and return its URI."""
-    uri = f"runs:/{run_id}/{PREDICTIONS_ARTIFACT}"
+    sha256 = predictions.sha256()
+    name = f"predictions-{sha256}.json"
+    uri = f"runs:/{run_id}/{EVIDENCE_DIR}/{name}"
     with tempfile.TemporaryDirectory(prefix="deep-repro-evidence-") as tmp:
-        path = Path(tmp) / Path(PREDICTIONS_ARTIFACT).name
+        path = Path(tmp) / name
         path.write_bytes(predictions.to_bytes())
-        client.log_artifact(run_id, str(path), str(Path(PREDICTIONS_ARTIFACT).parent))
-    _LOADED[(uri, predictions.sha256())] = predictions
+        client.log_artifact(run_id, str(path), EVIDENCE_DIR)
+    _LOADED[(uri, sha256)] = predictions
     return uri
 
 
