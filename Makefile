@@ -23,7 +23,7 @@ test:  ## the fast suite (the README's test command)
 	uv run pytest
 
 test-slow:  ## queued experiments, parallel tuning, byte-reproducibility
-	uv run pytest -m slow
+	uv run pytest -m slow -n 0
 
 docs:  ## build the docs site strictly into site/ (uv run mkdocs serve: live preview)
 	NO_MKDOCS_2_WARNING=1 uv run mkdocs build --strict

@@ -516,8 +516,16 @@ def _interrupt_while_blocked(
 ) -> subprocess.CompletedProcess[str]:
     """Start `cmd`, wait until it is blocked talking to `server` (which never answers), then
     send SIGINT as Ctrl-C would."""
+    # A suite started in the background by a shell without job control inherits SIGINT
+    # ignored, and Python keeps an inherited SIG_IGN: give the child Ctrl-C's default back.
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         server.settimeout(120)
