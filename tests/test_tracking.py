@@ -494,3 +494,41 @@ def pipeline_params_as_logged(cfg: Any) -> dict[str, Any]:
         k: json.dumps(v) if isinstance(v, list | dict) else v
         for k, v in pipeline_params(cfg).items()
     }
+
+
+class _RacingAliasClient:
+    """A real client whose first `set_registered_model_alias` loses a race: another gate sets
+    the alias first (`other`; None: nobody does) and the server answers with the unique-key
+    violation MLflow's non-atomic alias upsert gives two concurrent creators."""
+
+    def __init__(self, client: Any, other: str | None) -> None:
+        self._client, self._other, self.raced = client, other, False
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        if not self.raced:
+            self.raced = True
+            if self._other is not None:
+                self._client.set_registered_model_alias(name, alias, self._other)
+            raise MlflowException("duplicate key value violates unique constraint")
+        self._client.set_registered_model_alias(name, alias, version)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def test_a_gate_that_loses_the_race_to_create_the_alias_elects_again(tracking_env: str) -> None:
+    """Regression (CI, 5 concurrent gates on PostgreSQL): two gates creating @champion at once
+    made one of them fail with the server's unique-key violation; it now reads the alias the
+    winner wrote and elects again. A failure no other gate explains is still raised."""
+    client, _ = tracking.connect(tracking_env, "gate")
+    name = "race-model"
+    client.create_registered_model(name)
+    first = _version(client, name)
+    racing = _RacingAliasClient(client, other=first)
+    decision = tracking.validation_gate(racing, name, first, evidence(0.90), 0.5, 0.05)
+    assert racing.raced and decision.outcome == "first", decision.reason
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first
+    second = _version(client, name)
+    racing = _RacingAliasClient(client, other=None)
+    with pytest.raises(MlflowException, match="duplicate key"):
+        tracking.validation_gate(racing, name, second, evidence(0.95), 0.5, 0.05)

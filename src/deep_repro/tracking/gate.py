@@ -229,6 +229,21 @@ def _champion_version(client: MlflowClient, model_name: str) -> str | None:
         return None
 
 
+def _move_alias(client: MlflowClient, model_name: str, version: str, seen: str | None) -> None:
+    """Point @champion at `version`. Two gates that both find no alias and create it at once
+    race inside the server (MLflow's upsert is not atomic: one gets a unique-key violation).
+    That failure means another gate's write landed: the caller's next round reads and re-elects.
+    Any other failure (permissions, outage) is raised."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+    except MlflowException:
+        if _champion_version(client, model_name) == seen:  # nobody else wrote it: a real fault
+            raise
+        log.info("@champion of %s was moved by another gate meanwhile: electing again", model_name)
+
+
 def champion_after_election(
     client: MlflowClient, model_name: str, reference: SplitPredictions | None = None
 ) -> tuple[str | None, Any]:
@@ -241,7 +256,7 @@ def champion_after_election(
         elected, verdicts = elect(_entries(client, model_name, reference))
         if elected is None or champion == elected:
             break
-        client.set_registered_model_alias(model_name, CHAMPION, elected)
+        _move_alias(client, model_name, elected, champion)
     else:
         log.warning(
             "@champion of %s still moving after %d rounds; the last gate settles it",
