@@ -15,8 +15,8 @@ one. Here every fact comes from where it is defined:
   builds.
 
 Only public entry points are used (the schema classes, `tagged_options()`, the parser builder),
-so the script survives modules moving around inside the package. Dataclass schemas with range
-metadata (`field(metadata=rng(...))`) and pydantic models (`Field(gt=...)`) are both read.
+so the script survives modules moving around inside the package. Ranges are read from pydantic's
+constraints (`Field(gt=...)`), rules from the validators of a field (`AfterValidator(rule)`).
 """
 
 from __future__ import annotations
@@ -204,10 +204,16 @@ def tagged_options(tp: Any) -> dict[str, type] | None:
     return None
 
 
+def _rule(extra: Any) -> str | None:
+    """What a checked string accepts: a rule's `what`, maybe behind `AfterValidator(rule)`."""
+    what = getattr(extra, "what", None) or getattr(getattr(extra, "func", None), "what", None)
+    return str(what) if what else None
+
+
 def type_text(tp: Any) -> str:
     """A schema annotation in words (the same words as the config errors)."""
     tp, extras = strip_annotated(tp)
-    if any(getattr(e, "what", None) for e in extras):
+    if any(_rule(e) for e in extras):
         return "URL"
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
@@ -233,7 +239,7 @@ def type_text(tp: Any) -> str:
 def rule_text(tp: Any) -> str:
     """What a checked string type accepts (e.g. the URL rules of `deep_repro.config.urls`)."""
     tp, extras = strip_annotated(tp)
-    rules = [str(e.what) for e in extras if getattr(e, "what", None)]
+    rules = [r for e in extras if (r := _rule(e))]
     rules += [rule_text(a) for a in typing.get_args(tp) if a is not type(None)]
     rules = [r for r in rules if r]
     return "; ".join(dict.fromkeys(rules)) + (", no credentials" if extras and rules else "")
@@ -368,6 +374,9 @@ def limits(f: Field) -> str:
     bounds = dict(f.bounds)
     if is_list and not bounds:  # pydantic style: `list[Annotated[int, Field(ge=1)]]`
         bounds = _bounds_from_metadata(strip_annotated(typing.get_args(inner)[0])[1])
+    if not bounds and typing.get_origin(inner) in (typing.Union, types.UnionType):
+        for member in typing.get_args(inner):  # `Annotated[int, Field(ge=1)] | None`
+            bounds.update(_bounds_from_metadata(strip_annotated(member)[1]))
     text = "; ".join(t for t in (range_text(bounds, is_list), rule_text(f.annotation)) if t)
     return (
         cell(text).replace("&gt;", ">").replace("&lt;", "<")

@@ -109,10 +109,9 @@ def experiment(experiment_state: Path, tmp_path: Path) -> Path:
 # appended to models/architectures.py; its values and search space in conf/.
 TINY_ARCHITECTURE = """
 
-@dataclass(frozen=True)
 class TinyConfig(TorchModelConfig):
     name: Literal["tiny"]
-    hidden: int = field(metadata=rng(ge=1))
+    hidden: Annotated[int, Field(ge=1)]
 
     def footprint(self) -> tuple[int, int]:
         return _linear(28 * 28, self.hidden) + _linear(self.hidden, NUM_CLASSES), 2 * self.hidden

@@ -4,7 +4,6 @@ real fixture images, a tiny MLP trained for two epochs per trial."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import socket
@@ -266,9 +265,8 @@ def test_trial_run_shares_the_stage_run_blocks(
     # Validation refuses a credential in any URL (issue 20 §3); the logging layer scrubs one
     # anyway, as a second line of defence: give it a config that skipped validation.
     cfg = make_cfg("model=mlp")
-    cfg = dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, mirrors=["https://user:s3cret@mirror.example/fm"])
-    )
+    mirrors = ["https://user:s3cret@mirror.example/fm"]  # model_copy does not validate
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"mirrors": mirrors})})
     client, exp_id = tracking.connect(tracking_env, EXPERIMENT)
     study_run = client.create_run(exp_id, tags={tracking.TAG_KIND: "study"}).info.run_id
 

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import deep_repro.models  # noqa: F401  (registers the architectures: the config's `model` options)
 from deep_repro.classroom.leaderboard import format_table, leaderboard_rows, seed_group_rows
 from deep_repro.errors import DeepReproError, TrackingError, entrypoint
 from deep_repro.serving import server as serve
@@ -30,6 +29,7 @@ log = logging.getLogger("deep_repro")
 
 def _tracking(args: argparse.Namespace) -> tuple[Any, str, Any]:
     """Client, experiment id and config (params.yaml when run inside the project)."""
+    import deep_repro.models  # noqa: F401  (registers the architectures: `model`'s options)
     from deep_repro import config, tracking
 
     try:
@@ -44,12 +44,13 @@ def _tracking(args: argparse.Namespace) -> tuple[Any, str, Any]:
 
 def _store_uri(args: argparse.Namespace) -> tuple[str, Any]:
     """The tracking store URI and the project config (None outside a project), without
-    importing MLflow: `predict` must start about as fast as `import torch`."""
+    importing MLflow or the model code (`model` is left unchecked: only `tracking` is read):
+    `predict` must start about as fast as `import torch`."""
     from deep_repro import config, tracking
 
     cfg = None
     with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
-        cfg = config.load_config()
+        cfg = config.load_config(model=False)
     uri = tracking.tracking_uri(cfg.tracking.uri if cfg else None, args.tracking_uri)
     return uri, cfg
 
@@ -67,7 +68,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if cfg is None:
                 from deep_repro import config
 
-                cfg = config.validate(config.compose())
+                cfg = config.validate(config.compose(), model=False)
             model_ref = f"models:/{cfg.tracking.model_name}@champion"
     predictor = load_predictor(model_ref, uri)
     images, names, failed = [], [], 0
@@ -99,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if cfg is None:
                 from deep_repro import config
 
-                cfg = config.validate(config.compose())
+                cfg = config.validate(config.compose(), model=False)
             model_ref = f"models:/{cfg.tracking.model_name}@champion"
         use_registry(uri)
     serve.serve(model_ref, args.host, args.port, args.max_body_bytes, args.max_batch)

@@ -1,6 +1,6 @@
 """What the config knows of architectures: the base of their schemas and the names registered.
 
-`model` is an open tagged union: each architecture's schema (a frozen dataclass named by
+`model` is an open tagged union: each architecture's schema (a pydantic model named by
 `name: Literal[...]`, types and ranges only) lives beside its builder in
 `deep_repro.models.architectures`, which registers it here on import. The config layer never
 imports model code, so a stage that does not declare `model` params (the data stages) validates
@@ -11,16 +11,17 @@ imports the models and checks everything.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Annotated
 
-from deep_repro.config.typecheck import _fail, option_name, rng
+from pydantic import Field
+
+from deep_repro.config.typecheck import Schema, fail, option_name
 
 # name -> schema, in registration order (the order `conf/model/` and error messages list them).
 _ARCHITECTURES: dict[str, type[ModelConfig]] = {}
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Schema):
     """Base of every architecture's schema (group `model`), each with a `name: Literal[...]`."""
 
     name: str
@@ -46,12 +47,11 @@ class ModelConfig:
         raise NotImplementedError(self.name)
 
 
-@dataclass(frozen=True)
 class TorchModelConfig(ModelConfig):
     """Base of the networks trained by `training.fit` (gradient descent needs a learning rate)."""
 
-    lr: float = field(metadata=rng(gt=0.0))
-    dropout: float = field(metadata=rng(ge=0.0, lt=1.0))
+    lr: Annotated[float, Field(gt=0.0)]
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 def register_architecture(schema: type[ModelConfig]) -> None:
@@ -73,6 +73,6 @@ def check_sizes(
 ) -> None:
     """A model's list of layer sizes: non-empty, every item >= 1, at most `at_most` items."""
     if not values or any(v < 1 for v in values):
-        raise _fail(f"model.{key}", values, "a non-empty list of integers >= 1")
+        raise fail(f"model.{key}", values, "a non-empty list of integers >= 1")
     if at_most is not None and len(values) > at_most:
-        raise _fail(f"model.{key}", values, too_many or f"at most {at_most} items")
+        raise fail(f"model.{key}", values, too_many or f"at most {at_most} items")

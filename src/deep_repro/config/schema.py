@@ -8,176 +8,186 @@ hour of training.
 
 from __future__ import annotations
 
-import dataclasses
 import typing
-from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    SkipValidation,
+    TypeAdapter,
+    ValidationError,
+)
 
 from deep_repro.config import urls
 from deep_repro.config.model_base import ModelConfig, TorchModelConfig
-from deep_repro.config.typecheck import Unchecked, _build, _fail, rng
+from deep_repro.config.typecheck import (
+    Schema,
+    Unchecked,
+    fail,
+    first_error,
+    other_options_keys_ignored,
+)
 from deep_repro.errors import ConfigError
 from deep_repro.paths import repo_root
 
 # The schema holds types and ranges only, never values: every value comes from conf/ (the one
 # source of defaults), so a field has no default and a key missing from the composition is an
 # error. Groups whose options carry different keys (optimizer, scheduler, augment, model) are
-# tagged unions: one dataclass per option, picked by `name`.
+# tagged unions: one model per option, picked by `name`.
 
 
 # Every URL-valued key has one of these types (deep_repro.config.urls: no credentials, a usable
 # scheme and host); tests/test_config.py lists them all.
-MirrorUrl = Annotated[str, urls.MIRROR]
-TrackingUri = Annotated[str, urls.TRACKING]
-StorageUrl = Annotated[str, urls.STORAGE]
+MirrorUrl = Annotated[str, AfterValidator(urls.MIRROR)]
+TrackingUri = Annotated[str, AfterValidator(urls.TRACKING)]
+StorageUrl = Annotated[str, AfterValidator(urls.STORAGE)]
 
 # numpy's legacy seeding (np.random.seed, Optuna's samplers) takes 0..2**32-1; torch and
 # default_rng take more, but one range for every seed fails in validate, not in train.
-SEED = rng(ge=0, le=2**32 - 1)
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 # --------------------------------------------------------------------------- data / split
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Schema):
     mirrors: list[MirrorUrl]
     sha256: dict[str, str]
-    subset: int | None = field(metadata=rng(ge=20))
+    subset: Annotated[int, Field(ge=20)] | None
 
 
-@dataclass(frozen=True)
-class SplitConfig:
-    val_size: float = field(metadata=rng(gt=0.0, lt=1.0))
-    seed: int = field(metadata=SEED)
+class SplitConfig(Schema):
+    val_size: Annotated[float, Field(gt=0.0, lt=1.0)]
+    seed: Seed
 
 
 # --------------------------------------------------------------------------- training protocol
-@dataclass(frozen=True)
-class AdamWConfig:
+class AdamWConfig(Schema):
     name: Literal["adamw"]
-    weight_decay: float = field(metadata=rng(ge=0.0))
+    weight_decay: Annotated[float, Field(ge=0.0)]
     betas: list[float]
 
 
-@dataclass(frozen=True)
-class SGDConfig:
+class SGDConfig(Schema):
     name: Literal["sgd"]
-    weight_decay: float = field(metadata=rng(ge=0.0))
-    momentum: float = field(metadata=rng(ge=0.0, lt=1.0))
+    weight_decay: Annotated[float, Field(ge=0.0)]
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)]
     nesterov: bool
 
 
-OptimizerConfig = AdamWConfig | SGDConfig
+OptimizerConfig = Annotated[
+    AdamWConfig | SGDConfig,
+    Field(discriminator="name"),
+    other_options_keys_ignored(AdamWConfig, SGDConfig),
+]
 
 
-@dataclass(frozen=True)
-class OneCycleConfig:
+class OneCycleConfig(Schema):
     name: Literal["onecycle"]
-    pct_start: float = field(metadata=rng(gt=0.0, lt=1.0))
+    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
-@dataclass(frozen=True)
-class CosineConfig:
+class CosineConfig(Schema):
     name: Literal["cosine"]
-    warmup_epochs: int = field(metadata=rng(ge=0))
+    warmup_epochs: Annotated[int, Field(ge=0)]
 
 
-@dataclass(frozen=True)
-class NoSchedulerConfig:
+class NoSchedulerConfig(Schema):
     name: Literal["none"]
 
 
-SchedulerConfig = OneCycleConfig | CosineConfig | NoSchedulerConfig
+SchedulerConfig = Annotated[
+    OneCycleConfig | CosineConfig | NoSchedulerConfig,
+    Field(discriminator="name"),
+    other_options_keys_ignored(OneCycleConfig, CosineConfig, NoSchedulerConfig),
+]
 
 
-@dataclass(frozen=True)
-class LightAugmentConfig:
+class LightAugmentConfig(Schema):
     name: Literal["light"]
-    crop_padding: int = field(metadata=rng(ge=0, le=8))
+    crop_padding: Annotated[int, Field(ge=0, le=8)]
     hflip: bool
-    random_erasing: float = field(metadata=rng(ge=0.0, le=1.0))
+    random_erasing: Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-@dataclass(frozen=True)
-class NoAugmentConfig:
+class NoAugmentConfig(Schema):
     name: Literal["none"]
 
 
-AugmentConfig = LightAugmentConfig | NoAugmentConfig
+AugmentConfig = Annotated[
+    LightAugmentConfig | NoAugmentConfig,
+    Field(discriminator="name"),
+    other_options_keys_ignored(LightAugmentConfig, NoAugmentConfig),
+]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = field(metadata=rng(ge=1))
-    batch_size: int = field(metadata=rng(ge=1))
-    patience: int = field(metadata=rng(ge=0))
-    label_smoothing: float = field(metadata=rng(ge=0.0, lt=1.0))
+class TrainConfig(Schema):
+    epochs: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=1)]
+    patience: Annotated[int, Field(ge=0)]
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
     device: str
     precision: Literal["auto", "fp32", "bf16"]
     deterministic: bool
     # `auto`: the cores free of other processes when training starts (device.free_cores).
-    num_threads: int | Literal["auto"] = field(metadata=rng(ge=1))
+    num_threads: Annotated[int, Field(ge=1)] | Literal["auto"]
     channels_last: bool
 
 
 # --------------------------------------------------------------------------- inference
-@dataclass(frozen=True)
-class PostprocessConfig:
+class PostprocessConfig(Schema):
     quantize: Literal["none", "int8"]
     # Test-time augmentation baked into the exported program: `hflip` averages the logits of
     # each image and its mirror image (the same flip the training augmentation uses); `auto`
     # keeps the flip only where it does not lose validation accuracy (a linear model trained
     # without flips loses 17 points to it), recorded in reports/postprocess.json.
     tta: Literal["auto", "none", "hflip"]
-    atol: float = field(metadata=rng(gt=0.0))
-    int8_max_acc_drop: float = field(metadata=rng(ge=0.0, le=1.0))
+    atol: Annotated[float, Field(gt=0.0)]
+    int8_max_acc_drop: Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    baseline: float = field(metadata=rng(ge=0.0, le=1.0))
-    alpha: float = field(metadata=rng(gt=0.0, lt=1.0))
-    fail_below: float | None = field(metadata=rng(ge=0.0, le=1.0))
+class EvaluateConfig(Schema):
+    baseline: Annotated[float, Field(ge=0.0, le=1.0)]
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)]
+    fail_below: Annotated[float, Field(ge=0.0, le=1.0)] | None
 
 
-@dataclass(frozen=True)
-class AnalyzeConfig:
+class AnalyzeConfig(Schema):
     # RMS pixel difference (gray levels, 0..255) under which a test image counts as a
     # near-duplicate of its nearest training image (deep_repro.data.analysis); 0: exact only.
     # At most 32: beyond that the pairs are different garments and the search takes minutes.
-    near_duplicate_threshold: float = field(metadata=rng(ge=0.0, le=32.0))
-    duplicate_examples: int = field(metadata=rng(ge=0))  # pairs drawn in duplicates.png
+    near_duplicate_threshold: Annotated[float, Field(ge=0.0, le=32.0)]
+    duplicate_examples: Annotated[int, Field(ge=0)]  # pairs drawn in duplicates.png
 
 
-@dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(Schema):
     uri: TrackingUri | None
     experiment: str
     model_name: str
     user: str | None
 
 
-@dataclass(frozen=True)
-class TuneConfig:
-    n_trials: int = field(metadata=rng(ge=1))
-    epochs: int = field(metadata=rng(ge=1))
+class TuneConfig(Schema):
+    n_trials: Annotated[int, Field(ge=1)]
+    epochs: Annotated[int, Field(ge=1)]
     sampler: Literal["tpe", "cmaes", "random", "grid"]
     pruner: Literal["median", "hyperband", "none"]
-    seed: int = field(metadata=SEED)
+    seed: Seed
     storage: StorageUrl | None
     study_name: str | None
-    timeout: float | None = field(metadata=rng(gt=0.0))
-    heartbeat_interval: int = field(metadata=rng(ge=1))
+    timeout: Annotated[float, Field(gt=0.0)] | None
+    heartbeat_interval: Annotated[int, Field(ge=1)]
 
 
-@dataclass(frozen=True)
-class Config:
-    seed: int = field(metadata=SEED)
+class Config(Schema):
+    seed: Seed
     data: DataConfig
     split: SplitConfig
-    model: ModelConfig
+    # Checked on its own against the architectures registered at that moment (`validate`).
+    model: SkipValidation[ModelConfig]
     optimizer: OptimizerConfig
     scheduler: SchedulerConfig
     augment: AugmentConfig
@@ -208,20 +218,20 @@ def _semantic_checks(cfg: Config) -> None:
                 f"config error: unknown key data.sha256.{name} (allowed: {', '.join(DATA_FILES)})"
             )
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise _fail(f"data.sha256.{name}", digest, "64 lowercase hex digits")
+            raise fail(f"data.sha256.{name}", digest, "64 lowercase hex digits")
     if not cfg.data.mirrors:
-        raise _fail("data.mirrors", cfg.data.mirrors, "a non-empty list of base URLs")
+        raise fail("data.mirrors", cfg.data.mirrors, "a non-empty list of base URLs")
     device = cfg.train.device
     if not (
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
     ):
-        raise _fail("train.device", device, "one of 'auto', 'cpu', 'cuda', 'cuda:N'")
-    if not isinstance(cfg.model, Unchecked):
+        raise fail("train.device", device, "one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+    if isinstance(cfg.model, ModelConfig):  # not left unchecked (`validate(model=False)`)
         cfg.model.check()
     if isinstance(cfg.optimizer, AdamWConfig):
         betas = cfg.optimizer.betas
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise _fail("optimizer.betas", betas, "two numbers in [0, 1)")
+            raise fail("optimizer.betas", betas, "two numbers in [0, 1)")
 
 
 DATA_FILES: tuple[str, ...] = (
@@ -232,6 +242,13 @@ DATA_FILES: tuple[str, ...] = (
 )
 
 
+@cache
+def _model_union(options: tuple[type[ModelConfig], ...]) -> tuple[Any, TypeAdapter[Any]]:
+    """The `model` group as a tagged union of the architectures registered so far."""
+    union: Any = Annotated[typing.Union[options], Field(discriminator="name")]  # noqa: UP007
+    return union, TypeAdapter(union)
+
+
 def validate(raw: dict[str, Any], *, model: bool = True) -> Config:
     """Turn a plain mapping (parsed params.yaml) into a typed `Config`, or raise ConfigError.
 
@@ -239,7 +256,28 @@ def validate(raw: dict[str, Any], *, model: bool = True) -> Config:
     stage that reads no model param does, so that it needs no model code (see `model_base`).
     Checking `model` needs the architectures registered: import `deep_repro.models` first.
     """
-    cfg = _build(Config, raw, "", unchecked=() if model else ("model",))
+    if not isinstance(raw, dict):
+        raise fail("params", raw, "a mapping")
+    errors: list[tuple[str, ConfigError]] = []
+    cfg = section = None
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        errors.append(first_error(exc, Config))
+    if model and "model" in raw:
+        union, adapter = _model_union(tuple(ModelConfig.tagged_options().values()))
+        try:
+            section = adapter.validate_python(raw["model"])
+        except ValidationError as exc:
+            errors.append(first_error(exc, union, "model"))
+    if errors:  # the first failing key in the order of the schema
+        order = [*Config.model_fields]
+        rank = {name: i for i, name in enumerate(order)}
+        raise min(errors, key=lambda e: rank.get(e[0].split(".")[0], len(order)))[1]
+    assert cfg is not None
+    if not model:
+        section = Unchecked(raw["model"]) if isinstance(raw["model"], dict) else raw["model"]
+    cfg = cfg.model_copy(update={"model": section})
     _semantic_checks(cfg)
     return cfg
 
@@ -263,9 +301,13 @@ def load_config(path: Path | None = None, *, model: bool = True) -> Config:
 
 
 def to_dict(cfg: Any) -> Any:
-    """Plain-Python view of a Config (or any part of it)."""
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return dataclasses.asdict(cfg)
+    """Plain-Python view of a Config (or any part of it), keys in schema order."""
+    if isinstance(cfg, BaseModel):
+        return {name: to_dict(getattr(cfg, name)) for name in type(cfg).model_fields}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
     return cfg
 
 

@@ -1,141 +1,75 @@
-"""Checking plain YAML values against the typed dataclass schema of `deep_repro.config`.
+"""How a config schema is checked: pydantic v2 models, and its errors in one line.
 
-Generic on purpose: the schema (config/schema.py, models/architectures.py) says *what* is
-allowed (types, Literal options, ranges in field metadata, tagged unions picked by `name`);
-this module says *how* a value is checked, so every error has the same one-line shape
-naming the key:
-`config error: model.lr = -1: expected a value > 0`.
+The schema (config/schema.py, models/architectures.py) says *what* is allowed with pydantic's own
+vocabulary: strict types (no `"3"` for 3, no `true` for 1), `Literal` options, ranges as
+`Field(gt=...)`, tagged unions picked by `name` (`Field(discriminator="name")`), no unknown keys.
+Pydantic does the checking; this module turns the first of its errors into the project's one-line
+shape naming the key, the value and what was expected:
+`config error: model.lr = -1: expected a value > 0.0`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import types
 import typing
-from collections.abc import Collection
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from deep_repro.errors import ConfigError
 
 
-def rng(
-    *,
-    gt: float | None = None,
-    ge: float | None = None,
-    lt: float | None = None,
-    le: float | None = None,
-) -> dict[str, float | None]:
-    """Range metadata for a numeric field, or for every item of a list field (see `validate`)."""
-    return {"gt": gt, "ge": ge, "lt": lt, "le": le}
+class Schema(BaseModel):
+    """Base of every config section: values only from conf/, checked strictly."""
+
+    # strict: YAML's `"3"` or `true` is not an integer; forbid: a typo is an unknown key, not a
+    # silently ignored one; frozen: a stage cannot change what it was configured with;
+    # allow_inf_nan=False: YAML and Hydra read `inf` and `nan` as floats.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-# --------------------------------------------------------------------------- validation
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        return _type_name(typing.get_args(tp)[0])
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
+class RuleError(ValueError):
+    """A value refused by a rule of its own (e.g. urls.UrlRule), shown as `shown` (never a
+    secret) with what was `expected`."""
+
+    def __init__(self, shown: str, expected: str) -> None:
+        super().__init__(expected)
+        self.shown, self.expected = shown, expected
 
 
-def _fail(key: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"config error: {key} = {value!r}: expected {expected}")
+def option_name(schema: type) -> str:
+    """The option name of one member of a tagged union (its `name: Literal["..."]`)."""
+    (name,) = typing.get_args(typing.cast(type[BaseModel], schema).model_fields["name"].annotation)
+    return str(name)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; return it (ints widened to float)."""
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        # `Annotated[str, rule]`: the base type first, then every rule's `check(key, value)`
-        # (e.g. urls.UrlRule: every URL-valued key is checked by the same code).
-        base, *rules = typing.get_args(tp)
-        value = _coerce(key, value, base)
-        for rule in rules:
-            rule.check(key, value)
-        return value
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise _fail(key, value, _type_name(tp))
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if all(dataclasses.is_dataclass(a) for a in args):
-            return _build_tagged(
-                key, value, {option_name(a): a for a in args}, siblings_keys_ignored=True
-            )
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _fail(key, value, _type_name(tp))
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # `float | None`: the float's own message (e.g. "finite")
-            return _coerce(key, value, options[0])
-        for arg in options:
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-        raise _fail(key, value, _type_name(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise _fail(key, value, _type_name(tp))
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _fail(key, value, _type_name(tp))
-        return {str(k): _coerce(f"{key}.{k}", v, typing.get_args(tp)[1]) for k, v in value.items()}
-    if "tagged_options" in vars(tp):  # an open union whose options live in a registry
-        return _build_tagged(key, value, tp.tagged_options())
-    if dataclasses.is_dataclass(tp):
-        return _build(typing.cast(type, tp), value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _fail(key, value, "true/false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(key, value, "an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(key, value, "a number")
-        if not math.isfinite(value):  # YAML/Hydra read `inf` and `nan` as floats
-            raise _fail(key, value, "a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _fail(key, value, "a string")
-        return value
-    raise TypeError(f"unsupported schema type {tp!r} at {key}")  # pragma: no cover
+def _options(tp: Any) -> dict[str, type[BaseModel]] | None:
+    """{name: schema} when `tp` is a union of schemas tagged by `name`, else None."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    args = typing.get_args(tp)
+    if not all(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+        return None
+    return {option_name(a): a for a in args}
 
 
-def _check_range(key: str, value: Any, meta: Any) -> None:
-    if value is None or not meta:
-        return
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if isinstance(v, str):  # a named option of a numeric field (`num_threads: auto`)
-            continue
-        for op, bound in meta.items():
-            if bound is None:
-                continue
-            ok = {"gt": v > bound, "ge": v >= bound, "lt": v < bound, "le": v <= bound}[op]
-            if not ok:
-                sym = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[op]
-                raise _fail(key, value, f"a value {sym} {bound}")
+def other_options_keys_ignored(*options: type[BaseModel]) -> BeforeValidator:
+    """For a tagged union: accept and drop a key only *other* options use (e.g.
+    `optimizer.momentum` under adamw, which the search spaces set that way); a key no option
+    knows stays an error."""
+
+    def drop(raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        own = {o: set(o.model_fields) for o in options}
+        picked = next((o for o in options if option_name(o) == raw.get("name")), None)
+        if picked is None:
+            return raw
+        others = set().union(*own.values()) - own[picked]
+        return {k: v for k, v in raw.items() if k not in others}
+
+    return BeforeValidator(drop)
 
 
 class Unchecked(dict[str, Any]):
@@ -155,55 +89,109 @@ class Unchecked(dict[str, Any]):
         return Unchecked(value) if isinstance(value, dict) else value
 
 
-def _build(cls: type, raw: Any, prefix: str, unchecked: Collection[str] = ()) -> Any:
-    if not isinstance(raw, dict):
-        raise _fail(prefix, raw, "a mapping")
-    hints = typing.get_type_hints(cls, include_extras=True)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            allowed = ", ".join(sorted(fields))
-            raise ConfigError(
-                f"config error: unknown key {prefix}.{key} (allowed: {allowed})"
-                if prefix
-                else f"config error: unknown key {key} (allowed: {allowed})"
-            )
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in raw:
-            raise ConfigError(f"config error: missing key {key}")
-        if name in unchecked:
-            kwargs[name] = Unchecked(raw[name]) if isinstance(raw[name], dict) else raw[name]
+# --------------------------------------------------------------------------- error messages
+def type_name(tp: Any) -> str:
+    """An annotation in the words of the error messages (`an integer or one of 'auto'`)."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return type_name(typing.get_args(tp)[0])
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict or (isinstance(tp, type) and issubclass(tp, BaseModel)):
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def fail(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"config error: {key} = {value!r}: expected {expected}")
+
+
+def _locate(root: Any, loc: Iterable[str | int], prefix: str) -> tuple[str, Any, Any]:
+    """Follow pydantic's error location through the schema: (dotted key, the annotation
+    there, the schema class holding it). Union tags and branch labels are not keys."""
+    key, tp, parent = prefix, root, None
+    for part in loc:
+        while typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        options = _options(tp)
+        if options is not None and part in options:  # the tag of a tagged union
+            tp = options[str(part)]
             continue
-        value = _coerce(key, raw[name], hints[name])
-        _check_range(key, value, f.metadata)
-        kwargs[name] = value
-    return cls(**kwargs)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            parent, info = tp, tp.model_fields.get(str(part))
+            tp = info.annotation if info is not None else None
+            key = f"{key}.{part}" if key else str(part)
+        elif typing.get_origin(tp) is list and isinstance(part, int):
+            key, tp = f"{key}[{part}]", typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is dict:
+            key, tp = f"{key}.{part}", typing.get_args(tp)[1]
+        # else: a branch label of a plain union (`constrained-int`): the key stays
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return key, tp, parent
 
 
-def option_name(schema: type) -> str:
-    """The option name of one member of a tagged union (its `name: Literal["..."]`)."""
-    (name,) = typing.get_args(typing.get_type_hints(schema)["name"])
-    return name
+def _is(tp: Any, base: type) -> bool:
+    """`tp` is `base`, maybe constrained (`Annotated[float, Field(gt=0)]`) or optional."""
+    if typing.get_origin(tp) is Annotated:
+        return _is(typing.get_args(tp)[0], base)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is(a, base) for a in typing.get_args(tp))
+    return tp is base
 
 
-def _build_tagged(
-    key: str, raw: Any, options: dict[str, type], *, siblings_keys_ignored: bool = False
-) -> Any:
-    """A group with one schema per option (`optimizer`, `model`, ...), picked by `name`.
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
 
-    With `siblings_keys_ignored`, a key that only other options of the group use (e.g.
-    `optimizer.momentum` under adamw: the search spaces set it that way) is accepted and
-    dropped, as it is meaningless here; a key no option knows stays an error."""
-    if not isinstance(raw, dict):
-        raise _fail(key, raw, "a mapping")
-    name = raw.get("name")
-    if name not in options:
-        raise _fail(f"{key}.name", name, "one of " + ", ".join(repr(n) for n in options))
-    schema = options[name]
-    if siblings_keys_ignored:
-        own = {f.name for f in dataclasses.fields(schema)}
-        others = {f.name for s in options.values() for f in dataclasses.fields(s)} - own
-        raw = {k: v for k, v in raw.items() if k not in others}
-    return _build(schema, raw, key)
+
+def _message(error: Any, root: Any, prefix: str) -> tuple[str, ConfigError]:
+    """(key, one-line error) for one of pydantic's error dicts."""
+    key, tp, parent = _locate(root, error["loc"], prefix)
+    kind, value, ctx = error["type"], error["input"], error.get("ctx") or {}
+    if kind == "missing":
+        return key, ConfigError(f"config error: missing key {key}")
+    if kind == "extra_forbidden":
+        allowed = ", ".join(sorted(parent.model_fields)) if parent else ""
+        return key, ConfigError(f"config error: unknown key {key} (allowed: {allowed})")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        names = _options(tp) or {}
+        tag = value.get("name") if isinstance(value, dict) else None
+        expected = "one of " + ", ".join(repr(n) for n in names)
+        return key, fail(f"{key}.name", tag, expected)
+    if kind in _BOUNDS:  # shown as checked: an integer given for a number is a float
+        op, sym = _BOUNDS[kind]
+        if _is(tp, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        return key, fail(key, value, f"a value {sym} {ctx[op]}")
+    if kind == "finite_number":
+        return key, fail(key, value, "a finite number")
+    if isinstance(ctx.get("error"), RuleError):
+        rule = ctx["error"]
+        return key, fail(key, rule.shown, rule.expected)
+    if kind.endswith(("_type", "_parsing")) or kind in ("literal_error", "int_from_float"):
+        return key, fail(key, value, type_name(tp))
+    return key, ConfigError(f"config error: {key} = {value!r}: {error['msg']}")
+
+
+def first_error(exc: ValidationError, root: Any, prefix: str = "") -> tuple[str, ConfigError]:
+    """The first failing key of `exc` (validated against `root`) and its one-line error.
+
+    A value of a plain union (`int | Literal["auto"]`) fails once per branch: a range error
+    (the value had the right type) says more than "expected an integer or one of 'auto'"."""
+    errors = exc.errors()
+    key = _message(errors[0], root, prefix)[0]
+    same = [e for e in errors if _message(e, root, prefix)[0] == key]
+    ranged = [e for e in same if e["type"] in _BOUNDS or e["type"] == "finite_number"]
+    return _message((ranged or same)[0], root, prefix)

@@ -2,8 +2,8 @@
 
 A value in the config ends up in params.yaml, dvc.lock, the `dvc exp` git refs and MLflow
 params/artifacts, so a URL there must never carry a credential. Every URL-valued key is
-annotated with a `UrlRule` (`Annotated[str, UrlRule(...)]`); `typecheck` calls the rule's
-`check`, so a new URL key gets the same refusal by declaring the type, and
+annotated with a `UrlRule` (`Annotated[str, AfterValidator(UrlRule(...))]`): pydantic calls the
+rule, so a new URL key gets the same refusal by declaring the type, and
 tests/test_config.py fails for a URL-looking key declared without it.
 
 Refused: any userinfo (`u:pw@`, and a bare user part, which is how tokens are passed:
@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 import yaml
 
+from deep_repro.config.typecheck import RuleError
 from deep_repro.errors import ConfigError, scrub
 from deep_repro.files import atomic_path
 
@@ -102,15 +103,15 @@ class UrlRule:
     bare: tuple[str, ...] = ()  # whole values accepted as they are (`databricks`)
     paths_ok: bool = False  # a value without `://` is a file path, not a URL
 
-    def check(self, key: str, url: str) -> None:
-        """Raise a one-line ConfigError naming `key`; the message never shows a secret."""
+    def __call__(self, url: str) -> str:
+        """`url` if this key accepts it; else raise `RuleError`, which shows the URL with any
+        secret redacted (pydantic's validator protocol: `AfterValidator(rule)`)."""
         if url in self.bare or ("://" not in url and self.paths_ok):
-            return
+            return url
         shown = redact(url)
         found = credential_in(url)
         if found is not None:
-            raise _fail(
-                key,
+            raise RuleError(
                 shown,
                 f"a URL without credentials ({found} would be stored in params.yaml, dvc.lock, "
                 f"git and MLflow): {self.credentials}",
@@ -119,14 +120,15 @@ class UrlRule:
             parts = urlsplit(url)
             parts.port  # noqa: B018  (raises ValueError for a non-numeric port)
         except ValueError:
-            raise _fail(key, shown, self.what) from None
+            raise RuleError(shown, self.what) from None
         scheme = _scheme(url)
         if "://" not in url or (self.schemes is not None and scheme not in self.schemes):
-            raise _fail(key, shown, self.what)
+            raise RuleError(shown, self.what)
         if scheme in self.needs_host and not parts.hostname:
-            raise _fail(key, shown, f"a host after {scheme}://")
+            raise RuleError(shown, f"a host after {scheme}://")
         if scheme in self.needs_path and not parts.path.strip("/"):
-            raise _fail(key, shown, f"a path after {scheme}:///")
+            raise RuleError(shown, f"a path after {scheme}:///")
+        return url
 
 
 def _fail(key: str, shown: str, expected: str) -> ConfigError:

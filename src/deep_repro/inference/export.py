@@ -26,7 +26,6 @@ from torch import nn
 from deep_repro.config.task import PIXEL_MEAN, PIXEL_STD
 from deep_repro.errors import DataError, DeepReproError, first_line
 from deep_repro.inference import safe_archive
-from deep_repro.training.augment import hflip_mean
 
 
 class EquivalenceError(DeepReproError):
@@ -51,6 +50,10 @@ class NormalisedClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.reshape(-1, 1, 28, 28).to(torch.float32) * self.scale - self.shift
         if self.hflip:
+            # Imported here, where an export traces it: loading a program to predict with
+            # (`deep-repro predict`) then needs none of the training code or its config schema.
+            from deep_repro.training.augment import hflip_mean
+
             return hflip_mean(self.net, x)
         return self.net(x)
 

@@ -1,8 +1,8 @@
 """Architectures (config group `model`): each one's schema beside its builder.
 
 Adding an architecture is this file plus `conf/model/<name>.yaml` (its values) and
-`conf/search/<name>.yaml` (its search space): a frozen dataclass named by `name: Literal[...]`
-with types and ranges only (no default values: they live in `conf/`), cross-field rules
+`conf/search/<name>.yaml` (its search space): a pydantic model named by `name: Literal[...]` with
+types and ranges only (`Field(ge=1)`; no default values: they live in `conf/`), cross-field rules
 (`check`), a size estimate from the config alone (`footprint`, which `preflight` uses to refuse a
 model that cannot fit in memory before anything is deleted), and a builder registered with
 `@register(Schema, trainer=..., channels_last=...)`. Nothing else names a model: config
@@ -17,12 +17,12 @@ validating a config must stay cheap for the CLI and every stage's start-up.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import Field
 
 from deep_repro.config.model_base import ModelConfig, TorchModelConfig, check_sizes
 from deep_repro.config.task import NUM_CLASSES
-from deep_repro.config.typecheck import rng
 from deep_repro.models.registry import register
 
 if TYPE_CHECKING:
@@ -54,11 +54,10 @@ def _conv_bn_relu(
 
 
 # --------------------------------------------------------------------------- logreg
-@dataclass(frozen=True)
 class LogRegConfig(ModelConfig):
     name: Literal["logreg"]
-    C: float = field(metadata=rng(gt=0.0))
-    max_iter: int = field(metadata=rng(ge=1))
+    C: Annotated[float, Field(gt=0.0)]
+    max_iter: Annotated[int, Field(ge=1)]
 
     def footprint(self) -> tuple[int, int]:
         return _linear(28 * 28, NUM_CLASSES), 28 * 28 + NUM_CLASSES
@@ -73,7 +72,6 @@ def linear_classifier(cfg: LogRegConfig | None = None) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------- mlp
-@dataclass(frozen=True)
 class MLPConfig(TorchModelConfig):
     name: Literal["mlp"]
     hidden_sizes: list[int]
@@ -104,17 +102,16 @@ def mlp(cfg: MLPConfig) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------- cnn
-@dataclass(frozen=True)
 class CNNConfig(TorchModelConfig):
     name: Literal["cnn"]
     channels: list[int]
     # Convolutions per block (all of width channels[i]); the last one of a block is pooled.
-    convs_per_block: int = field(metadata=rng(ge=1, le=4))
+    convs_per_block: Annotated[int, Field(ge=1, le=4)]
     # Pool right after the block's last convolution, before its BatchNorm and ReLU: the same
     # layers, but BN and ReLU (memory-bound: a few FLOPs per byte) run on a quarter of the
     # pixels. On two CPU cores that alone makes the training step ~1.6x faster (benchmarks/).
     pool_before_bn: bool
-    hidden: int = field(metadata=rng(ge=1))
+    hidden: Annotated[int, Field(ge=1)]
 
     def check(self) -> None:
         check_sizes(
@@ -165,10 +162,9 @@ def cnn(cfg: CNNConfig) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------- resnet
-@dataclass(frozen=True)
 class ResNetConfig(TorchModelConfig):
     name: Literal["resnet"]
-    width: int = field(metadata=rng(ge=4))
+    width: Annotated[int, Field(ge=4)]
     blocks: list[int]
 
     def check(self) -> None:
@@ -244,10 +240,9 @@ def resnet(cfg: ResNetConfig) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------- mobilenet
-@dataclass(frozen=True)
 class MobileNetConfig(TorchModelConfig):
     name: Literal["mobilenet"]
-    width: int = field(metadata=rng(ge=4))
+    width: Annotated[int, Field(ge=4)]
     channels: list[int]
 
     def check(self) -> None:

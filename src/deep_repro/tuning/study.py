@@ -18,6 +18,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
+import deep_repro.models  # noqa: F401  (registers the architectures: `model`'s options)
 from deep_repro import config, tracking
 from deep_repro.config.schema import Config
 from deep_repro.errors import ConfigError, DataError, TrainingError, first_line, scrub
