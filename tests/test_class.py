@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from deep_repro import cli, config, tracking
-from tests.helpers import REPO, Services, evidence
+from tests.helpers import Services, evidence, pipeline_run
 
 Make = Callable[..., config.Config]
 Login = Callable[[str, str], None]
@@ -147,7 +147,16 @@ def test_students_cannot_touch_each_others_runs_or_champion(
         "MLFLOW_TRACKING_PASSWORD": services.admin_password,
     }
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts/class_accounts.py"), str(students), "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "deep_repro.cli",
+            "class",
+            "enroll",
+            str(students),
+            "--accounts",
+            str(out),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -307,6 +316,13 @@ def test_user_defaults_to_the_mlflow_login_then_the_os_user(
     assert tracking.pipeline_run_name("bob", "mlp", "curly-bear") == "bob-mlp-curly-bear"
 
 
+def _board(capsys: pytest.CaptureFixture[str], *args: str) -> list[tuple[str, str]]:
+    """(rank, val accuracy) of each row of `deep-repro leaderboard ARGS`."""
+    assert cli.main(["leaderboard", *args]) == 0
+    table = capsys.readouterr().out.split("\n\n")[0].splitlines()[2:]
+    return [(line.split()[0], line.split()[1]) for line in table]
+
+
 def test_leaderboard_filters_by_user_and_experiment_pattern(
     tracking_env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -316,22 +332,42 @@ def test_leaderboard_filters_by_user_and_experiment_pattern(
         ("alice", "other", 0.99),
     ):
         client, exp_id = tracking.connect(tracking_env, experiment)
-        run = client.create_run(
-            exp_id, tags={tracking.TAG_KIND: "pipeline", f"{tracking.TAG_PREFIX}.user": user}
-        )
-        client.log_metric(run.info.run_id, "val_accuracy", acc)
-        client.log_metric(run.info.run_id, "test_accuracy", 1.5 - acc)  # never ranks
+        pipeline_run(client, exp_id, user, acc)
 
     def board(*args: str) -> list[str]:
-        assert cli.main(["leaderboard", *args]) == 0
-        lines = capsys.readouterr().out.splitlines()[2:]
-        return [line.split()[1] for line in lines]
+        return [acc for _, acc in _board(capsys, *args)]
 
     assert board("--experiment", "fashion-mnist-*") == ["0.9300", "0.9100"]
     assert board("--experiment", "fashion-mnist-*", "--user", "alice") == ["0.9100"]
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
     assert board("--experiment", "fashion-mnist-*", "--mine") == ["0.9300"]
     assert board("--experiment", "other") == ["0.9900"]
+
+
+def test_a_hand_made_pipeline_run_is_listed_but_never_ranked(
+    tracking_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 22: a run tagged as a pipeline run with val_accuracy = 1.0 (no stage ran) was
+    rank 1. Only numbers its own finished evaluate stage logged rank now."""
+    client, exp_id = tracking.connect(tracking_env, "fashion-mnist")
+    pipeline_run(client, exp_id, "alice", 0.91)
+    pipeline_run(client, exp_id, "mallory", 1.0, evaluated=False)
+    # A real evaluate stage, but the pipeline run claims more than it logged.
+    inflated = pipeline_run(client, exp_id, "mallory", 0.80)
+    client.log_metric(inflated, "val_accuracy", 0.999)
+    assert _board(capsys) == [("1", "0.9100"), ("-", "1.0000"), ("-", "0.9990")]
+    assert cli.main(["leaderboard", "--by-seed"]) == 0
+    assert "1.0000" not in capsys.readouterr().out
+
+
+def test_leaderboard_creates_nothing(tracking_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    client, _ = tracking.connect(tracking_env, "fashion-mnist")
+    before = [e.name for e in client.search_experiments()]
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["leaderboard", "--experiment", "not-there"])
+    assert exit_code.value.code == 2
+    assert "no MLflow experiment matches" in capsys.readouterr().err
+    assert [e.name for e in client.search_experiments()] == before
 
 
 # --------------------------------------------------------------------------- shared DVC remote

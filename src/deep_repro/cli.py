@@ -7,6 +7,8 @@ deep-repro leaderboard                 best pipeline runs of the experiment
 deep-repro tune [OVERRIDES...]         Optuna search on the train/val split
 deep-repro monitor PATH                drift of a batch or prediction log vs validation
 deep-repro sync                        send what a tracking outage left in the local spool
+deep-repro class enroll STUDENTS.csv   teacher: accounts, experiments, models, the roster
+deep-repro grade [--as-of TIME]        teacher: score every champion here, publish the board
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deep_repro.classroom.leaderboard import format_table, leaderboard_rows, seed_group_rows
+from deep_repro.classroom import commands as classroom_commands
+from deep_repro.classroom.leaderboard import (
+    UNVERIFIED_NOTE,
+    format_table,
+    leaderboard_rows,
+    seed_group_rows,
+)
 from deep_repro.errors import DeepReproError, TrackingError, entrypoint
 from deep_repro.serving import server as serve
 from deep_repro.serving.predict import load_image, load_predictor, model_error
@@ -158,26 +166,44 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from deep_repro import tracking
+    """Read-only: creates no experiment, fails no run, writes nothing on the server."""
+    from deep_repro import config, tracking
+    from deep_repro.classroom.roster import read_roster
 
-    pattern = getattr(args, "experiment", None) or ""
+    try:
+        cfg = config.load_config(model=False)
+    except DeepReproError:
+        cfg = config.validate(config.compose(), model=False)
+    uri = tracking.tracking_uri(cfg.tracking.uri, args.tracking_uri)
+    client = tracking.read_client(uri)
+    pattern = getattr(args, "experiment", None) or args.experiment or cfg.tracking.experiment
+    owners = None
     if "*" in pattern:  # the class: one experiment per student, `fashion-mnist-*`
-        args.experiment = None
-        client, _, cfg = _tracking(args)
         like = pattern.replace("'", "").replace("*", "%")
-        exp_ids: str | list[str] = [
-            e.experiment_id
-            for e in client.search_experiments(
-                filter_string=f"name LIKE '{like}'", max_results=1000
-            )
-        ]
-        if not exp_ids:
-            raise DeepReproError(f"--experiment {pattern}: no MLflow experiment matches")
+        found = list(
+            client.search_experiments(filter_string=f"name LIKE '{like}'", max_results=1000)
+        )
+        roster = read_roster(client, pattern[:-2]) if pattern.endswith("-*") else None
+        if roster is not None:  # enrolled students' experiments only, owned by the server's say
+            owners = {
+                e.experiment_id: owner
+                for e in found
+                if (owner := roster.owner_of_experiment(e.name)) is not None
+            }
+            found = [e for e in found if e.experiment_id in owners]
+        exp_ids = [e.experiment_id for e in found]
     else:
-        client, exp_ids, cfg = _tracking(args)
+        exp = client.get_experiment_by_name(pattern)
+        exp_ids = [exp.experiment_id] if exp is not None else []
+    if not exp_ids:
+        raise DeepReproError(f"--experiment {pattern}: no MLflow experiment matches on {uri}")
     user = tracking.run_user(cfg.tracking.user) if args.mine else args.user
-    rows = seed_group_rows if args.by_seed else leaderboard_rows
-    print(format_table(rows(client, exp_ids, args.limit, user=user)))
+    rows = (seed_group_rows if args.by_seed else leaderboard_rows)(
+        client, exp_ids, args.limit, user=user, owners=owners
+    )
+    print(format_table(rows))
+    if any(r["rank"] == "-" for r in rows):
+        print(f"\n{UNVERIFIED_NOTE}")
     return 0
 
 
@@ -437,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rerun; exit 1 if some are left)",
     )
     p.set_defaults(func=cmd_sync)
+    classroom_commands.add_parsers(sub)
     return parser
 
 

@@ -1,7 +1,12 @@
 """The leaderboard: best pipeline runs of one or several experiments, as a plain-text table.
 
 Ranked by validation accuracy; every accuracy is shown with its 95% interval (one run) or as
-mean ± std across seeds (`--by-seed`)."""
+mean ± std across seeds (`--by-seed`). A student's own exploration tool: only runs whose numbers
+their own finished `evaluate` stage run logged are ranked (a hand-made "pipeline run" is listed
+apart, unranked), and on a class server a run's owner is the enrolled student whose experiment
+holds it (`classroom.roster`), not the user name a client wrote into its tags. The graded board,
+recomputed by the teacher, is `deep-repro grade`.
+"""
 
 from __future__ import annotations
 
@@ -47,41 +52,74 @@ def _pm(metrics: dict[str, float], prefix: str) -> str:
     return f"{acc:.4f} ± {(high - low) / 2:.4f}"
 
 
-def _pipeline_runs(client: Any, exp_id: str | list[str], user: str | None) -> list[Any]:
-    """Evaluated pipeline runs, best VALIDATION accuracy first (test never decides a rank)."""
+# experiment id -> its enrolled owner, on a class server (None: no roster, tags name users)
+Owners = dict[str, str] | None
+
+
+def _verified(client: Any, exp_ids: list[str]) -> dict[str, float]:
+    """pipeline run id -> the validation accuracy its own finished evaluate stage logged."""
     from deep_repro import tracking
 
+    where = f"tags.`{tracking.TAG_STAGE}` = 'evaluate' and attributes.status = 'FINISHED'"
+    stages = client.search_runs(exp_ids, filter_string=where, max_results=50000)
+    return {
+        r.data.tags["mlflow.parentRunId"]: r.data.metrics[RANK_METRIC]
+        for r in stages
+        if "mlflow.parentRunId" in r.data.tags and RANK_METRIC in r.data.metrics
+    }
+
+
+def _pipeline_runs(client: Any, exp_ids: list[str], user: str | None, owners: Owners) -> list[Any]:
+    """Evaluated pipeline runs, best VALIDATION accuracy first (test never decides a rank),
+    each with `.verified` (backed by its own evaluate stage) and `.owner` set."""
+    from deep_repro import tracking
+
+    if user and "'" in user:
+        raise DeepReproError(f"--user {user!r}: a user name cannot contain a quote")
+    if owners is not None and user:  # a class: whose experiment, not which tag
+        exp_ids = [e for e in exp_ids if owners.get(e) == user]
+        if not exp_ids:
+            return []
     where = f"tags.`{tracking.TAG_KIND}` = 'pipeline'"
-    if user:
-        if "'" in user:
-            raise DeepReproError(f"--user {user!r}: a user name cannot contain a quote")
+    if user and owners is None:
         where += f" and tags.`{tracking.TAG_PREFIX}.user` = '{user}'"
     runs = client.search_runs(
-        [exp_id] if isinstance(exp_id, str) else exp_id,
+        exp_ids,
         filter_string=where,
         order_by=[f"metrics.{RANK_METRIC} DESC", "attributes.start_time DESC"],
         max_results=5000,
     )
-    return [r for r in runs if RANK_METRIC in r.data.metrics]
+    runs = [r for r in runs if RANK_METRIC in r.data.metrics]
+    backed = _verified(client, exp_ids)
+    for r in runs:
+        r.verified = backed.get(r.info.run_id) == r.data.metrics[RANK_METRIC]
+        r.owner = (
+            owners.get(r.info.experiment_id, "")
+            if owners is not None
+            else r.data.tags.get(f"{tracking.TAG_PREFIX}.user", "")
+        )
+    return [r for r in runs if r.verified] + [r for r in runs if not r.verified]
 
 
 def leaderboard_rows(
-    client: Any, exp_id: str | list[str], limit: int, user: str | None = None
+    client: Any, exp_ids: list[str], limit: int, user: str | None = None, owners: Owners = None
 ) -> list[dict[str, str]]:
     from deep_repro import tracking
 
     rows: list[dict[str, str]] = []
-    for run in _pipeline_runs(client, exp_id, user)[:limit]:
+    ranked = 0
+    for run in _pipeline_runs(client, exp_ids, user, owners)[:limit]:
         metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
+        ranked += run.verified
         rows.append(
             {
-                "rank": str(len(rows) + 1),
+                "rank": str(ranked) if run.verified else "-",
                 "val_acc (ranks)": _pm(metrics, "val"),
                 "test_acc": _pm(metrics, "test"),
                 "test_f1": f"{metrics.get('test_macro_f1', float('nan')):.4f}",
                 **{col: _short(params.get(key, "")) for col, key in LEADERBOARD_PARAMS.items()},
                 "seed": params.get("seed", ""),
-                "user": tags.get(f"{tracking.TAG_PREFIX}.user", ""),
+                "user": run.owner,
                 "commit": tags.get(f"{tracking.TAG_PREFIX}.git.commit", "")[:8],
                 "dvc_exp": tags.get(f"{tracking.TAG_PREFIX}.dvc_exp_name", ""),
                 "run_id": run.info.run_id,
@@ -100,7 +138,7 @@ def _seed_group(run: Any) -> tuple[str, ...]:
     )
     tags = run.data.tags
     return (
-        tags.get(f"{tracking.TAG_PREFIX}.user", ""),
+        run.owner,
         tags.get(f"{tracking.TAG_PREFIX}.git.commit", ""),
         *(f"{k}={v}" for k, v in params),
     )
@@ -113,15 +151,17 @@ def _mean_std(values: list[float]) -> str:
 
 
 def seed_group_rows(
-    client: Any, exp_id: str | list[str], limit: int, user: str | None = None
+    client: Any, exp_ids: list[str], limit: int, user: str | None = None, owners: Owners = None
 ) -> list[dict[str, str]]:
     """One row per config run under several seeds: mean ± standard deviation ACROSS seeds (the
     seed-to-seed spread, not the interval of one run), ranked by mean validation accuracy. A
-    rerun of the same seed counts once (its latest run)."""
+    rerun of the same seed counts once (its latest run); unverified runs are left out."""
     from deep_repro import tracking
 
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
-    for run in _pipeline_runs(client, exp_id, user):
+    for run in _pipeline_runs(client, exp_ids, user, owners):
+        if not run.verified:
+            continue
         seed = run.data.params.get("seed", "")
         group = groups.setdefault(_seed_group(run), {})
         latest = group.get(seed)
@@ -148,11 +188,17 @@ def seed_group_rows(
                 "n": str(len(runs)),
                 "seeds": ",".join(r.data.params.get("seed", "?") for r in runs),
                 **{col: _short(params.get(key, "")) for col, key in LEADERBOARD_PARAMS.items()},
-                "user": tags.get(f"{tracking.TAG_PREFIX}.user", ""),
+                "user": first.owner,
                 "commit": tags.get(f"{tracking.TAG_PREFIX}.git.commit", "")[:8],
             }
         )
     return rows
+
+
+UNVERIFIED_NOTE = (
+    "rank -: no finished evaluate stage run of its own logged these numbers (a run made by "
+    "hand, or an interrupted pipeline): listed, never ranked"
+)
 
 
 def format_table(rows: list[dict[str, str]]) -> str:

@@ -88,6 +88,8 @@ from deep_repro.tracking.store import (  # noqa: F401
     artifact_root,
     connect,
     credentials_to_env,
+    read_client,
     tracking_uri,
+    unusable,
 )
 from deep_repro.tracking.trials import TrialRun, trial_run  # noqa: F401

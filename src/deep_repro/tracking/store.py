@@ -112,6 +112,41 @@ def _store_lock(uri: str) -> contextlib.AbstractContextManager[Any]:
     return FileLock(str(db_path) + ".lock", timeout=300)
 
 
+def unusable(uri: str, exc: BaseException) -> TrackingError:
+    """The one-line error for a store that cannot be used: a refused login is named as such
+    (with the user name tried), not as "set tracking.uri"."""
+    first = scrub(first_line(exc))
+    if "401" in first or "Unauthorized" in first or "UNAUTHENTICATED" in first:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        who = f"the login {user!r}" if user else "a request without a login"
+        return TrackingError(
+            f"tracking server {scrub(uri)} refused {who} (401): check "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    return TrackingError(
+        f"tracking store {scrub(uri)} unreachable or unusable "
+        f"({type(exc).__name__}: {first[:300]}); set tracking.uri or MLFLOW_TRACKING_URI"
+    )
+
+
+def read_client(uri: str) -> MlflowClient:
+    """A client for reading the store at `uri`: creates no experiment and writes nothing (the
+    leaderboard); fails fast, in one line, when the store cannot be read."""
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    uri = credentials_to_env(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow import MlflowClient
+
+    try:
+        with _store_lock(uri):  # a first use of a local sqlite store creates its tables
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_experiments(max_results=1)
+    except Exception as exc:
+        raise unusable(uri, exc) from None
+    return client
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """Open (creating once, under a lock) the store and the experiment; fail fast if unreachable.
 
@@ -156,12 +191,7 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                 if exp.tags.get(VIEW_TAG) != _view_state():
                     client.set_experiment_tag(exp_id, VIEW_TAG, _view_state())
     except Exception as exc:
-        first = first_line(exc)
-        raise TrackingError(
-            f"tracking store {scrub(uri)} unreachable or unusable "
-            f"({type(exc).__name__}: {scrub(first)[:300]}); set "
-            "tracking.uri or MLFLOW_TRACKING_URI"
-        ) from None
+        raise unusable(uri, exc) from None
     from deep_repro.tracking.spool import ResilientClient  # an outage from here on is spooled
 
     return ResilientClient(client, uri), exp_id  # type: ignore[return-value]  # a duck-typed MlflowClient proxy

@@ -1,0 +1,163 @@
+"""The teacher's commands: `deep-repro class enroll` and `deep-repro grade`.
+
+Both talk to the class server as its admin (MLFLOW_TRACKING_USERNAME / _PASSWORD, the variables
+MLflow defines) and take the names of the class from the project config (`tracking.experiment`,
+`tracking.model_name`) unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+from pathlib import Path
+from typing import Any
+
+from deep_repro.errors import DeepReproError
+
+DEFAULT_GRADES = Path("grading")
+
+
+def _server(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(tracking URI, experiment prefix, model prefix) of the class."""
+    from deep_repro import config, tracking
+
+    cfg = None
+    try:
+        cfg = config.load_config(model=False)
+    except DeepReproError:
+        cfg = None
+    uri = tracking.tracking_uri(cfg.tracking.uri if cfg else None, args.tracking_uri)
+    if not uri.startswith(("http://", "https://")):
+        raise DeepReproError(
+            f"the class server is an http(s):// MLflow server; the tracking URI is {uri} "
+            "(set MLFLOW_TRACKING_URI or --tracking-uri)"
+        )
+    if not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        raise DeepReproError(
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to the server's admin login"
+        )
+    prefix = args.experiment_prefix or (cfg.tracking.experiment if cfg else "fashion-mnist")
+    model = args.model_prefix or (cfg.tracking.model_name if cfg else "fashion-mnist-classifier")
+    return uri, prefix, model
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from deep_repro.classroom.enrolment import enroll, read_students
+
+    students = read_students(Path(args.students))  # bad input fails before any server call
+    uri, prefix, model = _server(args)
+    report = enroll(
+        uri,
+        students,
+        experiment_prefix=prefix,
+        model_prefix=model,
+        accounts=Path(args.accounts),
+        reset=tuple(args.reset),
+        remove=tuple(args.remove),
+    )
+    print("\n".join(report))
+    return 0
+
+
+def _as_of_ms(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise DeepReproError(
+            f"--as-of {text!r}: expected an ISO time, e.g. 2026-12-06T18:00+01:00"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def load_canonical(split: Path, test: Path) -> Any:
+    from deep_repro.classroom.grading import Canonical
+    from deep_repro.data import load_arrays
+    from deep_repro.files import file_digest
+
+    for path in (split, test):
+        if not path.is_file():
+            raise DeepReproError(
+                f"{path} not found: grading scores every champion on the class split; "
+                "`uv run dvc pull` (or `uv run dvc repro split`) first"
+            )
+    tv, te = load_arrays(split), load_arrays(test)
+    return Canonical(
+        tv["x_val"], tv["y_val"], te["x_test"], te["y_test"], file_digest(split), file_digest(test)
+    )
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    from deep_repro.classroom import grading
+    from deep_repro.classroom.leaderboard import format_table
+    from deep_repro.classroom.roster import read_roster
+    from deep_repro.paths import repo_root
+
+    as_of = _as_of_ms(args.as_of)
+    root = repo_root()
+    data = load_canonical(root / args.split, root / args.test)
+    uri, prefix, _ = _server(args)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    roster = read_roster(client, prefix)
+    if roster is None:
+        raise DeepReproError(
+            f"no class roster on {uri} for {prefix}-*: run `deep-repro class enroll` first"
+        )
+    grades = grading.grade_class(client, uri, roster, data, as_of)
+    print(format_table(grading.board_rows(grades)))
+    run_id = grading.publish(client, roster, grades, data, args.as_of, Path(args.out))
+    print(f"\nranked by recomputed validation accuracy; board in {args.out}/grades.{{csv,md}}")
+    print(f"grading run {run_id} in experiment {roster.grading_experiment}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """The teacher's subcommands of `deep-repro`."""
+    from deep_repro.classroom.enrolment import DEFAULT_ACCOUNTS
+    from deep_repro.pipeline import SPLIT_TEST, SPLIT_TRAIN_VAL
+
+    def names(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--experiment-prefix", help="default: tracking.experiment")
+        p.add_argument("--model-prefix", help="default: tracking.model_name")
+
+    p = sub.add_parser("class", help="teacher: enrol the class on the server")
+    class_sub = p.add_subparsers(dest="class_command", required=True)
+    p = class_sub.add_parser(
+        "enroll",
+        help="create (or keep) each student's account, experiment and model; rerun to add some",
+        description="Idempotent: existing accounts keep their passwords, each student's "
+        "experiment <prefix>-<user> and model <model prefix>-<user> are created by you and "
+        "given to that student alone, and the roster is stored on the server.",
+    )
+    p.add_argument("students", help="CSV with a header username,password (empty: generated)")
+    p.add_argument(
+        "--accounts",
+        default=str(DEFAULT_ACCOUNTS),
+        help=f"where generated passwords go, mode 600 (default: {DEFAULT_ACCOUNTS})",
+    )
+    p.add_argument("--reset", action="append", default=[], metavar="USER", help="new password")
+    p.add_argument(
+        "--remove", action="append", default=[], metavar="USER", help="take off the roster"
+    )
+    names(p)
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser(
+        "grade",
+        help="teacher: score every student's champion here and publish the class board",
+        description="Fetches each enrolled student's @champion program (safe loader), scores "
+        "it on this checkout's validation split and test set, ranks by the recomputed "
+        "validation accuracy with McNemar's p vs the best, and flags claims it cannot confirm.",
+    )
+    p.add_argument("--as-of", help="grade the versions in force at this ISO time (a deadline)")
+    p.add_argument("--out", default=str(DEFAULT_GRADES), help="where grades.csv/.md go")
+    p.add_argument("--split", default=SPLIT_TRAIN_VAL, help="the class split (x_val, y_val)")
+    p.add_argument("--test", default=SPLIT_TEST, help="the test set (x_test, y_test)")
+    names(p)
+    p.set_defaults(func=cmd_grade)

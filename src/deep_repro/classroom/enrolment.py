@@ -1,0 +1,246 @@
+"""Enrolment on the class server: accounts, each student's own experiment and model, the roster.
+
+`deep-repro class enroll students.csv` (the teacher, logged in as the server's admin) can be
+rerun whenever students join: an existing account keeps its password unless `--reset NAME`
+asks for a new one, every student's experiment and registered model are created up front by
+the teacher and given to that student alone (MANAGE), and a resource someone else created
+first (a classmate pre-claiming `<prefix>-dave` before dave is enrolled) is taken back: the
+other student's rights on it are revoked and reported. Generated passwords are written outside
+the checkout (mode 600, LF line ends), merged with the ones written before.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import secrets
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from deep_repro.classroom.roster import ROSTER_TAG as _ROSTER_TAG
+from deep_repro.classroom.roster import Roster, check_user_name, read_roster
+from deep_repro.errors import DeepReproError
+
+log = logging.getLogger(__name__)
+
+# Where generated passwords go by default: the teacher's home, never the checkout (git).
+DEFAULT_ACCOUNTS = Path("~/.config/deep-repro/class-accounts.csv")
+_WRITE = ("EDIT", "MANAGE")  # a permission that lets a student change a resource
+
+
+@dataclass(frozen=True)
+class Student:
+    name: str
+    password: str = ""  # empty: keep an existing account's, generate one for a new account
+
+
+def read_students(path: Path) -> list[Student]:
+    """`username[,password]` rows (header `username,password`)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DeepReproError(f"{path}: cannot read ({exc.strerror})") from None
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows or "username" not in rows[0]:
+        raise DeepReproError(f"{path}: expected a CSV with a header `username,password`")
+    students = []
+    for number, row in enumerate(rows, start=2):
+        name = (row.get("username") or "").strip()
+        try:
+            check_user_name(name)
+        except DeepReproError as exc:
+            raise DeepReproError(f"{path}:{number}: {exc}") from None
+        students.append(Student(name, (row.get("password") or "").strip()))
+    return students
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "error_code", ""))
+
+
+def _exists(exc: Exception) -> bool:
+    return _error_code(exc) == "RESOURCE_ALREADY_EXISTS"
+
+
+class Enrolment:
+    """One enrolment pass against the server at `uri` (admin credentials in the environment)."""
+
+    def __init__(self, uri: str, experiment_prefix: str, model_prefix: str) -> None:
+        from mlflow import MlflowClient
+        from mlflow.server import get_app_client
+
+        self.auth = get_app_client("basic-auth", tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.roster = read_roster(self.client, experiment_prefix) or Roster(
+            experiment_prefix, model_prefix
+        )
+        if self.roster.model_prefix != model_prefix:
+            raise DeepReproError(
+                f"--model-prefix {model_prefix}: the class on this server uses "
+                f"{self.roster.model_prefix!r}"
+            )
+        self.report: list[str] = []
+
+    # -- accounts ----------------------------------------------------------------------------
+    def account(self, student: Student, reset: bool) -> str | None:
+        """Create the account, or keep it; returns a password to hand out, if one was set."""
+        from mlflow.exceptions import MlflowException
+
+        password = student.password or secrets.token_urlsafe(12)
+        try:
+            self.auth.create_user(student.name, password)
+            self.report.append(f"{student.name}: account created")
+            return None if student.password else password
+        except MlflowException as exc:
+            if not _exists(exc):
+                raise
+        if not reset:
+            return None  # an enrolled student's password is theirs: never changed by a rerun
+        self.auth.update_user_password(student.name, password)
+        self.report.append(f"{student.name}: password reset")
+        return None if student.password else password
+
+    # -- resources ---------------------------------------------------------------------------
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage != "active":
+                raise DeepReproError(
+                    f"experiment {name} is deleted but still holds its name; restore it "
+                    "(`mlflow experiments restore`) or delete it for good (`mlflow gc`), then "
+                    "enrol again"
+                )
+            return str(exp.experiment_id)
+        return str(self.client.create_experiment(name))
+
+    def _model(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if not _exists(exc):
+                raise
+        return name
+
+    def _grant(self, user: str, kind: str, resource: str, permission: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.auth.grant_user_permission(user, kind, resource, permission)
+        except MlflowException as exc:
+            if not _exists(exc):
+                raise
+            # The grant exists (a rerun): make it exactly `permission`.
+            self.auth.revoke_user_permission(user, kind, resource)
+            self.auth.grant_user_permission(user, kind, resource, permission)
+
+    def _take_back(self, kind: str, resource: str, label: str, owner: str | None) -> None:
+        """Revoke every enrolled student's write access to `resource` but its owner's."""
+        for other in self.roster.students:
+            if other == owner:
+                continue
+            effective = self.auth.get_user_permission(other, kind, resource).permission
+            if effective in _WRITE:
+                self.auth.revoke_user_permission(other, kind, resource)
+                self.report.append(
+                    f"{label}: {other} had {effective} on it (created it first?): revoked"
+                )
+
+    def resources(self, user: str) -> None:
+        exp_id = self._experiment_id(self.roster.experiment(user))
+        model = self._model(self.roster.model(user))
+        self._grant(user, "experiment", exp_id, "MANAGE")
+        self._grant(user, "registered_model", model, "MANAGE")
+
+    def secure(self) -> None:
+        """After the roster is complete: nobody but its owner writes a student's resources,
+        and no student writes the teacher's experiments."""
+        for user in self.roster.students:
+            exp_id = self._experiment_id(self.roster.experiment(user))
+            self._take_back("experiment", exp_id, self.roster.experiment(user), user)
+            model = self.roster.model(user)
+            self._take_back("registered_model", model, model, user)
+        for name in (self.roster.class_experiment, self.roster.grading_experiment):
+            self._take_back("experiment", self._experiment_id(name), name, None)
+
+    def save_roster(self, students: tuple[str, ...]) -> None:
+        self.roster = replace(self.roster, students=tuple(sorted(set(students))))
+        exp_id = self._experiment_id(self.roster.class_experiment)
+        self.client.set_experiment_tag(exp_id, _ROSTER_TAG, self.roster.to_json())
+
+    def remove(self, user: str) -> None:
+        """Take a student off the roster: their rights go, their runs and versions stay."""
+        if user not in self.roster.students:
+            raise DeepReproError(f"--remove {user}: not on the roster")
+        exp_id = self._experiment_id(self.roster.experiment(user))
+        for kind, resource in (
+            ("experiment", exp_id),
+            ("registered_model", self.roster.model(user)),
+        ):
+            try:
+                self.auth.revoke_user_permission(user, kind, resource)
+            except Exception as exc:  # no grant left: nothing to revoke
+                if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+        self.report.append(f"{user}: removed from the roster (runs and versions kept)")
+
+
+def write_accounts(path: Path, passwords: dict[str, str]) -> None:
+    """Merge `passwords` into the CSV at `path` (mode 600, LF), atomically."""
+    path = path.expanduser()
+    existing: dict[str, str] = {}
+    if path.exists():
+        existing = {
+            r["username"]: r["password"] for r in csv.DictReader(io.StringIO(path.read_text()))
+        }
+    existing.update(passwords)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["username", "password"])
+        writer.writerows(sorted(existing.items()))
+    tmp.replace(path)
+
+
+def enroll(
+    uri: str,
+    students: list[Student],
+    *,
+    experiment_prefix: str,
+    model_prefix: str,
+    accounts: Path,
+    reset: tuple[str, ...] = (),
+    remove: tuple[str, ...] = (),
+) -> list[str]:
+    """Enrol `students` (new ones added, existing ones kept), then secure every resource.
+    Returns the report lines."""
+    names = [s.name for s in students]
+    for name in reset:
+        if name not in names:
+            raise DeepReproError(f"--reset {name}: not in the students file")
+    e = Enrolment(uri, experiment_prefix, model_prefix)
+    for name in remove:
+        e.remove(name)
+    kept = tuple(s for s in e.roster.students if s not in remove)
+    passwords: dict[str, str] = {}
+    for student in students:
+        password = e.account(student, reset=student.name in reset)
+        if password:
+            passwords[student.name] = password
+    # The roster first: `secure` then knows every student whose rights it must check.
+    e.save_roster((*kept, *names))
+    for name in names:
+        e.resources(name)
+        e.report.append(
+            f"{name}: experiment {e.roster.experiment(name)}, model {e.roster.model(name)} (MANAGE)"
+        )
+    e.secure()
+    if passwords:
+        write_accounts(accounts, passwords)
+        e.report.append(f"{len(passwords)} password(s) written to {accounts.expanduser()}")
+    return e.report

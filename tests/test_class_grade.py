@@ -1,0 +1,219 @@
+"""The class board from recomputed numbers, on the real class services (PostgreSQL + the
+basic-auth MLflow server): rerunnable enrolment, pre-claimed resources taken back, and
+`deep-repro grade` scoring every champion itself — against forged claims, a copied program,
+training on another split and a version made after the deadline."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from deep_repro import cli, config, data, evaluation, inference, tracking
+from deep_repro.files import atomic_path, file_digest
+from deep_repro.pipeline import SPLIT_TRAIN_VAL
+from tests.helpers import Services, evidence, pipeline_run
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{random.randrange(1 << 30):x}"
+
+
+def _client(services: Services) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=services.mlflow_url, registry_uri=services.mlflow_url)
+
+
+def _centroid_program(splits: data.Splits, n: int, path: Path) -> Path:
+    """A real classifier, cheap to make: nearest class centroid of the first `n` training
+    images (a linear layer on the normalised pixels), exported like the postprocess stage."""
+    n = min(n, len(splits.x_train))
+    x = (splits.x_train[:n].reshape(n, -1) / 255.0 - config.PIXEL_MEAN) / config.PIXEL_STD
+    y = splits.y_train[:n]
+    centroids = np.stack([x[y == k].mean(0) for k in range(10)])
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.from_numpy(centroids))
+        net[1].bias.copy_(torch.from_numpy(-0.5 * (centroids**2).sum(1)))
+    with atomic_path(path) as tmp:
+        inference.export(
+            inference.build_inference_module(net), torch.from_numpy(splits.x_val[:2]), tmp
+        )
+    return path
+
+
+def _predicted(path: Path, x: np.ndarray) -> np.ndarray:
+    """Scored independently of the project's loader: torch.export.load and a forward pass."""
+    module = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).argmax(1).numpy()
+
+
+def _rows(text: str) -> dict[str, dict[str, str]]:
+    return {r["student"]: r for r in csv.DictReader(io.StringIO(text))}
+
+
+@pytest.mark.services
+def test_class_enrolment_and_a_board_from_recomputed_numbers(
+    services: Services,
+    as_user: Any,
+    make_cfg: Any,
+    splits: data.Splits,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    prefix, models = _unique("gc"), _unique("gc-clf")
+    alice, bob, carol, dave = (_unique(n) for n in ("alice", "bob", "carol", "dave"))
+    names = ["--experiment-prefix", prefix, "--model-prefix", models]
+    roster = tmp_path / "students.csv"
+    accounts = tmp_path / "teacher" / "accounts.csv"
+
+    def enroll(*students: str) -> str:
+        roster.write_text("username,password\n" + "".join(f"{s}\n" for s in students))
+        as_user(services.admin_user, services.admin_password)
+        assert cli.main(["class", "enroll", str(roster), "--accounts", str(accounts), *names]) == 0
+        return capsys.readouterr().out
+
+    def passwords() -> dict[str, str]:
+        return {
+            r["username"]: r["password"] for r in csv.DictReader(io.StringIO(accounts.read_text()))
+        }
+
+    # ---- enrolment, then a rerun with one more student: nobody's password changes
+    enroll(alice, bob)
+    first = passwords()
+    enroll(alice, bob, carol)
+    assert {k: passwords()[k] for k in first} == first and carol in passwords()
+    assert oct(accounts.stat().st_mode & 0o777) == "0o600" and b"\r" not in accounts.read_bytes()
+    pw = passwords()
+    as_user(alice, pw[alice])
+    _client(services).search_experiments(max_results=1)  # alice's first password still works
+
+    # ---- bob pre-claims the experiment of dave, who is not enrolled yet
+    as_user(bob, pw[bob])
+    claimed = _client(services).create_experiment(f"{prefix}-{dave}")
+    report = enroll(alice, bob, carol, dave)
+    assert f"{prefix}-{dave}: {bob} had MANAGE on it" in report
+    pw = passwords()
+    as_user(bob, pw[bob])
+    with pytest.raises(MlflowException) as err:
+        _client(services).set_experiment_tag(claimed, "mine", "yes")
+    assert err.value.error_code == "PERMISSION_DENIED"
+
+    # ---- the class data the teacher grades on
+    canon = tmp_path / "canon"
+    canon.mkdir()
+    np.savez(canon / "train_val.npz", x_train=splits.x_train, y_train=splits.y_train,
+             x_val=splits.x_val, y_val=splits.y_val)  # fmt: skip
+    np.savez(canon / "test.npz", x_test=splits.x_test, y_test=splits.y_test)
+    split_md5 = file_digest(canon / "train_val.npz")
+    images = data.array_digest(splits.x_val, splits.y_val)
+
+    def publish(student: str, program: Path, claim: Any = None, trained_on: str = split_md5,
+                alpha: float = 0.05) -> str:  # fmt: skip
+        """What a student's postprocess + evaluate stages do, as that student."""
+        as_user(student, pw[student])
+        monkeypatch.setenv("DEEP_REPRO_INVOCATION", _unique("inv"))
+        cfg = make_cfg(f"tracking.experiment={prefix}-{student}",
+                       f"tracking.model_name={models}-{student}")  # fmt: skip
+        with tracking.stage_run("postprocess", cfg) as run:
+            version = tracking.log_inference_model(
+                run, program, splits.x_val[:4], cfg.tracking.model_name
+            )
+            run.client.set_tag(run.run_id, f"{tracking.IN_PREFIX}{SPLIT_TRAIN_VAL}", trained_on)
+        assert version is not None
+        predicted = _predicted(program, splits.x_val)
+        honest = evaluation.Predictions(
+            {"val": evaluation.split_predictions(images, splits.y_val, predicted)}
+        )
+        tracking.validation_gate(
+            run.client, cfg.tracking.model_name, version, claim or honest, 0.1, alpha
+        )
+        return version
+
+    weak = _centroid_program(splits, 60, tmp_path / "weak.pt2")
+    strong = _centroid_program(splits, 2000, tmp_path / "strong.pt2")
+    medium = _centroid_program(splits, 300, tmp_path / "medium.pt2")
+    other = _centroid_program(splits, 150, tmp_path / "other.pt2")
+    v1 = publish(alice, weak)
+    as_user(services.admin_user, services.admin_password)
+    deadline = int(_client(services).get_model_version(f"{models}-{alice}", v1).creation_timestamp)
+    publish(bob, medium)
+    publish(
+        carol, medium, claim=evidence(0.99, n=len(splits.y_val))
+    )  # bob's program, a forged claim
+    publish(dave, other, trained_on="0" * 32)  # trained on a split of his own
+    assert publish(alice, strong, alpha=0.99) == "2"  # after the deadline; the gate elects it
+
+    # ---- the board, now and at the deadline
+    def grade(*extra: str) -> dict[str, dict[str, str]]:
+        out = tmp_path / f"board{len(extra)}"
+        as_user(services.admin_user, services.admin_password)
+        args = ["grade", "--split", str(canon / "train_val.npz"), "--test", str(canon / "test.npz")]
+        assert cli.main([*args, "--out", str(out), *names, *extra]) == 0
+        capsys.readouterr()
+        return _rows((out / "grades.csv").read_text())
+
+    board = grade()
+    champions = {alice: strong, bob: medium, carol: medium, dave: other}
+    for student, program in champions.items():
+        row = board[student]
+        for split, x, y in (
+            ("val", splits.x_val, splits.y_val),
+            ("test", splits.x_test, splits.y_test),
+        ):
+            measured = float(np.mean(_predicted(program, x) == y))
+            column = "val_acc (ranks)" if split == "val" else "test_acc"
+            assert row[column].split(" ± ")[0] == f"{measured:.4f}", (student, split)
+    assert [board[s]["rank"] for s in (alice, bob)] == ["1", "2"]  # strong beats medium on val
+    assert board[alice]["flags"] == "" and board[alice]["p_vs_best"] == ""
+    assert f"same program as {carol}" in board[bob]["flags"]
+    assert "claimed 0.9900 but measured" in board[carol]["flags"]
+    assert f"same program as {bob}" in board[carol]["flags"]
+    assert "split: trained on" in board[dave]["flags"]
+    assert board[carol]["claimed_val"] == "0.9900"
+
+    from datetime import UTC, datetime
+
+    as_of = datetime.fromtimestamp(deadline / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    then = grade("--as-of", as_of)
+    assert then[alice]["version"] == v1 and "late: @champion v2" in then[alice]["flags"]
+    weak_val = float(np.mean(_predicted(weak, splits.x_val) == splits.y_val))
+    assert then[alice]["val_acc (ranks)"].startswith(f"{weak_val:.4f}")
+
+    # The board is one MLflow run in the teacher's grading experiment.
+    client = _client(services)
+    grading = client.get_experiment_by_name(f"{prefix}-grading")
+    runs = client.search_runs([grading.experiment_id], "tags.`deep_repro.kind` = 'grading'")
+    assert len(runs) == 2
+    metrics = next(r for r in runs if r.data.tags["deep_repro.as_of"] == "now").data.metrics
+    assert metrics[f"val_accuracy.{alice}"] == pytest.approx(
+        float(np.mean(_predicted(strong, splits.x_val) == splits.y_val))
+    )
+
+    # ---- the students' own leaderboard: owners by experiment, enrolled students only
+    as_user(bob, pw[bob])
+    client = _client(services)
+    mine = client.get_experiment_by_name(f"{prefix}-{bob}").experiment_id
+    pipeline_run(client, mine, alice, 0.70)  # `-S tracking.user=alice` in bob's clone
+    shadow = client.create_experiment(f"{prefix}-teacher-x")  # not enrolled: never on the board
+    pipeline_run(client, shadow, bob, 1.0)
+    pattern = f"{prefix}-*"
+    assert cli.main(["leaderboard", "--experiment", pattern, "--user", alice]) == 0
+    assert "0.7000" not in capsys.readouterr().out
+    assert cli.main(["leaderboard", "--experiment", pattern]) == 0
+    table = capsys.readouterr().out
+    assert "1.0000" not in table
+    (row,) = [line for line in table.splitlines() if "0.7000" in line]
+    assert f" {bob} " in row and alice not in row
