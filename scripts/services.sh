@@ -58,7 +58,7 @@ start() {
     return 0
   fi
   [ ! -e "$DIR" ] || stop >/dev/null
-  local bin pg_port ml_port su_pw pw admin_pw flask_key mlflow_bin
+  local bin pg_port ml_port su_pw pw study_pw admin_pw flask_key mlflow_bin
   bin=$(pg_bin)
   mlflow_bin=$(cd "$ROOT" && uv run --no-sync python -c \
     'import shutil, sys; print(shutil.which("mlflow") or sys.exit("mlflow not installed"))')
@@ -71,6 +71,7 @@ start() {
   ml_port=$(free_port)
   su_pw=$(secret)
   pw=$(secret)
+  study_pw=$(secret)
   admin_pw=$(secret)
   flask_key=$(secret)
 
@@ -88,21 +89,25 @@ start() {
   as_pg head -n 1 "$DIR/pg/data/postmaster.pid" >"$DIR/postgres.pid"
 
   # libpq reads passwords from PGPASSFILE: the MLflow server and psql get them from there.
-  printf '127.0.0.1:%s:*:postgres:%s\n127.0.0.1:%s:*:deep_repro:%s\n' \
+  printf '127.0.0.1:%s:*:postgres:%s\n127.0.0.1:%s:*:mlflow_server:%s\n' \
     "$pg_port" "$su_pw" "$pg_port" "$pw" >"$DIR/pgpass"
   chmod 600 "$DIR/pgpass"
   PGPASSFILE=$DIR/pgpass "$bin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" \
     -U postgres -d postgres >/dev/null <<SQL || die "creating the databases failed"
-CREATE ROLE deep_repro LOGIN PASSWORD '$pw';
-CREATE DATABASE mlflow OWNER deep_repro;
-CREATE DATABASE mlflow_auth OWNER deep_repro;
-CREATE DATABASE optuna OWNER deep_repro;
+-- Least privilege: the MLflow server's login owns the tracking and accounts databases; the
+-- login students get for shared Optuna studies owns the study database and nothing else.
+CREATE ROLE mlflow_server LOGIN PASSWORD '$pw';
+CREATE ROLE class_studies LOGIN PASSWORD '$study_pw';
+CREATE DATABASE mlflow OWNER mlflow_server;
+CREATE DATABASE mlflow_auth OWNER mlflow_server;
+CREATE DATABASE optuna OWNER class_studies;
+REVOKE ALL ON DATABASE mlflow, mlflow_auth, optuna FROM PUBLIC;
 SQL
 
   cat >"$DIR/basic_auth.ini" <<INI
 [mlflow]
 default_permission = READ
-database_uri = postgresql://deep_repro@127.0.0.1:$pg_port/mlflow_auth
+database_uri = postgresql://mlflow_server@127.0.0.1:$pg_port/mlflow_auth
 admin_username = admin
 admin_password = $admin_pw
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
@@ -117,7 +122,7 @@ INI
     exec setsid "$mlflow_bin" server \
     --app-name basic-auth --host 127.0.0.1 --port "$ml_port" --workers "$WORKERS" \
     --uvicorn-opts "--timeout-worker-healthcheck 120" \
-    --backend-store-uri "postgresql://deep_repro@127.0.0.1:$pg_port/mlflow" \
+    --backend-store-uri "postgresql://mlflow_server@127.0.0.1:$pg_port/mlflow" \
     --artifacts-destination "$DIR/artifacts" \
     --allowed-hosts "localhost:$ml_port,127.0.0.1:$ml_port,$(hostname):$ml_port" \
     >"$DIR/mlflow.log" 2>&1 </dev/null) &
@@ -127,7 +132,8 @@ u.urlopen('http://127.0.0.1:$ml_port/health', timeout=5)"
 
   cat >"$ENV_FILE" <<ENV
 DEEP_REPRO_SERVICES_DIR=$DIR
-DEEP_REPRO_TEST_PG_URL=postgresql://deep_repro:$pw@127.0.0.1:$pg_port/optuna
+DEEP_REPRO_TEST_PG_URL=postgresql://class_studies:$study_pw@127.0.0.1:$pg_port/optuna
+DEEP_REPRO_TEST_PG_SERVER_URL=postgresql://mlflow_server:$pw@127.0.0.1:$pg_port/mlflow
 DEEP_REPRO_TEST_MLFLOW_URL=http://localhost:$ml_port
 DEEP_REPRO_TEST_MLFLOW_ADMIN_USER=admin
 DEEP_REPRO_TEST_MLFLOW_ADMIN_PASSWORD=$admin_pw

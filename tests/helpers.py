@@ -189,13 +189,15 @@ def copy_project(src: Path, dest: Path) -> Path:
 
 @dataclass(frozen=True)
 class Services:
-    pg_url: str  # postgresql://user:password@127.0.0.1:port/optuna
+    pg_url: str  # postgresql://class_studies:password@127.0.0.1:port/optuna: the students' login
     mlflow_url: str  # http://localhost:port (basic-auth app)
     admin_user: str
     admin_password: str
+    pg_server_url: str  # postgresql://mlflow_server:password@.../mlflow: the server's own login
 
     def pg_database(self, name: str) -> str:
-        return self.pg_url.rsplit("/", 1)[0] + f"/{name}"
+        """The MLflow server's login on database `name` (mlflow, mlflow_auth)."""
+        return self.pg_server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def evidence(accuracy: float, n: int = 1000, offset: int = 0, images: str = "val") -> Any:

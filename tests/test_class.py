@@ -129,6 +129,20 @@ def test_optuna_study_on_the_documented_postgresql_url(services: Services) -> No
     optuna.delete_study(study_name=name, storage=services.pg_url)
 
 
+@pytest.mark.services
+def test_the_students_database_login_reaches_only_the_study_database(services: Services) -> None:
+    """Issue 22: the one PostgreSQL role owned mlflow_auth too; a student read every password
+    hash and could `UPDATE users SET is_admin = true`. Now the study login is refused there."""
+    import psycopg
+
+    base = services.pg_url.rsplit("/", 1)[0]
+    for database in ("mlflow", "mlflow_auth"):
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(f"{base}/{database}", connect_timeout=30).close()
+    with psycopg.connect(services.pg_url, connect_timeout=30) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("class_studies",)
+
+
 # --------------------------------------------------------------------------- access control
 @pytest.mark.services
 def test_students_cannot_touch_each_others_runs_or_champion(

@@ -79,10 +79,11 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     roster = tmp_path / "students.csv"
     accounts = tmp_path / "teacher" / "accounts.csv"
 
-    def enroll(*students: str) -> str:
+    def enroll(*students: str, extra: tuple[str, ...] = ()) -> str:
         roster.write_text("username,password\n" + "".join(f"{s}\n" for s in students))
         as_user(services.admin_user, services.admin_password)
-        assert cli.main(["class", "enroll", str(roster), "--accounts", str(accounts), *names]) == 0
+        args = ["class", "enroll", str(roster), "--accounts", str(accounts), *names, *extra]
+        assert cli.main(args) == 0
         return capsys.readouterr().out
 
     def passwords() -> dict[str, str]:
@@ -217,3 +218,14 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     assert "1.0000" not in table
     (row,) = [line for line in table.splitlines() if "0.7000" in line]
     assert f" {bob} " in row and alice not in row
+
+    # ---- one student's password reset: only theirs changes; the old one is refused by name
+    enroll(alice, bob, carol, dave, extra=("--reset", carol))
+    new = passwords()
+    assert new[carol] != pw[carol] and {k: new[k] for k in (alice, bob)} == {
+        k: pw[k] for k in (alice, bob)
+    }
+    as_user(carol, pw[carol])
+    with pytest.raises(SystemExit):
+        cli.main(["leaderboard", "--experiment", pattern])
+    assert f"refused the login '{carol}' (401)" in capsys.readouterr().err
