@@ -258,6 +258,33 @@ def test_logreg_study_reports_once_and_is_never_pruned(project: Path) -> None:
     assert without_tune(applied) == without_tune(config.compose([*base, *result.best_overrides]))
 
 
+def test_a_trial_added_by_hand_is_never_adopted_as_the_best(
+    project: Path, tracking_env: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 22: `study.add_trial(value=0.999)` (never trained) was exported as the winner.
+    The winner is the best trial backed by its own finished trial run."""
+    (project / "conf/search/logreg.yaml").write_text(
+        "params:\n  model.C: {type: float, low: 1.0e-2, high: 1.0, log: true}\n"
+    )
+    base = ["model=logreg", "model.max_iter=50", "train.num_threads=1"]
+    first = tuning.run_study([*base, "tune.n_trials=2"])
+    study = load_study(project, "tune-logreg")
+    forged = optuna.trial.create_trial(
+        params={"model.C": 0.5},
+        distributions={"model.C": optuna.distributions.FloatDistribution(1e-2, 1.0, log=True)},
+        value=0.999,
+        user_attrs={tuning.ATTR_OVERRIDES: ["model.C=0.5"]},
+    )
+    study.add_trial(forged)
+    again = tuning.run_study([*base, "tune.n_trials=3"])  # the budget is spent: no new trial
+    assert again.best_trial == first.best_trial and again.best_value == first.best_value
+    assert "trial 2 is not adopted as the best: no trial run" in caplog.text
+    study_run = MlflowClient(tracking_env).get_run(again.study_run_id)
+    assert study_run.data.tags[f"{tracking.TAG_PREFIX}.unbacked_trials"] == "2"
+    exported = yaml.safe_load((project / "conf/experiment/tuned_logreg.yaml").read_text())
+    assert exported["model"]["C"] != 0.5
+
+
 # --------------------------------------------------------------------------- trial runs
 def test_trial_run_shares_the_stage_run_blocks(
     make_cfg: Any, tracking_env: str, monkeypatch: pytest.MonkeyPatch

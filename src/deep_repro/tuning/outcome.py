@@ -18,12 +18,53 @@ from deep_repro.tuning import storage
 from deep_repro.tuning.export import write_experiment
 from deep_repro.tuning.report import log_tables_and_plots
 from deep_repro.tuning.space import SearchSpace
-from deep_repro.tuning.storage import ATTR_OVERRIDES, ATTR_RUN
+from deep_repro.tuning.storage import ATTR_OVERRIDES, ATTR_RUN, TAG_STUDY, TAG_TRIAL_NUMBER
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
+
+
+def _backing(client: MlflowClient, study_name: str, trial: FrozenTrial) -> str | None:
+    """Why `trial` is not backed by its own trial run (None: it is). A trial counts only if
+    the MLflow run it names exists, FINISHED, tagged as this study's trial of this number, and
+    logged the trial's value and overrides: a row added to the study database by hand
+    (`study.add_trial(value=0.999)`, never trained) has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = trial.user_attrs.get(ATTR_RUN)
+    if not run_id:
+        return "no trial run"
+    try:
+        run = client.get_run(str(run_id))
+    except MlflowException:
+        return f"its run {run_id} does not exist"
+    tags, metrics = run.data.tags, run.data.metrics
+    if run.info.status != "FINISHED":
+        return f"its run {run_id} is {run.info.status}"
+    if tags.get(TAG_STUDY) != study_name or tags.get(TAG_TRIAL_NUMBER) != str(trial.number):
+        return f"its run {run_id} is not this study's trial {trial.number}"
+    if metrics.get("best_val_accuracy") != trial.value:
+        return f"its run logged {metrics.get('best_val_accuracy')}, not {trial.value}"
+    overrides = " ".join(trial.user_attrs.get(ATTR_OVERRIDES, []))[:5000]
+    if tags.get(f"{tracking.TAG_PREFIX}.trial_overrides") != overrides:
+        return f"its run trained other values than the trial's ({overrides})"
+    return None
+
+
+def backed_best(
+    client: MlflowClient, study_name: str, trials: Sequence[FrozenTrial]
+) -> tuple[FrozenTrial | None, dict[int, str]]:
+    """The best COMPLETE trial backed by its own trial run, and why better ones are not."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    rejected: dict[int, str] = {}
+    for trial in sorted(complete, key=lambda t: (-float(t.value or 0.0), t.number)):
+        why = _backing(client, study_name, trial)
+        if why is None:
+            return trial, rejected
+        rejected[trial.number] = why
+    return None, rejected
 
 
 @dataclass
@@ -71,8 +112,12 @@ class StudyOutcome:
         )
         metrics = {f"n_{k.lower()}": float(v) for k, v in states.items()}
         tags: dict[str, str] = {}
-        if any(t.state == TrialState.COMPLETE for t in trials):
-            best = study.best_trial
+        best, rejected = backed_best(self.client, self.study_name, trials)
+        for number, why in rejected.items():
+            log.warning("trial %d is not adopted as the best: %s", number, why)
+        if rejected:
+            tags[f"{tracking.TAG_PREFIX}.unbacked_trials"] = ",".join(map(str, sorted(rejected)))
+        if best is not None:
             result.best_trial, result.best_value = best.number, best.value
             result.best_params = {k: self._decoded(k, v) for k, v in best.params.items()}
             result.best_overrides = list(best.user_attrs.get(ATTR_OVERRIDES, []))
@@ -87,7 +132,7 @@ class StudyOutcome:
                 )
             assert best.value is not None  # a COMPLETE trial always has its value
             metrics["best_val_accuracy"] = float(best.value)
-            tags = {
+            tags |= {
                 f"{tracking.TAG_PREFIX}.best_trial": str(best.number),
                 f"{tracking.TAG_PREFIX}.best_trial_run_id": str(best.user_attrs.get(ATTR_RUN, "")),
                 f"{tracking.TAG_PREFIX}.experiment_file": result.experiment_file.relative_to(
@@ -99,8 +144,9 @@ class StudyOutcome:
         log_tables_and_plots(self.client, self.study_run_id, study)
         summary = ", ".join(f"{v} {k.lower()}" for k, v in states.items())
         if result.best_trial is None:
+            unbacked = f", {len(rejected)} without a trial run to back it" if rejected else ""
             raise DeepReproError(
-                f"study {self.study_name!r}: no trial completed ({summary}); "
+                f"study {self.study_name!r}: no trial completed ({summary}{unbacked}); "
                 "check the failed trials' runs in MLflow"
             )
         log.info(

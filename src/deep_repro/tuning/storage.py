@@ -57,6 +57,9 @@ ATTR_HEARTBEAT = "deep_repro.heartbeat"
 ATTR_RUN = "deep_repro.mlflow_run_id"
 ATTR_OVERRIDES = "deep_repro.overrides"
 ATTR_RETRY_OF = "deep_repro.retry_of"
+# Tags of a trial's MLflow run naming its study and trial: what ties a trial to its evidence.
+TAG_STUDY = "deep_repro.study"
+TAG_TRIAL_NUMBER = "deep_repro.trial_number"
 
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 

@@ -31,7 +31,14 @@ from deep_repro.tuning.check import check_search_space, check_study, comparable_
 from deep_repro.tuning.outcome import StudyOutcome, StudyResult
 from deep_repro.tuning.parse import load_search_space
 from deep_repro.tuning.space import compose, config_groups, get_key
-from deep_repro.tuning.storage import ATTR_OVERRIDES, ATTR_OWNER, ATTR_RETRY_OF, ATTR_RUN
+from deep_repro.tuning.storage import (
+    ATTR_OVERRIDES,
+    ATTR_OWNER,
+    ATTR_RETRY_OF,
+    ATTR_RUN,
+    TAG_STUDY,
+    TAG_TRIAL_NUMBER,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,8 +50,6 @@ log = logging.getLogger(__name__)
 
 SPLIT_FILE = SPLIT_TRAIN_VAL  # the only data a trial may read
 STUDY_ATTR_RUN = "deep_repro.mlflow_study_run_id"
-TAG_STUDY = f"{tracking.TAG_PREFIX}.study"
-TAG_TRIAL_NUMBER = f"{tracking.TAG_PREFIX}.trial_number"
 TAG_TRIAL_STATE = tracking.TAG_TRIAL_STATE
 TAG_STORAGE = f"{tracking.TAG_PREFIX}.optuna_storage"
 
