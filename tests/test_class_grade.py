@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from deep_repro import cli, config, data, evaluation, inference, tracking
+from deep_repro import cli, config, data, evaluation, inference, tracking, tuning
 from deep_repro.files import atomic_path, file_digest
 from deep_repro.pipeline import SPLIT_TRAIN_VAL
 from tests.helpers import Services, evidence, pipeline_run
+from tests.test_tuning import tuning_project
 
 
 def _unique(prefix: str) -> str:
@@ -229,3 +230,29 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     with pytest.raises(SystemExit):
         cli.main(["leaderboard", "--experiment", pattern])
     assert f"refused the login '{carol}' (401)" in capsys.readouterr().err
+
+    # ---- one shared study, two students' workers: one study run, in the class's studies
+    # experiment (every enrolled student may write it), whoever's worker came first
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(services.pg_url)
+    storage = urlunsplit(
+        parts._replace(netloc=parts.netloc.split(":", 1)[0] + "@" + parts.netloc.rsplit("@", 1)[1])
+    )
+    monkeypatch.setenv("PGPASSWORD", unquote(parts.password or ""))
+    monkeypatch.chdir(tuning_project(tmp_path / "tuning", splits))
+    (tmp_path / "tuning/conf/search/logreg.yaml").write_text(
+        "params:\n  model.C: {type: float, low: 1.0e-2, high: 1.0, log: true}\n"
+    )
+    study = _unique("shared")
+    for n, student in enumerate((alice, bob), start=1):
+        as_user(student, passwords()[student])
+        tuning.run_study([
+            "model=logreg", "model.max_iter=30", "train.num_threads=1", f"tune.n_trials={n}",
+            f"tune.storage={storage}", f"tune.study_name={study}",
+            f"tune.experiment={prefix}-studies", f"tracking.experiment={prefix}-{student}",
+        ])  # fmt: skip
+    client = _client(services)
+    studies = client.get_experiment_by_name(f"{prefix}-studies").experiment_id
+    kinds = [r.data.tags.get(tracking.TAG_KIND) for r in client.search_runs([studies])]
+    assert sorted(kinds) == ["study", "trial", "trial"]

@@ -154,6 +154,9 @@ class Enrolment:
         model = self._model(self.roster.model(user))
         self._grant(user, "experiment", exp_id, "MANAGE")
         self._grant(user, "registered_model", model, "MANAGE")
+        # Shared Optuna studies: one study run per study, whoever's worker created it.
+        studies = self._experiment_id(self.roster.studies_experiment)
+        self._grant(user, "experiment", studies, "EDIT")
 
     def secure(self) -> None:
         """After the roster is complete: nobody but its owner writes a student's resources,
@@ -179,6 +182,7 @@ class Enrolment:
         for kind, resource in (
             ("experiment", exp_id),
             ("registered_model", self.roster.model(user)),
+            ("experiment", self._experiment_id(self.roster.studies_experiment)),
         ):
             try:
                 self.auth.revoke_user_permission(user, kind, resource)

@@ -24,17 +24,19 @@ from deep_repro.errors import DeepReproError
 
 ROSTER_TAG = "deep_repro.roster"
 ROSTER_FORMAT = "deep-repro/roster/1"
-# Experiments the teacher's tools own next to the students' `<prefix>-<user>` ones.
-CLASS_SUFFIX, GRADING_SUFFIX = "class", "grading"
+# Experiments the teacher's tools own next to the students' `<prefix>-<user>` ones (studies:
+# shared Optuna studies' runs, which every enrolled student may write).
+CLASS_SUFFIX, GRADING_SUFFIX, STUDIES_SUFFIX = "class", "grading", "studies"
+RESERVED = (CLASS_SUFFIX, GRADING_SUFFIX, STUDIES_SUFFIX)
 # A user name becomes part of experiment and model names and of a search filter.
 USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 def check_user_name(name: str) -> str:
-    if not USER_NAME.match(name) or name in (CLASS_SUFFIX, GRADING_SUFFIX):
+    if not USER_NAME.match(name) or name in RESERVED:
         raise DeepReproError(
             f"student name {name!r}: expected 1-64 lower-case letters, digits, '.', '_' or '-' "
-            f"(not {CLASS_SUFFIX!r} or {GRADING_SUFFIX!r}: the teacher's experiments use them)"
+            f"(not {', '.join(RESERVED)}: the teacher's experiments use them)"
         )
     return name
 
@@ -60,6 +62,10 @@ class Roster:
     @property
     def grading_experiment(self) -> str:
         return f"{self.experiment_prefix}-{GRADING_SUFFIX}"
+
+    @property
+    def studies_experiment(self) -> str:
+        return f"{self.experiment_prefix}-{STUDIES_SUFFIX}"
 
     def owner_of_experiment(self, name: str) -> str | None:
         """The enrolled student whose experiment `name` is, or None."""

@@ -178,6 +178,9 @@ class TuneConfig(Schema):
     seed: Seed
     storage: StorageUrl | None
     study_name: str | None
+    # Where the study run and trial runs go: students sharing one study share one experiment
+    # (`<prefix>-studies`, every enrolled student may write it), so the study has one run.
+    experiment: str | None
     timeout: Annotated[float, Field(gt=0.0)] | None
     heartbeat_interval: Annotated[int, Field(ge=1)]
 

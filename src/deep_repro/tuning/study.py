@@ -113,11 +113,15 @@ class _Tuner(StudyOutcome):
     # ------------------------------------------------------------------ MLflow
     def _connect(self) -> None:
         uri = tracking.tracking_uri(self.cfg.tracking.uri)
-        self.client, self.exp_id = tracking.connect(uri, self.cfg.tracking.experiment)
+        # The split's producer is in this user's own experiment; the study may live elsewhere.
+        self.client, own_exp = tracking.connect(uri, self.cfg.tracking.experiment)
+        self.exp_id = own_exp
+        if self.cfg.tune.experiment:
+            _, self.exp_id = tracking.connect(uri, self.cfg.tune.experiment)
         # Study and trial runs: MLflow's Source column shows what started them.
         self.env_tags = {**tracking.environment_tags(self.cfg), **source_tags("deep-repro tune")}
         self.data_tags = {f"{tracking.IN_PREFIX}{SPLIT_FILE}": self.data_md5}
-        producer = tracking.find_producer(self.client, self.exp_id, SPLIT_FILE, self.data_md5)
+        producer = tracking.find_producer(self.client, own_exp, SPLIT_FILE, self.data_md5)
         if producer:
             self.data_tags[f"{tracking.UPSTREAM_PREFIX}{SPLIT_FILE}"] = producer
         else:
