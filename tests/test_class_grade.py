@@ -194,11 +194,24 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     weak_val = float(np.mean(_predicted(weak, splits.x_val) == splits.y_val))
     assert then[alice]["val_acc (ranks)"].startswith(f"{weak_val:.4f}")
 
-    # The board is one MLflow run in the teacher's grading experiment.
+    # dave registers alice's logged model as a version of his own (MLflow allows it with READ)
+    # and makes it his champion: graded as nobody's work, not as dave's.
+    as_user(dave, pw[dave])
+    theirs = _client(services).get_model_version(f"{models}-{alice}", "2")
+    copied = _client(services).create_model_version(
+        f"{models}-{dave}",
+        source=theirs.source,
+        run_id=theirs.run_id,
+        model_id=theirs.source.removeprefix("models:/"),
+    )
+    _client(services).set_registered_model_alias(f"{models}-{dave}", "champion", copied.version)
+    stolen = grade()[dave]
+    assert stolen["rank"] == "-" and "made outside" in stolen["flags"], stolen
+
     client = _client(services)
     grading = client.get_experiment_by_name(f"{prefix}-grading")
     runs = client.search_runs([grading.experiment_id], "tags.`deep_repro.kind` = 'grading'")
-    assert len(runs) == 2
+    assert len(runs) == 3
     metrics = next(r for r in runs if r.data.tags["deep_repro.as_of"] == "now").data.metrics
     assert metrics[f"val_accuracy.{alice}"] == pytest.approx(
         float(np.mean(_predicted(strong, splits.x_val) == splits.y_val))

@@ -564,3 +564,34 @@ def test_sigint_in_cli_and_stage_is_one_line_exit_130(
         assert proc.returncode == 130, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == "interrupted"
+
+
+def test_a_logged_models_program_path_stays_inside_the_model(tmp_path: Path) -> None:
+    """The MLmodel file is written by whoever logged the model (a student): its program path
+    `/abs/other.pt2` or `../x` made predict and grade read any local file as the program
+    (another student's cached program, the teacher's own model, /dev/zero)."""
+    from deep_repro.errors import TrackingError
+    from deep_repro.serving import model_cache
+
+    elsewhere = tmp_path / "someone-elses.pt2"
+    elsewhere.write_bytes(b"not yours")
+    for rel in (str(elsewhere), "../someone-elses.pt2", "a/../../someone-elses.pt2", "/dev/zero"):
+        model_dir = tmp_path / f"model-{abs(hash(rel))}"
+        model_dir.mkdir()
+        (model_dir / "MLmodel").write_text(
+            f"flavors:\n  python_function:\n    artifacts:\n      program:\n        path: {rel}\n"
+        )
+        mv = model_cache.ModelVersion("m", "1", "r", 1, model_dir.as_uri())
+        with pytest.raises(TrackingError, match="not a relative path inside the model"):
+            model_cache.cached_program(f"sqlite:///{tmp_path / 'db'}", mv)
+    # A symlink inside the model that points out of it is refused too.
+    model_dir = tmp_path / "model-link"
+    (model_dir / "artifacts").mkdir(parents=True)
+    (model_dir / "artifacts/inference.pt2").symlink_to(elsewhere)
+    (model_dir / "MLmodel").write_text(
+        "flavors:\n  python_function:\n    artifacts:\n"
+        "      program:\n        path: artifacts/inference.pt2\n"
+    )
+    mv = model_cache.ModelVersion("m", "2", "r", 1, model_dir.as_uri())
+    with pytest.raises(TrackingError, match="not a file inside the logged model"):
+        model_cache.cached_program(f"sqlite:///{tmp_path / 'db'}", mv)

@@ -166,7 +166,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    """Read-only: creates no experiment, fails no run, writes nothing on the server."""
+    """Creates no experiment; its one write closes runs this machine's dead processes left
+    RUNNING in the experiment it shows (as every command does)."""
     from deep_repro import config, tracking
     from deep_repro.classroom.roster import read_roster
 
@@ -195,6 +196,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     else:
         exp = client.get_experiment_by_name(pattern)
         exp_ids = [exp.experiment_id] if exp is not None else []
+        if exp is not None:
+            tracking.fail_orphan_runs(client, exp.experiment_id)  # killed stages: RUNNING forever
     if not exp_ids:
         raise DeepReproError(f"--experiment {pattern}: no MLflow experiment matches on {uri}")
     user = tracking.run_user(cfg.tracking.user) if args.mine else args.user

@@ -69,8 +69,8 @@ def _as_of_ms(text: str | None) -> int | None:
         raise DeepReproError(
             f"--as-of {text!r}: expected an ISO time, e.g. 2026-12-06T18:00+01:00"
         ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
+    if when.tzinfo is None:  # a deadline typed without an offset is this machine's local time
+        when = when.astimezone()
     return int(when.timestamp() * 1000)
 
 
@@ -100,6 +100,9 @@ def cmd_grade(args: argparse.Namespace) -> int:
     from deep_repro.paths import repo_root
 
     as_of = _as_of_ms(args.as_of)
+    if as_of is not None:
+        deadline = datetime.datetime.fromtimestamp(as_of / 1000, tz=datetime.UTC)
+        print(f"grading the versions in force at {deadline.isoformat()} (UTC)")
     root = repo_root()
     data = load_canonical(root / args.split, root / args.test)
     uri, prefix, _ = _server(args)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from deep_repro.classroom.roster import Roster
-from deep_repro.errors import DeepReproError, TrackingError, first_line
+from deep_repro.errors import TrackingError, first_line
 
 CHAMPION = "champion"
 ELECTED = ("first", "promoted", "champion")  # gate decisions that made a version @champion
@@ -72,7 +73,9 @@ def _version_in_force(client: Any, model: str, as_of_ms: int | None) -> tuple[An
     flags: list[str] = []
     try:
         current = client.get_model_version_by_alias(model, CHAMPION)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
         current = None
     if as_of_ms is None:
         if current is None:
@@ -110,9 +113,44 @@ def _score(uri: str, mv: Any, data: Canonical) -> tuple[np.ndarray, np.ndarray, 
     return val == data.y_val, test == data.y_test, sha256
 
 
+def _owned(client: Any, roster: Roster, student: str, mv: Any) -> None:
+    """Refuse a version that is not the student's own work by where it lives: its run in the
+    student's experiment and its files under that experiment's artifacts. MLflow lets anyone
+    with READ register a version whose source or run is a classmate's."""
+    exp = client.get_experiment_by_name(roster.experiment(student))
+    if exp is None:
+        raise TrackingError(f"experiment {roster.experiment(student)} does not exist")
+    run = client.get_run(mv.run_id)
+    files = client.get_model_version_download_uri(mv.name, mv.version)
+    root = exp.artifact_location.rstrip("/") + "/"
+    if run.info.experiment_id != exp.experiment_id or not str(files).startswith(root):
+        raise TrackingError(
+            f"version {mv.version} was made outside {exp.name} (its run or files are another "
+            "experiment's): not graded"
+        )
+
+
+def _flag_numbers(grade: Grade, data: Canonical) -> None:
+    measured, n_val = grade.accuracy("val"), len(data.y_val)
+    # One image of 10,000 is 0.0001: a rounding of the claim, or one prediction flipped by
+    # another CPU's arithmetic, is no discrepancy; two images are.
+    if grade.claimed_val is None:
+        grade.flags.append("claimed: the version has no gate result")
+    elif not abs(grade.claimed_val - measured) <= 1.5 / n_val:  # NaN claims too
+        grade.flags.append(f"claimed {grade.claimed_val:.4f} but measured {measured:.4f}")
+    # The validation images are public: a program fitted to them (a lookup of their labels)
+    # scores far higher there than on test, which selection never touched.
+    test, n_test = grade.accuracy("test"), len(data.y_test)
+    se = math.sqrt(measured * (1 - measured) / n_val + test * (1 - test) / n_test)
+    if measured - test > 3 * max(se, 1 / n_val):
+        grade.flags.append(f"val {measured:.4f} >> test {test:.4f}: fitted to the val images?")
+
+
 def grade_student(
     client: Any, uri: str, roster: Roster, student: str, data: Canonical, as_of_ms: int | None
 ) -> Grade:
+    """One student's grade; whatever their version does (a missing run, a program that does
+    not run, a tag that is no number) ends as this student's error, never the whole board's."""
     from deep_repro.pipeline import SPLIT_TRAIN_VAL
     from deep_repro.tracking import IN_PREFIX
 
@@ -120,20 +158,16 @@ def grade_student(
     try:
         mv, grade.flags = _version_in_force(client, roster.model(student), as_of_ms)
         grade.version, grade.created_ms = str(mv.version), int(mv.creation_timestamp)
+        _owned(client, roster, student, mv)
         grade.val_correct, grade.test_correct, grade.sha256 = _score(uri, mv, data)
-    except DeepReproError as exc:
-        grade.error = first_line(exc)
+        claim = mv.tags.get(CLAIM_METRIC)
+        grade.claimed_val = float(claim) if claim is not None else None
+        trained_on = client.get_run(mv.run_id).data.tags.get(f"{IN_PREFIX}{SPLIT_TRAIN_VAL}")
+    except Exception as exc:
+        grade.val_correct = grade.test_correct = None
+        grade.error = f"{type(exc).__name__}: {first_line(exc)}"[:300]
         return grade
-    claim = mv.tags.get(CLAIM_METRIC)
-    grade.claimed_val = float(claim) if claim is not None else None
-    measured = grade.accuracy("val")
-    # One image of 10,000 is 0.0001: a rounding of the claim, or one prediction flipped by
-    # another CPU's arithmetic, is no discrepancy; two images are.
-    if grade.claimed_val is None:
-        grade.flags.append("claimed: the version has no gate result")
-    elif abs(grade.claimed_val - measured) > 1.5 / len(data.y_val):
-        grade.flags.append(f"claimed {grade.claimed_val:.4f} but measured {measured:.4f}")
-    trained_on = client.get_run(mv.run_id).data.tags.get(f"{IN_PREFIX}{SPLIT_TRAIN_VAL}")
+    _flag_numbers(grade, data)
     if trained_on != data.split_md5:
         grade.flags.append(
             f"split: trained on {SPLIT_TRAIN_VAL} md5 {str(trained_on)[:8]}, "

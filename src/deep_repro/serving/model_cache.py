@@ -192,29 +192,81 @@ def cache_dir(uri: str) -> Path:
     return store_root() / ".cache" / "models" / key
 
 
-def _fetch_program(mv: ModelVersion, dest: Path) -> None:
-    """Copy the version's logged program to `dest`: straight from a local artifact directory,
-    else through MLflow (a remote artifact store, once per version)."""
+MAX_MLMODEL_BYTES = 1 << 20  # an MLmodel file is a few hundred bytes of YAML
+
+
+def program_path(mlmodel_text: str, where: str) -> str:
+    """The program's path inside a logged model, from its MLmodel file: relative, inside the
+    model directory. The file is written by whoever logged the model (on a class server: a
+    student); an absolute path or `..` would make this machine read any of its own files
+    (another student's cached program, the teacher's model, /dev/zero) as the program."""
+    import posixpath
+
     import yaml
 
+    try:
+        rel = yaml.safe_load(mlmodel_text)["flavors"]["python_function"]["artifacts"]["program"][
+            "path"
+        ]
+    except (yaml.YAMLError, KeyError, TypeError):
+        raise TrackingError(
+            f"{where}: MLmodel names no program (flavors.python_function)"
+        ) from None
+    if (
+        not isinstance(rel, str)
+        or not rel
+        or "\\" in rel
+        or posixpath.isabs(rel)
+        or ".." in rel.split("/")
+    ):
+        raise TrackingError(
+            f"{where}: MLmodel's program path {rel!r} is not a relative path inside the model"
+        )
+    return rel
+
+
+def _fetch_program(mv: ModelVersion, dest: Path, uri: str) -> None:
+    """Copy the version's logged program to `dest`: straight from a local artifact directory,
+    else through MLflow (only the MLmodel file and the program, once per version)."""
+    import stat
+
+    where = f"models:/{mv.name}/{mv.version}"
     location = mv.storage_location
     if location.startswith("file://"):
-        model_dir = Path(urllib.parse.unquote(urllib.parse.urlparse(location).path))
-        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-        rel = mlmodel["flavors"]["python_function"]["artifacts"]["program"]["path"]
-        shutil.copyfile(model_dir / rel, dest)
+        model_dir = Path(urllib.parse.unquote(urllib.parse.urlparse(location).path)).resolve()
+        with open(model_dir / "MLmodel", "rb") as fh:
+            text = fh.read(MAX_MLMODEL_BYTES).decode("utf-8", "replace")
+        source = (model_dir / program_path(text, where)).resolve()
+        if not source.is_relative_to(model_dir) or not stat.S_ISREG(source.stat().st_mode):
+            raise TrackingError(f"{where}: the program is not a file inside the logged model")
+        shutil.copyfile(source, dest)
         return
     import mlflow.artifacts
+    from mlflow import MlflowClient
 
+    if not location:  # the REST lookup does not say: ask the registry where the files are
+        location = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(
+            mv.name, mv.version
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(
+        mlmodel = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp
+                artifact_uri=f"{location.rstrip('/')}/MLmodel", dst_path=tmp, tracking_uri=uri
             )
         )
-        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-        rel = mlmodel["flavors"]["python_function"]["artifacts"]["program"]["path"]
-        shutil.copyfile(local / rel, dest)
+        if mlmodel.stat().st_size > MAX_MLMODEL_BYTES:
+            raise TrackingError(f"{where}: MLmodel is not a model description")
+        rel = program_path(mlmodel.read_text(errors="replace"), where)
+        program = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{location.rstrip('/')}/{rel}",
+                dst_path=str(Path(tmp) / "program"),
+                tracking_uri=uri,
+            )
+        )
+        if not stat.S_ISREG(program.lstat().st_mode):
+            raise TrackingError(f"{where}: the program is not a file inside the logged model")
+        shutil.copyfile(program, dest)
 
 
 def cached_program(uri: str, mv: ModelVersion) -> tuple[Path, str]:
@@ -233,7 +285,7 @@ def cached_program(uri: str, mv: ModelVersion) -> tuple[Path, str]:
     # interrupted predict never sees half a program.
     tmp = Path(tempfile.mkdtemp(prefix=f".{mv.version}-", dir=target.parent))
     try:
-        _fetch_program(mv, tmp / PROGRAM)
+        _fetch_program(mv, tmp / PROGRAM, uri)
         md5 = file_digest(tmp / PROGRAM)
         (tmp / META).write_text(json.dumps({**meta, "md5": md5}, indent=1) + "\n")
         if target.exists():
