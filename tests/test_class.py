@@ -369,7 +369,18 @@ def test_a_hand_made_pipeline_run_is_listed_but_never_ranked(
     # A real evaluate stage, but the pipeline run claims more than it logged.
     inflated = pipeline_run(client, exp_id, "mallory", 0.80)
     client.log_metric(inflated, "val_accuracy", 0.999)
-    assert _board(capsys) == [("1", "0.9100"), ("-", "1.0000"), ("-", "0.9990")]
+    # An evaluate run in another experiment naming the forged run as its parent, with the same
+    # number: ignored (it vouched for the forgery, or could un-rank someone else's run).
+    forged = client.search_runs([exp_id], "metrics.val_accuracy = 1.0")[0].info.run_id
+    _, other = tracking.connect(tracking_env, "fashion-mnist-bob")
+    spoiler = client.create_run(
+        other,
+        tags={tracking.TAG_STAGE: "evaluate", "mlflow.parentRunId": forged},
+    ).info.run_id
+    client.log_metric(spoiler, "val_accuracy", 1.0)
+    client.set_terminated(spoiler)
+    both = ("--experiment", "fashion-mnist*")
+    assert _board(capsys, *both) == [("1", "0.9100"), ("-", "1.0000"), ("-", "0.9990")]
     assert cli.main(["leaderboard", "--by-seed"]) == 0
     assert "1.0000" not in capsys.readouterr().out
 

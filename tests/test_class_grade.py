@@ -113,6 +113,23 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
         _client(services).set_experiment_tag(claimed, "mine", "yes")
     assert err.value.error_code == "PERMISSION_DENIED"
 
+    # ---- a planted experiment (with a run in it) for erin, not enrolled yet: refused whole
+    erin = _unique("erin")
+    as_user(bob, pw[bob])
+    planted = _client(services).create_experiment(f"{prefix}-{erin}")
+    _client(services).create_run(planted)
+    with pytest.raises(SystemExit):
+        enroll(alice, bob, carol, dave, erin)
+    assert f"experiment {prefix}-{erin} was created before enrolment and holds runs" in (
+        capsys.readouterr().err
+    )
+    from mlflow.server import get_app_client
+
+    with pytest.raises(MlflowException):  # nothing was done: no account for erin
+        get_app_client("basic-auth", tracking_uri=services.mlflow_url).get_user(erin)
+    with pytest.raises(SystemExit):  # --remove of a name still in the file: refused
+        enroll(alice, bob, carol, dave, extra=("--remove", dave))
+
     # ---- the class data the teacher grades on
     canon = tmp_path / "canon"
     canon.mkdir()

@@ -180,19 +180,21 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     pattern = getattr(args, "experiment", None) or args.experiment or cfg.tracking.experiment
     owners = None
     if "*" in pattern:  # the class: one experiment per student, `fashion-mnist-*`
-        like = pattern.replace("'", "").replace("*", "%")
-        found = list(
-            client.search_experiments(filter_string=f"name LIKE '{like}'", max_results=1000)
-        )
         roster = read_roster(client, pattern[:-2]) if pattern.endswith("-*") else None
-        if roster is not None:  # enrolled students' experiments only, owned by the server's say
+        if roster is not None:  # enrolled students' experiments, looked up by name
+            found = [client.get_experiment_by_name(roster.experiment(u)) for u in roster.students]
             owners = {
-                e.experiment_id: owner
+                e.experiment_id: str(roster.owner_of_experiment(e.name))
                 for e in found
-                if (owner := roster.owner_of_experiment(e.name)) is not None
+                if e is not None
             }
-            found = [e for e in found if e.experiment_id in owners]
-        exp_ids = [e.experiment_id for e in found]
+            exp_ids = list(owners)
+        else:
+            like = pattern.replace("'", "").replace("*", "%")
+            matches = client.search_experiments(
+                filter_string=f"name LIKE '{like}'", max_results=1000
+            )
+            exp_ids = [e.experiment_id for e in matches]
     else:
         exp = client.get_experiment_by_name(pattern)
         exp_ids = [exp.experiment_id] if exp is not None else []

@@ -11,6 +11,7 @@ the checkout (mode 600, LF line ends), merged with the ones written before.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -18,6 +19,7 @@ import os
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from deep_repro.classroom.roster import ROSTER_TAG as _ROSTER_TAG
 from deep_repro.classroom.roster import Roster, check_user_name, read_roster
@@ -73,9 +75,15 @@ class Enrolment:
 
         self.auth = get_app_client("basic-auth", tracking_uri=uri)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        self.roster = read_roster(self.client, experiment_prefix) or Roster(
-            experiment_prefix, model_prefix
-        )
+        class_exp = self.client.get_experiment_by_name(f"{experiment_prefix}-class")
+        roster = read_roster(self.client, experiment_prefix)
+        if class_exp is not None and roster is None:  # made by someone else: it would own it
+            raise DeepReproError(
+                f"experiment {class_exp.name} exists but holds no roster: someone else created "
+                "it (and may change it); delete it for good (`mlflow experiments delete` + "
+                "`mlflow gc`), then enrol again"
+            )
+        self.roster = roster or Roster(experiment_prefix, model_prefix)
         if self.roster.model_prefix != model_prefix:
             raise DeepReproError(
                 f"--model-prefix {model_prefix}: the class on this server uses "
@@ -149,6 +157,32 @@ class Enrolment:
                     f"{label}: {other} had {effective} on it (created it first?): revoked"
                 )
 
+    def refuse_planted(self, user: str) -> None:
+        """A new student's experiment or model that already holds runs or versions was made
+        by someone else before enrolment: adopting it would make those the student's (a
+        planted @champion). Refused; an empty one is taken back by `secure`."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(self.roster.experiment(user))
+        if exp is not None and self.client.search_runs([exp.experiment_id], max_results=1):
+            raise DeepReproError(
+                f"{user}: experiment {exp.name} was created before enrolment and holds runs; "
+                "delete it for good (`mlflow experiments delete` + `mlflow gc`), then enrol again"
+            )
+        versions: list[Any] = []
+        with contextlib.suppress(MlflowException):  # no such model yet
+            versions = list(
+                self.client.search_model_versions(
+                    f"name = '{self.roster.model(user)}'", max_results=1
+                )
+            )
+        if versions:
+            raise DeepReproError(
+                f"{user}: registered model {self.roster.model(user)} was created before "
+                "enrolment and holds versions; delete it (`MlflowClient().delete_registered_"
+                "model`), then enrol again"
+            )
+
     def resources(self, user: str) -> None:
         exp_id = self._experiment_id(self.roster.experiment(user))
         model = self._model(self.roster.model(user))
@@ -203,7 +237,8 @@ def write_accounts(path: Path, passwords: dict[str, str]) -> None:
     existing.update(passwords)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a leftover would keep its own mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["username", "password"])
@@ -227,7 +262,13 @@ def enroll(
     for name in reset:
         if name not in names:
             raise DeepReproError(f"--reset {name}: not in the students file")
+    for name in remove:
+        if name in names:
+            raise DeepReproError(f"--remove {name}: still in the students file; take it out")
     e = Enrolment(uri, experiment_prefix, model_prefix)
+    for name in names:  # before any change: a planted resource stops the whole enrolment
+        if name not in e.roster.students:
+            e.refuse_planted(name)
     for name in remove:
         e.remove(name)
     kept = tuple(s for s in e.roster.students if s not in remove)
@@ -236,6 +277,9 @@ def enroll(
         password = e.account(student, reset=student.name in reset)
         if password:
             passwords[student.name] = password
+            # At once: a failure later in the enrolment must not lose a password that is set
+            # (a rerun keeps an existing account's password).
+            write_accounts(accounts, {student.name: password})
     # The roster first: `secure` then knows every student whose rights it must check.
     e.save_roster((*kept, *names))
     for name in names:
@@ -245,6 +289,5 @@ def enroll(
         )
     e.secure()
     if passwords:
-        write_accounts(accounts, passwords)
         e.report.append(f"{len(passwords)} password(s) written to {accounts.expanduser()}")
     return e.report

@@ -56,17 +56,19 @@ def _pm(metrics: dict[str, float], prefix: str) -> str:
 Owners = dict[str, str] | None
 
 
-def _verified(client: Any, exp_ids: list[str]) -> dict[str, float]:
-    """pipeline run id -> the validation accuracy its own finished evaluate stage logged."""
+def _verified(client: Any, exp_ids: list[str]) -> set[tuple[str, float]]:
+    """(pipeline run id, val accuracy) logged by a finished evaluate stage run *in the pipeline
+    run's own experiment* (a run elsewhere naming it as parent is someone else's word)."""
     from deep_repro import tracking
 
     where = f"tags.`{tracking.TAG_STAGE}` = 'evaluate' and attributes.status = 'FINISHED'"
-    stages = client.search_runs(exp_ids, filter_string=where, max_results=50000)
-    return {
-        r.data.tags["mlflow.parentRunId"]: r.data.metrics[RANK_METRIC]
-        for r in stages
-        if "mlflow.parentRunId" in r.data.tags and RANK_METRIC in r.data.metrics
-    }
+    backed: set[tuple[str, float]] = set()
+    for exp_id in exp_ids:
+        for r in client.search_runs([exp_id], filter_string=where, max_results=50000):
+            parent = r.data.tags.get("mlflow.parentRunId")
+            if parent and RANK_METRIC in r.data.metrics:
+                backed.add((f"{exp_id}/{parent}", r.data.metrics[RANK_METRIC]))
+    return backed
 
 
 def _pipeline_runs(client: Any, exp_ids: list[str], user: str | None, owners: Owners) -> list[Any]:
@@ -92,7 +94,8 @@ def _pipeline_runs(client: Any, exp_ids: list[str], user: str | None, owners: Ow
     runs = [r for r in runs if RANK_METRIC in r.data.metrics]
     backed = _verified(client, exp_ids)
     for r in runs:
-        r.verified = backed.get(r.info.run_id) == r.data.metrics[RANK_METRIC]
+        key = f"{r.info.experiment_id}/{r.info.run_id}"
+        r.verified = (key, r.data.metrics[RANK_METRIC]) in backed
         r.owner = (
             owners.get(r.info.experiment_id, "")
             if owners is not None

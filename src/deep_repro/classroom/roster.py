@@ -106,4 +106,10 @@ def read_roster(client: Any, experiment_prefix: str) -> Roster | None:
     exp = client.get_experiment_by_name(name)
     if exp is None or ROSTER_TAG not in exp.tags:
         return None
-    return Roster.from_json(exp.tags[ROSTER_TAG], f"experiment {name}")
+    roster = Roster.from_json(exp.tags[ROSTER_TAG], f"experiment {name}")
+    if roster.experiment_prefix != experiment_prefix:  # a roster planted for other names
+        raise DeepReproError(
+            f"experiment {name}: its roster is for {roster.experiment_prefix}-*, not "
+            f"{experiment_prefix}-*; the teacher must delete it and enrol again"
+        )
+    return roster
