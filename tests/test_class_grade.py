@@ -286,3 +286,164 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     studies = client.get_experiment_by_name(f"{prefix}-studies").experiment_id
     kinds = [r.data.tags.get(tracking.TAG_KIND) for r in client.search_runs([studies])]
     assert sorted(kinds) == ["study", "trial", "trial"]
+
+
+# --------------------------------------------------------------------------- TLS
+class _TlsServer:
+    """A basic-auth `mlflow server` serving https with a certificate of a throwaway CA (sqlite
+    stores in a temp dir), stopped with its process group at the end."""
+
+    def __init__(self, root: Path) -> None:
+        import shutil
+        import socket
+        import subprocess
+        import sys
+
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl not installed")
+        self.ca = root / "ca.pem"
+
+        def sh(*cmd: str) -> None:
+            subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=60)
+
+        sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+           "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=throwaway class CA")  # fmt: skip
+        sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+           "-out", "server.csr", "-subj", "/CN=localhost")  # fmt: skip
+        (root / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem",
+           "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", "san.ext",
+           "-out", "server.pem")  # fmt: skip
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.admin_password = f"admin-{random.randrange(1 << 40):x}"
+        (root / "auth.ini").write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = admin\n"
+            f"admin_password = {self.admin_password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+            "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "throwaway",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+        self.url = f"https://localhost:{port}"
+        tls_opts = f"--ssl-keyfile {root / 'server.key'} --ssl-certfile {root / 'server.pem'}"
+        self.log = open(root / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"),
+             "--allowed-hosts", f"localhost:{port}",
+             "--uvicorn-opts", tls_opts],
+            cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        import ssl
+        import time
+        import urllib.request
+
+        context = ssl.create_default_context(cafile=str(self.ca))
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=5, context=context).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail("TLS mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        import signal
+
+        self.log.close()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_class_flow_over_tls_with_a_private_ca(
+    make_cfg: Any,
+    splits: data.Splits,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Basic auth sends passwords in the clear over http://: the class server speaks TLS and
+    every client (MLflow's, and the project's own REST lookups) checks its certificate against
+    the class CA named by MLFLOW_TRACKING_SERVER_CERT_PATH."""
+    (tmp_path / "tls").mkdir()
+    server = _TlsServer(tmp_path / "tls")
+    try:
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH", raising=False)
+        monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.admin_password)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        # Without the class CA the certificate is refused, in one line.
+        with pytest.raises(SystemExit):
+            cli.main(["leaderboard", "--experiment", "anything"])
+        assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(server.ca))
+
+        prefix, models, student = "tls", "tls-clf", "alice"
+        roster = tmp_path / "students.csv"
+        roster.write_text(f"username,password\n{student},short\n")  # MLflow wants >= 12
+        with pytest.raises(SystemExit):
+            cli.main(["class", "enroll", str(roster), "--experiment-prefix", "x"])
+        assert "students.csv:2: alice's password is 5 characters" in capsys.readouterr().err
+        roster.write_text(f"username,password\n{student},alice-pw-1-long\n")
+        names = ["--experiment-prefix", prefix, "--model-prefix", models]
+        accounts = ["--accounts", str(tmp_path / "accounts.csv")]
+        assert cli.main(["class", "enroll", str(roster), *accounts, *names]) == 0
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", student)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "alice-pw-1-long")
+        monkeypatch.setenv("DEEP_REPRO_INVOCATION", _unique("inv"))
+        program = _centroid_program(splits, 2000, tmp_path / "alice.pt2")
+        cfg = make_cfg(f"tracking.experiment={prefix}-{student}",
+                       f"tracking.model_name={models}-{student}")  # fmt: skip
+        with tracking.stage_run("postprocess", cfg) as run:
+            version = tracking.log_inference_model(
+                run, program, splits.x_val[:4], cfg.tracking.model_name
+            )
+        assert version is not None
+        predicted = _predicted(program, splits.x_val)
+        images = data.array_digest(splits.x_val, splits.y_val)
+        claim = evaluation.Predictions(
+            {"val": evaluation.split_predictions(images, splits.y_val, predicted)}
+        )
+        tracking.validation_gate(run.client, cfg.tracking.model_name, version, claim, 0.1, 0.05)
+        # The project's own REST lookup (predict's fast path, grade) trusts the class CA too.
+        from deep_repro.serving import model_cache
+
+        found = model_cache.resolve(server.url, f"models:/{models}-{student}@champion")
+        assert found is not None and found.version == version
+
+        canon = tmp_path / "canon"
+        canon.mkdir()
+        np.savez(canon / "train_val.npz", x_val=splits.x_val, y_val=splits.y_val)
+        np.savez(canon / "test.npz", x_test=splits.x_test, y_test=splits.y_test)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.admin_password)
+        out = tmp_path / "board"
+        args = ["grade", "--split", str(canon / "train_val.npz"),
+                "--test", str(canon / "test.npz"), "--out", str(out), *names]  # fmt: skip
+        assert cli.main(args) == 0
+        row = _rows((out / "grades.csv").read_text())[student]
+        measured = float(np.mean(predicted == splits.y_val))
+        assert row["rank"] == "1" and row["val_acc (ranks)"].startswith(f"{measured:.4f}")
+    finally:
+        server.stop()

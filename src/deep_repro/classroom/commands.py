@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deep_repro.errors import DeepReproError
+from deep_repro.errors import DeepReproError, first_line
 
 DEFAULT_GRADES = Path("grading")
 
@@ -46,16 +46,25 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     from deep_repro.classroom.enrolment import enroll, read_students
 
     students = read_students(Path(args.students))  # bad input fails before any server call
+    from mlflow.exceptions import MlflowException
+
     uri, prefix, model = _server(args)
-    report = enroll(
-        uri,
-        students,
-        experiment_prefix=prefix,
-        model_prefix=model,
-        accounts=Path(args.accounts),
-        reset=tuple(args.reset),
-        remove=tuple(args.remove),
-    )
+    try:
+        report = enroll(
+            uri,
+            students,
+            experiment_prefix=prefix,
+            model_prefix=model,
+            accounts=Path(args.accounts),
+            reset=tuple(args.reset),
+            remove=tuple(args.remove),
+        )
+    except MlflowException as exc:  # the server's refusal, in one line (what was done is kept)
+        from deep_repro.tracking import unusable
+
+        if "401" in str(exc) or "403" in str(exc):
+            raise unusable(uri, exc) from None
+        raise DeepReproError(f"class enroll: the server refused: {first_line(exc)}") from None
     print("\n".join(report))
     return 0
 

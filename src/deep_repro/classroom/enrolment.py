@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # Where generated passwords go by default: the teacher's home, never the checkout (git).
 DEFAULT_ACCOUNTS = Path("~/.config/deep-repro/class-accounts.csv")
 _WRITE = ("EDIT", "MANAGE")  # a permission that lets a student change a resource
+MIN_PASSWORD = 12  # MLflow's basic-auth app refuses shorter ones
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,13 @@ def read_students(path: Path) -> list[Student]:
             check_user_name(name)
         except DeepReproError as exc:
             raise DeepReproError(f"{path}:{number}: {exc}") from None
-        students.append(Student(name, (row.get("password") or "").strip()))
+        password = (row.get("password") or "").strip()
+        if password and len(password) < MIN_PASSWORD:  # MLflow's own rule, checked up front
+            raise DeepReproError(
+                f"{path}:{number}: {name}'s password is {len(password)} characters; MLflow "
+                f"expects at least {MIN_PASSWORD} (or leave it empty: one is generated)"
+            )
+        students.append(Student(name, password))
     return students
 
 

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sqlite3
+import ssl
 import tempfile
 import urllib.error
 import urllib.parse
@@ -114,6 +115,18 @@ def _sqlite_lookup(
     return ModelVersion(name, str(version), run_id or "", int(created or 0), location)
 
 
+def tls_context() -> ssl.SSLContext:
+    """Certificate checks as MLflow's own client makes them: a class server with its own CA
+    is trusted through MLFLOW_TRACKING_SERVER_CERT_PATH (MLFLOW_TRACKING_INSECURE_TLS=true
+    turns the check off, as it does for MLflow)."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"))
+
+
 def _rest_lookup(uri: str, name: str, alias: str | None, number: str | None) -> ModelVersion | None:
     base = uri.rstrip("/") + "/api/2.0/mlflow/"
     if alias is not None:
@@ -140,7 +153,7 @@ def _rest_lookup(uri: str, name: str, alias: str | None, number: str | None) -> 
         basic = base64.b64encode(f"{user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {basic}")
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # http(s) only
+        with urllib.request.urlopen(request, timeout=10, context=tls_context()) as response:
             body = json.load(response)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
