@@ -97,6 +97,14 @@ class Enrolment:
                 f"{self.roster.model_prefix!r}"
             )
         self.report: list[str] = []
+        # Resources that existed before enrolment made them (kind, id, label, owner): only
+        # these can carry someone else's rights (the creator's MANAGE), so only these are
+        # checked: a rerun costs O(students), not O(students^2) permission lookups.
+        self.preexisting: list[tuple[str, str, str, str | None]] = []
+        if roster is None:  # the first enrolment: the grading experiment may be planted too
+            grading = self.client.get_experiment_by_name(self.roster.grading_experiment)
+            if grading is not None:
+                self.preexisting.append(("experiment", grading.experiment_id, grading.name, None))
 
     # -- accounts ----------------------------------------------------------------------------
     def account(self, student: Student, reset: bool) -> str | None:
@@ -176,13 +184,17 @@ class Enrolment:
                 f"{user}: experiment {exp.name} was created before enrolment and holds runs; "
                 "delete it for good (`mlflow experiments delete` + `mlflow gc`), then enrol again"
             )
+        if exp is not None:
+            self.preexisting.append(("experiment", exp.experiment_id, exp.name, user))
+        model = self.roster.model(user)
         versions: list[Any] = []
+        exists = False
         with contextlib.suppress(MlflowException):  # no such model yet
-            versions = list(
-                self.client.search_model_versions(
-                    f"name = '{self.roster.model(user)}'", max_results=1
-                )
-            )
+            self.client.get_registered_model(model)
+            exists = True
+            versions = list(self.client.search_model_versions(f"name = '{model}'", max_results=1))
+        if exists and not versions:
+            self.preexisting.append(("registered_model", model, model, user))
         if versions:
             raise DeepReproError(
                 f"{user}: registered model {self.roster.model(user)} was created before "
@@ -200,15 +212,12 @@ class Enrolment:
         self._grant(user, "experiment", studies, "EDIT")
 
     def secure(self) -> None:
-        """After the roster is complete: nobody but its owner writes a student's resources,
-        and no student writes the teacher's experiments."""
-        for user in self.roster.students:
-            exp_id = self._experiment_id(self.roster.experiment(user))
-            self._take_back("experiment", exp_id, self.roster.experiment(user), user)
-            model = self.roster.model(user)
-            self._take_back("registered_model", model, model, user)
-        for name in (self.roster.class_experiment, self.roster.grading_experiment):
-            self._take_back("experiment", self._experiment_id(name), name, None)
+        """After the roster is complete: nobody but its owner writes a resource that existed
+        before enrolment made it (a classmate's pre-claim), and no student writes the
+        teacher's experiments."""
+        for kind, resource, label, owner in self.preexisting:
+            self._take_back(kind, resource, label, owner)
+        self._experiment_id(self.roster.grading_experiment)  # made by the teacher, up front
 
     def save_roster(self, students: tuple[str, ...]) -> None:
         self.roster = replace(self.roster, students=tuple(sorted(set(students))))
