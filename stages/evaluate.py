@@ -96,6 +96,7 @@ def main() -> None:
         run.log_artifact(root / PER_CLASS, "tables")
         run.log_artifact(root / METRICS)
         run.log_artifact(root / EVAL_DETAILS)
+        run.log_artifact(root / PREDICTIONS)  # per image: what a reproduction compares with
 
         # Model validation on the validation images only (see deep_repro.tracking.gate): the
         # gate stores the predictions file with the registered version as its evidence.

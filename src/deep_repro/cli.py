@@ -3,6 +3,7 @@
 deep-repro predict IMAGE...            classify image files with the champion model
 deep-repro serve [-m MODEL]            serve it over HTTP (MLflow's API, with request limits)
 deep-repro lineage RUN_ID|MODEL_URI    chain from a model back to the raw files
+deep-repro reproduce RUN_ID|MODEL_URI  rerun it in a clean clone: bit-identical, equivalent, or not
 deep-repro leaderboard                 best pipeline runs of the experiment
 deep-repro tune [OVERRIDES...]         Optuna search on the train/val split
 deep-repro monitor PATH                drift of a batch or prediction log vs validation
@@ -29,6 +30,7 @@ from deep_repro.classroom.leaderboard import (
     seed_group_rows,
 )
 from deep_repro.errors import DeepReproError, TrackingError, entrypoint
+from deep_repro.reproduction import commands as reproduction_commands
 from deep_repro.serving import server as serve
 from deep_repro.serving.predict import load_image, load_predictor, model_error
 
@@ -126,6 +128,17 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         run_id = tracking.resolve_run_id(client, args.ref)
     except MlflowException as exc:
         raise TrackingError(model_error(args.ref, exc)) from None
+    if args.export is not None:
+        from deep_repro.reproduction.record import from_tracking
+
+        record = from_tracking(client, args.ref)
+        record.save(args.export)
+        print(
+            f"{args.export}: the record of run {record.run_id} ({len(record.stages)} stages, "
+            f"commit {record.commit[:12]}); `deep-repro reproduce --record {args.export}` "
+            "reproduces it from git and the DVC remote alone"
+        )
+        return 0
     from deep_repro.pipeline import STAGES
 
     order = list(STAGES)
@@ -155,13 +168,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
                 print(f"  output {key[len(tracking.OUT_PREFIX) :]}  md5 {tags[key]}")
         user = tags.get(f"{tracking.TAG_PREFIX}.user")
         if user and user != me:
-            # Their DVC experiment exists only in their checkout: name the commit + params.
             print(f"  by {user} (another user's run)")
-            sets = " ".join(f"-S '{k}={v}'" for k, v in sorted(params.items()))
-            print(f"  reproduce: git checkout {commit} && uv run dvc exp run {stage} {sets}")
-            continue
-        apply = f"uv run dvc exp apply {exp} && " if exp else ""
-        print(f"  reproduce: git checkout {commit} && {apply}uv run dvc repro {stage}")
+        # The commit and the recorded params are what a reproduction uses: a DVC experiment
+        # lives only in its author's checkout until pushed, so name what must be pushed.
+        push = f"; its commit must be on the remote (`git push`, or `dvc exp push origin {exp}`)"
+        print(f"  reproduce: uv run deep-repro reproduce {run.info.run_id}" + (push if exp else ""))
     return 0
 
 
@@ -389,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lineage", help="chain from a run or model back to the raw files")
     p.add_argument("ref", help="a run id (stage or pipeline run) or models:/NAME@ALIAS")
+    p.add_argument(
+        "--export",
+        type=Path,
+        metavar="RECORD.json",
+        help="write the record a reproduction needs (commit, remote, params, every stage's "
+        "dvc.lock entry, metrics, platform, predictions) for `reproduce --record`",
+    )
     p.set_defaults(func=cmd_lineage)
 
     p = sub.add_parser(
@@ -468,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rerun; exit 1 if some are left)",
     )
     p.set_defaults(func=cmd_sync)
+    reproduction_commands.add_parsers(sub)
     classroom_commands.add_parsers(sub)
     return parser
 

@@ -72,7 +72,10 @@ from deep_repro.tracking.runs import (  # noqa: F401
 from deep_repro.tracking.store import (  # noqa: F401
     HEADLINE_METRICS,
     IN_PREFIX,
+    LOCK_ENTRY_ARTIFACT,
     OUT_PREFIX,
+    PLATFORM_PREFIX,
+    REPRODUCES_ENV,
     TAG_FAIL_REASON,
     TAG_INVOCATION,
     TAG_KIND,
@@ -82,6 +85,7 @@ from deep_repro.tracking.store import (  # noqa: F401
     TAG_TRIAL_STATE,
     UPSTREAM_PREFIX,
     UPSTREAM_USER_PREFIX,
+    VALIDATE_ENTRY_ARTIFACT,
     _is_local_sqlite,
     _search_one,
     _store_lock,
@@ -89,6 +93,7 @@ from deep_repro.tracking.store import (  # noqa: F401
     connect,
     credentials_to_env,
     read_client,
+    reproducing,
     tracking_uri,
     unusable,
 )

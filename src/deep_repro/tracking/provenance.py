@@ -12,19 +12,14 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from deep_repro.config.schema import Config, flatten, to_dict
 from deep_repro.config.typecheck import Unchecked
 from deep_repro.files import file_digest
 from deep_repro.paths import repo_root
 from deep_repro.pipeline import STAGES
-from deep_repro.tracking.store import (
-    TAG_PREFIX,
-)
-
-if TYPE_CHECKING:
-    pass
+from deep_repro.tracking.store import TAG_PREFIX, reproducing
 
 log = logging.getLogger(__name__)
 
@@ -265,4 +260,7 @@ def environment_tags(cfg: Config) -> dict[str, str]:
     exp_name = os.environ.get("DVC_EXP_NAME")
     if exp_name:
         tags[f"{TAG_PREFIX}.dvc_exp_name"] = exp_name
+    original = reproducing()
+    if original:
+        tags[f"{TAG_PREFIX}.reproduces"] = original
     return tags

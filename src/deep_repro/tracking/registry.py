@@ -18,7 +18,7 @@ from deep_repro.tracking.provenance import invocation_key
 from deep_repro.tracking.runs import (
     StageRun,
 )
-from deep_repro.tracking.store import TAG_PREFIX
+from deep_repro.tracking.store import TAG_PREFIX, reproducing
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -51,6 +51,9 @@ def log_inference_model(
     from deep_repro import inference
     from deep_repro.inference import safe_archive
 
+    if reproducing():
+        log.info("reproduction of %s: no model version registered", reproducing())
+        return None
     if spool.is_offline(run.client):
         log.warning(
             "tracking store offline: %s not logged nor registered as %s; rerun "
@@ -172,6 +175,10 @@ def judge_registered_model(
     the evaluate and pipeline runs."""
     from deep_repro.pipeline import INFERENCE_MODEL
 
+    if reproducing():
+        decision = GateDecision(False, False, f"reproduction of {reproducing()}: no gate")
+        log.info(decision.reason)
+        return decision
     md5 = file_digest(root / INFERENCE_MODEL)
     producer = find_producer(
         run.client, run.experiment_id, INFERENCE_MODEL, md5, invocation=invocation_key()

@@ -17,8 +17,9 @@ from deep_repro.config.schema import Config, flatten, to_dict
 from deep_repro.config.stage_view import unrestricted
 from deep_repro.errors import first_line, scrub
 from deep_repro.files import file_hashes
+from deep_repro.machine import platform_facts
 from deep_repro.paths import repo_root
-from deep_repro.pipeline import STAGES, StageSpec
+from deep_repro.pipeline import ALL_PARAMS, STAGES, StageSpec
 from deep_repro.tracking import faults, spool
 from deep_repro.tracking.lineage import producer_run
 from deep_repro.tracking.provenance import (
@@ -34,7 +35,9 @@ from deep_repro.tracking.provenance import (
 )
 from deep_repro.tracking.store import (
     IN_PREFIX,
+    LOCK_ENTRY_ARTIFACT,
     OUT_PREFIX,
+    PLATFORM_PREFIX,
     TAG_FAIL_REASON,
     TAG_INVOCATION,
     TAG_KIND,
@@ -43,6 +46,7 @@ from deep_repro.tracking.store import (
     TAG_STAGE,
     UPSTREAM_PREFIX,
     UPSTREAM_USER_PREFIX,
+    VALIDATE_ENTRY_ARTIFACT,
     _search_one,
     _store_lock,
     connect,
@@ -251,6 +255,14 @@ def _lock_entry(
     }
 
 
+def _validate_entry(root: Path) -> dict[str, Any]:
+    """DVC's `validate` entry of this invocation: every param, as params.yaml types them."""
+    import yaml
+
+    params = yaml.safe_load((root / ALL_PARAMS).read_text(encoding="utf-8")) or {}
+    return {"cmd": f"python {STAGES['validate'].script}", "params": {ALL_PARAMS: params}}
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
     """Open the MLflow run of one executed stage, nested under this invocation's pipeline run.
@@ -334,7 +346,13 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
                 raise
             outs = file_hashes(spec.outs, root)
             handle.set_tags({f"{OUT_PREFIX}{p}": h for p, h in outs.items()})
-            handle.log_dict(_lock_entry(spec, cfg, deps, outs), "dvc_lock_entry.json")
+            # What explains a cross-machine difference (`deep-repro reproduce` compares it),
+            # read at the end: the thread count is the one the stage set.
+            handle.set_tags({f"{PLATFORM_PREFIX}{k}": v for k, v in platform_facts().items()})
+            handle.log_dict(_lock_entry(spec, cfg, deps, outs), LOCK_ENTRY_ARTIFACT)
+            # The whole params.yaml as DVC's `validate` entry holds it (typed: not MLflow's
+            # stringified params): what a reproduction writes back to rebuild the config.
+            handle.log_dict(_validate_entry(root), VALIDATE_ENTRY_ARTIFACT)
             outcome.status = "FINISHED"
     finally:
         tail.detach()

@@ -29,6 +29,11 @@ IN_PREFIX = f"{TAG_PREFIX}.in."  # + file path -> md5
 OUT_PREFIX = f"{TAG_PREFIX}.out."  # + file path -> md5
 UPSTREAM_PREFIX = f"{TAG_PREFIX}.upstream."  # + file path -> producing run id
 UPSTREAM_USER_PREFIX = f"{TAG_PREFIX}.upstream_user."  # + file path -> producer's user, if not me
+PLATFORM_PREFIX = f"{TAG_PREFIX}.platform."  # + deep_repro.machine.KEYS -> value
+# Artifacts of every finished stage run: its dvc.lock entry, and the `validate` entry of its
+# invocation (every param, typed): what a reproduction rebuilds params.yaml from.
+LOCK_ENTRY_ARTIFACT = "dvc_lock_entry.json"
+VALIDATE_ENTRY_ARTIFACT = "dvc_lock_validate.json"
 HEADLINE_METRICS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")
 # The MLflow UI's experiment kind (set by its "Machine learning" / "GenAI" switch): this is a
 # model-training experiment, not a GenAI one (whose page opens on traces and evaluations).
@@ -51,6 +56,16 @@ def _view_state() -> str:
     return json.dumps(
         {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
     )
+
+
+# A reproduction (`deep-repro reproduce`) runs the pipeline with this set to the run it
+# reproduces: it registers no model version, moves no alias and runs no gate.
+REPRODUCES_ENV = "DEEP_REPRO_REPRODUCES"
+
+
+def reproducing() -> str | None:
+    """The run id this process reproduces, if it is part of a reproduction."""
+    return os.environ.get(REPRODUCES_ENV) or None
 
 
 # --------------------------------------------------------------------------- the store
