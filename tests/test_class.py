@@ -492,5 +492,8 @@ def test_lineage_marks_another_users_run_and_names_commit_and_params(
     assert cli.main(["lineage", alices]) == 0
     out = capsys.readouterr().out
     assert "by bob (another user's run)" in out
-    assert "git checkout c0ffee && uv run dvc exp run split -S 'split.val_size=0.1'" in out
-    assert "bobs-local-exp &&" not in out
+    # Issue 23: one command a third party can run, and what bob must push for it to work
+    # (his DVC experiment exists only in his checkout: nobody else can `dvc exp apply` it).
+    assert f"reproduce: uv run deep-repro reproduce {bobs}; its commit must be on the remote" in out
+    assert "`dvc exp push origin bobs-local-exp`" in out
+    assert "dvc exp apply" not in out

@@ -222,8 +222,17 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
         model_id=theirs.source.removeprefix("models:/"),
     )
     _client(services).set_registered_model_alias(f"{models}-{dave}", "champion", copied.version)
-    stolen = grade()[dave]
+    board = grade("--reproduce", "1")
+    stolen = board[dave]
     assert stolen["rank"] == "-" and "made outside" in stolen["flags"], stolen
+    # The top of the board handed to `reproduce`: alice's version came from a postprocess run
+    # whose inputs no recorded run produced (this test made it by hand), so it cannot be rerun
+    # from its record, and the board says so in one line instead of believing it.
+    assert board[alice]["reproduced"].startswith("cannot: "), board[alice]
+    assert "no recorded producing run" in board[alice]["reproduced"] or (
+        "uncommitted changes" in board[alice]["reproduced"]  # (a checkout being edited)
+    )
+    assert board[bob]["reproduced"] == ""  # rank 2: not asked for
 
     client = _client(services)
     grading = client.get_experiment_by_name(f"{prefix}-grading")

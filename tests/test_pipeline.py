@@ -353,7 +353,7 @@ def test_lineage_and_leaderboard_commands(experiment: Path) -> None:
     ).stdout
     for stage in ("postprocess", "train", "split", "preprocess", "download"):
         assert f"[{stage}]" in out
-    assert "reproduce: git checkout" in out and "md5" in out
+    assert "reproduce: uv run deep-repro reproduce " in out and "md5" in out
     board = run(["deep-repro", "leaderboard"], experiment, env).stdout
     lines = board.splitlines()
     # Ranked by validation accuracy, each with its 95% interval; test is shown, never ranks.

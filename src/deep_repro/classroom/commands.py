@@ -122,11 +122,36 @@ def cmd_grade(args: argparse.Namespace) -> int:
             f"no class roster on {uri} for {prefix}-*: run `deep-repro class enroll` first"
         )
     grades = grading.grade_class(client, uri, roster, data, as_of)
+    if args.reproduce:
+        _reproduce_top(client, roster, grades, args.reproduce, Path(args.out))
     print(format_table(grading.board_rows(grades)))
     run_id = grading.publish(client, roster, grades, data, args.as_of, Path(args.out))
     print(f"\nranked by recomputed validation accuracy; board in {args.out}/grades.{{csv,md}}")
     print(f"grading run {run_id} in experiment {roster.grading_experiment}")
     return 0
+
+
+def _reproduce_top(client: Any, roster: Any, grades: list[Any], k: int, out: Path) -> None:
+    """Hand the top `k` of the board to `deep-repro reproduce`: each graded version is rerun
+    from its commit in a clean clone (the class's DVC remote or the data mirrors), and the
+    verdict joins the board; the reports go to `<out>/reproductions/<student>/`."""
+    from deep_repro.errors import first_line
+    from deep_repro.reproduction import record as records
+    from deep_repro.reproduction import report
+    from deep_repro.reproduction.rerun import rerun
+    from deep_repro.reproduction.verdict import Thresholds
+
+    thresholds = Thresholds()
+    for g in [g for g in grades if g.scored][:k]:
+        ref = f"models:/{roster.model(g.student)}/{g.version}"
+        print(f"reproducing {g.student}'s {ref} ...")
+        try:
+            outcome = rerun(records.from_tracking(client, ref), thresholds)
+        except DeepReproError as exc:
+            g.reproduced = f"cannot: {first_line(exc)}"
+            continue
+        g.reproduced = outcome.verdict.verdict
+        report.write(report.as_dict(outcome, thresholds), out / "reproductions" / g.student)
 
 
 def add_parsers(sub: Any) -> None:
@@ -171,5 +196,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", default=str(DEFAULT_GRADES), help="where grades.csv/.md go")
     p.add_argument("--split", default=SPLIT_TRAIN_VAL, help="the class split (x_val, y_val)")
     p.add_argument("--test", default=SPLIT_TEST, help="the test set (x_test, y_test)")
+    p.add_argument(
+        "--reproduce",
+        type=int,
+        default=0,
+        metavar="K",
+        help="rerun the top K graded versions from their commits (`deep-repro reproduce`) "
+        "and add the verdict to the board",
+    )
     names(p)
     p.set_defaults(func=cmd_grade)

@@ -55,6 +55,7 @@ class Grade:
     p_vs_best: float | None = None
     flags: list[str] = field(default_factory=list)
     error: str = ""  # why there is no score (no champion, refused program)
+    reproduced: str = ""  # `grade --reproduce K`: the verdict of rerunning this version
 
     @property
     def scored(self) -> bool:
@@ -227,6 +228,9 @@ def board_rows(grades: list[Grade]) -> list[dict[str, str]]:
                 "flags": "; ".join(g.flags) or g.error,
             }
         )
+    if any(g.reproduced for g in grades):  # a column only when the teacher asked for it
+        for row, g in zip(rows, grades, strict=True):
+            row["reproduced"] = g.reproduced
     return rows
 
 

@@ -129,11 +129,36 @@ def _artifact_json(client: MlflowClient, run_id: str, name: str, tmp: str) -> An
         return None
 
 
+def _evaluated_by(client: MlflowClient, run_id: str) -> str | None:
+    """The finished evaluate run that scored the inference model `run_id` (a model version's
+    postprocess run) produced: reproducing a model means reproducing its metrics too, and only
+    evaluate records the per-image predictions a statistical verdict needs."""
+    from deep_repro import tracking
+    from deep_repro.pipeline import INFERENCE_MODEL
+
+    run = client.get_run(run_id)
+    if run.data.tags.get(tracking.TAG_STAGE) != "postprocess":
+        return None
+    md5 = run.data.tags.get(f"{tracking.OUT_PREFIX}{INFERENCE_MODEL}")
+    found = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=(
+            f"tags.`{tracking.TAG_STAGE}` = 'evaluate' and "
+            f"tags.`{tracking.UPSTREAM_PREFIX}{INFERENCE_MODEL}` = '{run_id}' and "
+            f"tags.`{tracking.IN_PREFIX}{INFERENCE_MODEL}` = '{md5}' and "
+            "attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    return str(found[0].info.run_id) if found else None
+
+
 def from_tracking(client: MlflowClient, ref: str) -> Record:
     """The record of `ref` (a pipeline or stage run id, models:/NAME@ALIAS, models:/NAME/N)."""
-    from mlflow.exceptions import MlflowException
-
     import os
+
+    from mlflow.exceptions import MlflowException
 
     from deep_repro import tracking
     from deep_repro.files import file_digest
@@ -144,9 +169,18 @@ def from_tracking(client: MlflowClient, ref: str) -> Record:
         run_id = tracking.resolve_run_id(client, ref)
     except MlflowException as exc:
         raise TrackingError(f"{ref}: {first_line(exc)}") from None
+    if ref.startswith("models:/"):
+        run_id = _evaluated_by(client, run_id) or run_id
     order = list(STAGES)
+    runs = tracking.lineage_chain(client, run_id)
+    for run in runs:
+        if run.data.tags.get(tracking.TAG_STAGE) not in STAGES:
+            raise DeepReproError(
+                f"run {run.info.run_id} is not a pipeline stage run (no {tracking.TAG_STAGE} "
+                "tag): nothing records how it was made"
+            )
     chain = sorted(
-        tracking.lineage_chain(client, run_id),
+        runs,
         key=lambda r: order.index(r.data.tags.get(tracking.TAG_STAGE, order[0])),
     )
     target = chain[-1]

@@ -293,7 +293,9 @@ def _run_stages(
         result.platform_differences = differences(recorded.platform, here)
         results.append(result)
         log.info("reproduce: %s: %s (%.1f s)", stage, result.summary(), seconds)
-        if not result.identical and not may_continue(result):
+        # Decided by the FIRST difference: later stages differ anyway (their inputs do).
+        first = next((r for r in results if not r.identical), None)
+        if first is not None and not may_continue(first):
             log.info("reproduce: stopping after %s: the verdict is decided", stage)
             break
     return results
