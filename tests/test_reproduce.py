@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from deep_repro.evaluation.predictions import Predictions, SplitPredictions
 from deep_repro.reproduction import record as records
 from deep_repro.reproduction import verdict as v
-from tests.helpers import VENV_BIN, copy_project, make_project, project_env, run
+from tests.helpers import FIXTURE, VENV_BIN, copy_project, make_project, project_env, run
 
 # --------------------------------------------------------------------------- verdict rules (fast)
 
@@ -203,14 +203,29 @@ def author(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("reproduce")
     remote = base / "remote.git"
     run(["git", "init", "--bare", "-q", str(remote)], base)
+    # The author's data mirror: a directory a reviewer's machine may not have.
+    mirror = shutil.copytree(FIXTURE, base / "mirror")
     project = make_project(
         base / "author", edits={"conf/config.yaml": [("  epochs: 15", "  epochs: 1")]}
     )
     env = project_env(project)
+    for name in ("conf/config.yaml", "params.yaml"):
+        text = (project / name).read_text()
+        (project / name).write_text(text.replace(FIXTURE.as_uri(), mirror.as_uri()))
+    # ... and the DVC remote the project names (committed in .dvc/config), which it pushes to.
+    run(["dvc", "remote", "add", "-d", "store", str(base / "dvc-store")], project, env)
+    run(["git", "commit", "-qam", "data: the author's mirror and DVC remote"], project, env)
     run(["git", "remote", "add", "origin", str(remote)], project, env)
     run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], project, env)
     run(["dvc", "repro"], project, env)
-    return {"project": project, "remote": remote, "cache": base / "cache", "base": base}
+    run(["dvc", "push", "-q"], project, env)
+    return {
+        "project": project,
+        "remote": remote,
+        "cache": base / "cache",
+        "base": base,
+        "mirror": mirror,
+    }
 
 
 def _copy(author: dict[str, Path], tmp_path: Path) -> Path:
@@ -228,8 +243,9 @@ def _alter_artifact(client: MlflowClient, run_id: str, name: str, edit: Any) -> 
 def test_a_record_file_is_reproduced_bit_identical_without_the_authors_store(
     author: dict[str, Path], tmp_path: Path
 ) -> None:
-    """A reviewer has git, the DVC remote's data (here: the mirror) and the record file; no
-    access to the author's MLflow. The reproduction writes nothing to the author's store."""
+    """A reviewer has git, the DVC remote and the record file: no access to the author's
+    MLflow, nor to the author's data mirror (the raw files come from the DVC remote, by the
+    recorded md5). The reproduction writes nothing to the author's store."""
     project = author["project"]
     client, _ = _store(project)
     evaluate = _stage_run(client, "evaluate")
@@ -246,12 +262,18 @@ def test_a_record_file_is_reproduced_bit_identical_without_the_authors_store(
     reviewer = tmp_path / "reviewer"
     env = _env(project, author["cache"])
     run(["git", "clone", "-q", str(author["remote"]), str(reviewer)], tmp_path, env)
-    code, out, report = _reproduce(reviewer, env, "--record", str(record))
+    hidden = author["mirror"].rename(author["base"] / "mirror-hidden")
+    try:
+        code, out, report = _reproduce(reviewer, env, "--record", str(record))
+    finally:
+        hidden.rename(author["mirror"])
     assert code == 0, out
+    assert report["reproduction"]["data_source"] == "DVC remote"
     assert "bit-identical: all 6 stages: every output md5 as recorded" in out, out
     assert [s["stage"] for s in report["stages"]] == [
         "download", "preprocess", "split", "train", "postprocess", "evaluate"
     ]  # fmt: skip
+    assert "dvc pull download  # no recorded mirror reachable" in report["reproduction"]["commands"]
     assert all(o["equal"] for s in report["stages"] for o in s["outputs"])
     assert report["statistics"]["test"]["agreement"] == 1.0
     # No side effect on the original: no run, no model version, no alias moved.
@@ -352,6 +374,22 @@ def test_a_dirty_run_and_an_unpushed_commit_are_refused_in_one_line(
     client, uri = _store(project)
     train = _stage_run(client, "train")
     env = _env(project, author["cache"])
+
+    # Data at no reachable mirror and not in the DVC remote (an empty one given instead of
+    # the commit's): refused before any stage runs.
+    empty = tmp_path / "empty-dvc-remote"
+    empty.mkdir()
+    hidden = author["mirror"].rename(author["base"] / "mirror-hidden")
+    try:
+        code, out, _ = _reproduce(
+            tmp_path, env, train.info.run_id, "--dvc-remote", str(empty), uri=uri
+        )
+    finally:
+        hidden.rename(author["mirror"])
+    assert code == 2, out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert f"the raw data is at no reachable recorded mirror ({author['mirror'].as_uri()})" in line
+    assert "[1/" not in out  # no stage ran
 
     client.set_tag(train.info.run_id, "deep_repro.git.dirty", "true")
     client.set_tag(train.info.run_id, "deep_repro.git.changed", "src/deep_repro/training/loop.py")

@@ -123,7 +123,10 @@ def data_source(record: Record, ws: Path, env: dict[str, str]) -> str:
     if download is None:
         return "none needed"
     # No mirror: the DVC remote, by the recorded md5 (the recorded lock entry written back).
-    _write_lock(ws, {"download": download.lock.model_dump()})
+    entry = download.lock.model_dump()
+    # `hash: md5` = DVC 3's own md5 of the bytes (without it DVC reads a 2.x entry).
+    entry["outs"] = [{**o, "hash": "md5"} for o in entry["outs"]]
+    _write_lock(ws, {"download": entry})
     done = _dvc(["fetch", "download"], ws, env)
     if done.returncode == 0:
         checkout = _dvc(["checkout", "download"], ws, env)

@@ -255,11 +255,15 @@ def _lock_entry(
     }
 
 
-def _validate_entry(root: Path) -> dict[str, Any]:
-    """DVC's `validate` entry of this invocation: every param, as params.yaml types them."""
+def _validate_entry(root: Path) -> dict[str, Any] | None:
+    """DVC's `validate` entry of this invocation: every param, as params.yaml types them
+    (None for a stage run outside a project, e.g. from a notebook: nothing to record)."""
     import yaml
 
-    params = yaml.safe_load((root / ALL_PARAMS).read_text(encoding="utf-8")) or {}
+    path = root / ALL_PARAMS
+    if not path.is_file():
+        return None
+    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return {"cmd": f"python {STAGES['validate'].script}", "params": {ALL_PARAMS: params}}
 
 
@@ -352,7 +356,9 @@ def stage_run(stage: str, cfg: Config) -> Iterator[StageRun]:
             handle.log_dict(_lock_entry(spec, cfg, deps, outs), LOCK_ENTRY_ARTIFACT)
             # The whole params.yaml as DVC's `validate` entry holds it (typed: not MLflow's
             # stringified params): what a reproduction writes back to rebuild the config.
-            handle.log_dict(_validate_entry(root), VALIDATE_ENTRY_ARTIFACT)
+            validate = _validate_entry(root)
+            if validate is not None:
+                handle.log_dict(validate, VALIDATE_ENTRY_ARTIFACT)
             outcome.status = "FINISHED"
     finally:
         tail.detach()
