@@ -17,7 +17,7 @@ from typing import Any
 from deep_repro.config.schema import Config, flatten, to_dict
 from deep_repro.config.typecheck import Unchecked
 from deep_repro.files import file_digest
-from deep_repro.paths import repo_root
+from deep_repro.paths import repo_root, store_root
 from deep_repro.pipeline import STAGES
 from deep_repro.tracking.store import TAG_PREFIX, reproducing
 
@@ -245,7 +245,9 @@ def environment_tags(cfg: Config) -> dict[str, str]:
         f"{TAG_PREFIX}.seed": str(cfg.seed),
         f"{TAG_PREFIX}.model": cfg.model.name,
     }
-    remote = git_remote(root)
+    # The user's real repository: a queued experiment runs in a temporary copy under
+    # .dvc/tmp/exps/ whose own git remotes are DVC's, not the one others can clone.
+    remote = git_remote(store_root())
     if remote:
         tags["mlflow.source.git.repoURL"] = remote
         tags[f"{TAG_PREFIX}.git.remote"] = remote

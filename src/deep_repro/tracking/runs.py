@@ -184,10 +184,11 @@ def _metric_batch(metrics: Mapping[str, float], step: int | None) -> list[Any]:
 def pipeline_note(cfg: Config, tags: Mapping[str, str]) -> str:
     commit = tags.get(f"{TAG_PREFIX}.git.commit", "unknown")
     exp = tags.get(f"{TAG_PREFIX}.dvc_exp_name")
-    apply = f"dvc exp apply {exp} && " if exp else ""
+    push = f" (DVC experiment `{exp}`: push its commit, `git push`)" if exp else ""
     return (
-        f"Pipeline run of `{cfg.model.name}`. Reproduce: `git checkout {commit} && "
-        f"{apply}uv run dvc repro`. Per-stage details are in the child runs; "
+        f"Pipeline run of `{cfg.model.name}` at commit {commit}{push}. Reproduce: "
+        "`uv run deep-repro reproduce <this run's id>` reruns it in a clean clone and compares "
+        "every output. Per-stage details are in the child runs; "
         "`uv run deep-repro lineage <run id>` prints the chain back to the raw files."
     )
 
