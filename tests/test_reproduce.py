@@ -228,8 +228,11 @@ def author(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _copy(author: dict[str, Path], tmp_path: Path) -> Path:
-    return copy_project(author["project"], tmp_path / "author")
+@pytest.fixture
+def copied(author: dict[str, Path], tmp_path: Path) -> tuple[Path, MlflowClient, str]:
+    """This test's own copy of the author's checkout and store, free to alter."""
+    project = copy_project(author["project"], tmp_path / "author")
+    return (project, *_store(project))
 
 
 def _alter_artifact(client: MlflowClient, run_id: str, name: str, edit: Any) -> None:
@@ -293,12 +296,11 @@ def test_a_record_file_is_reproduced_bit_identical_without_the_authors_store(
 
 @pytest.mark.slow
 def test_an_altered_output_md5_is_not_reproduced_and_names_the_stage(
-    author: dict[str, Path], tmp_path: Path
+    author: dict[str, Path], copied: tuple[Path, MlflowClient, str], tmp_path: Path
 ) -> None:
     """The split run's recorded md5 of data/split/test.npz altered (tag and lock entry): the
     rerun stops at split (a data stage: nothing later can repair it), exit 3."""
-    project = _copy(author, tmp_path)
-    client, uri = _store(project)
+    project, client, uri = copied
     split = _stage_run(client, "split")
     fake = "0" * 32
     client.set_tag(split.info.run_id, "deep_repro.out.data/split/test.npz", fake)
@@ -325,10 +327,9 @@ def test_an_altered_output_md5_is_not_reproduced_and_names_the_stage(
 
 @pytest.mark.slow
 def test_a_perturbed_train_on_another_platform_is_equivalent_and_on_this_one_is_not(
-    author: dict[str, Path], tmp_path: Path
+    author: dict[str, Path], copied: tuple[Path, MlflowClient, str], tmp_path: Path
 ) -> None:
-    project = _copy(author, tmp_path)
-    client, uri = _store(project)
+    project, client, uri = copied
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(PERTURB)
@@ -368,10 +369,9 @@ def test_a_perturbed_train_on_another_platform_is_equivalent_and_on_this_one_is_
 
 @pytest.mark.slow
 def test_a_dirty_run_and_an_unpushed_commit_are_refused_in_one_line(
-    author: dict[str, Path], tmp_path: Path
+    author: dict[str, Path], copied: tuple[Path, MlflowClient, str], tmp_path: Path
 ) -> None:
-    project = _copy(author, tmp_path)
-    client, uri = _store(project)
+    project, client, uri = copied
     train = _stage_run(client, "train")
     env = _env(project, author["cache"])
 
