@@ -29,7 +29,7 @@ from typing import Any
 from deep_repro.errors import DeepReproError
 from deep_repro.evaluation.predictions import Predictions, from_bytes
 from deep_repro.machine import differences
-from deep_repro.pipeline import PREDICTIONS, RAW_FILES
+from deep_repro.pipeline import PREDICTIONS, RAW_FILES, STAGES
 from deep_repro.reproduction import workspace
 from deep_repro.reproduction.record import Record
 from deep_repro.reproduction.verdict import (
@@ -75,6 +75,14 @@ def check_reproducible(record: Record) -> None:
         )
     produced = {o.md5 for s in record.stages for o in s.lock.outs}
     for s in record.stages:
+        recorded = {d.path for d in s.lock.deps}
+        spec = STAGES.get(s.stage)
+        for path in spec.deps if spec else ():
+            if path not in recorded:  # the file was absent when the stage ran
+                raise DeepReproError(
+                    f"{s.stage}: input {path} has no recorded producing run (none recorded "
+                    "at all): the lineage is incomplete"
+                )
         for dep in s.lock.deps:
             if dep.md5 not in produced and s.stage != "download":
                 raise DeepReproError(
