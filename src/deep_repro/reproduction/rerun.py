@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from deep_repro.errors import DeepReproError
-from deep_repro.evaluation.predictions import Predictions, from_bytes
+from deep_repro.evaluation.predictions import from_bytes
 from deep_repro.machine import differences
 from deep_repro.pipeline import PREDICTIONS, RAW_FILES, STAGES
 from deep_repro.reproduction import workspace
@@ -299,7 +299,7 @@ def _run_stages(
             result.failed = _error_line(done)
         else:
             result.outputs = compare_outputs(
-                stage, {o.path: o.md5 for o in recorded.lock.outs}, _outs(ws, stage)
+                {o.path: o.md5 for o in recorded.lock.outs}, _outs(ws, stage)
             )
         result.platform_differences = differences(recorded.platform, here)
         results.append(result)
@@ -310,7 +310,3 @@ def _run_stages(
             log.info("reproduce: stopping after %s: the verdict is decided", stage)
             break
     return results
-
-
-def predictions_of(path: Path) -> Predictions:
-    return from_bytes(path.read_bytes(), str(path))

@@ -60,7 +60,7 @@ class StageResult:
 
 
 def compare_outputs(
-    stage: str, recorded: dict[str, str], reproduced: dict[str, str | None]
+    recorded: dict[str, str], reproduced: dict[str, str | None]
 ) -> list[dict[str, Any]]:
     return [
         {
