@@ -76,6 +76,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "services: needs PostgreSQL + MLflow server from "
         "scripts/services.sh (skipped without them unless CI=true)",
     )
+    config.addinivalue_line(
+        "markers",
+        "slurm: needs the single-node SLURM cluster of scripts/slurm.sh (skipped without it "
+        "unless CI=true)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +107,22 @@ def as_user(monkeypatch: pytest.MonkeyPatch, services: Services) -> Callable[[st
 
     login(services.admin_user, services.admin_password)
     return login
+
+
+@pytest.fixture(scope="session")
+def slurm() -> str:
+    """The SLURM_CONF of the cluster `scripts/slurm.sh start` runs (slurmctld + slurmd)."""
+    conf = os.environ.get("SLURM_CONF", "")
+    if not conf or not Path(conf).is_file():
+        message = "SLURM not running (SLURM_CONF unset): scripts/slurm.sh start, as root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return conf
+
+
+@pytest.fixture(scope="session")
+def env_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One DEEP_REPRO_CACHE (git mirrors, one venv per uv.lock) for every test that runs the
+    project in a clean clone (reproduce, cluster tasks): the venv is built once per session."""
+    return tmp_path_factory.getbasetemp() / "deep-repro-cache"

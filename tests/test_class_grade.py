@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import random
 from pathlib import Path
@@ -58,6 +59,19 @@ def _predicted(path: Path, x: np.ndarray) -> np.ndarray:
         return module(torch.from_numpy(x)).argmax(1).numpy()
 
 
+def mlflow_download(uri: str, dest: Path) -> str:
+    import mlflow.artifacts
+
+    dest.mkdir(parents=True)
+    return str(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _rows(text: str) -> dict[str, dict[str, str]]:
     return {r["student"]: r for r in csv.DictReader(io.StringIO(text))}
 
@@ -92,8 +106,39 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
             r["username"]: r["password"] for r in csv.DictReader(io.StringIO(accounts.read_text()))
         }
 
+    # ---- a login that is not on the roster (a TA, a former student) creates the teacher's
+    # grading and studies experiments first, and another class's roster experiment
+    from mlflow.server import get_app_client
+
+    mallory, mallory_pw = _unique("mallory"), f"pw-{random.randrange(1 << 60):x}"
+    as_user(services.admin_user, services.admin_password)
+    get_app_client("basic-auth", tracking_uri=services.mlflow_url).create_user(mallory, mallory_pw)
+    as_user(mallory, mallory_pw)
+    planted_grading = _client(services).create_experiment(f"{prefix}-grading")
+    planted_studies = _client(services).create_experiment(f"{prefix}-studies")
+    other_class = _unique("gcx")
+    _client(services).create_experiment(f"{other_class}-class", tags={
+        "deep_repro.roster": f'{{"format": "deep-repro/roster/1", "experiment_prefix": '
+        f'"{other_class}", "model_prefix": "{models}", "students": ["{mallory}"]}}'
+    })  # fmt: skip
+
     # ---- enrolment, then a rerun with one more student: nobody's password changes
-    enroll(alice, bob)
+    report = enroll(alice, bob)
+    assert f"{prefix}-grading: {mallory} had MANAGE on it: revoked" in report
+    assert f"{prefix}-studies: {mallory} had MANAGE on it: revoked" in report
+    as_user(mallory, mallory_pw)
+    for exp_id in (planted_grading, planted_studies):
+        with pytest.raises(MlflowException) as err:
+            _client(services).create_run(exp_id)
+        assert err.value.error_code == "PERMISSION_DENIED"
+    roster.write_text(f"username,password\n{alice}\n")
+    as_user(services.admin_user, services.admin_password)
+    with pytest.raises(SystemExit):  # a roster someone else can rewrite is refused
+        cli.main(["class", "enroll", str(roster), "--accounts", str(accounts),
+                  "--experiment-prefix", other_class, "--model-prefix", models])  # fmt: skip
+    assert f"{other_class}-class holds a roster, but {mallory} (MANAGE) can change it" in (
+        capsys.readouterr().err
+    )
     first = passwords()
     enroll(alice, bob, carol)
     assert {k: passwords()[k] for k in first} == first and carol in passwords()
@@ -123,8 +168,6 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     assert f"experiment {prefix}-{erin} was created before enrolment and holds runs" in (
         capsys.readouterr().err
     )
-    from mlflow.server import get_app_client
-
     with pytest.raises(MlflowException):  # nothing was done: no account for erin
         get_app_client("basic-auth", tracking_uri=services.mlflow_url).get_user(erin)
     with pytest.raises(SystemExit):  # --remove of a name still in the file: refused
@@ -168,6 +211,10 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     v1 = publish(alice, weak)
     as_user(services.admin_user, services.admin_password)
     deadline = int(_client(services).get_model_version(f"{models}-{alice}", v1).creation_timestamp)
+    assert cli.main(["grade", "--snapshot", *names]) == 0  # at the deadline (cron, `at`)
+    snap = capsys.readouterr().out
+    assert f"{alice}: v{v1} sha256 " in snap and f"{bob}: not pinned" in snap
+    snapshot_run = snap.split("snapshot run ")[1].split()[0]
     publish(bob, medium)
     publish(
         carol, medium, claim=evidence(0.99, n=len(splits.y_val))
@@ -206,10 +253,29 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     from datetime import UTC, datetime
 
     as_of = datetime.fromtimestamp(deadline / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    # After the deadline alice uploads other bytes under v1 (EDIT on her experiment lets her):
+    # creation times cannot see it, the snapshot does. She cannot touch the snapshot itself.
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from deep_repro.serving.model_cache import program_path
+
+    as_user(alice, pw[alice])
+    client = _client(services)
+    location = client.get_model_version_download_uri(f"{models}-{alice}", v1)
+    model_dir = Path(mlflow_download(location, tmp_path / "v1"))
+    rel = program_path((model_dir / "MLmodel").read_text(), "v1")
+    swapped = tmp_path / "swap" / Path(rel).name
+    swapped.parent.mkdir()
+    swapped.write_bytes(strong.read_bytes())
+    get_artifact_repository(location).log_artifact(str(swapped), str(Path(rel).parent))
+    with pytest.raises(Exception, match="403") as err:  # requests' HTTPError: the proxy's 403
+        client.log_artifact(snapshot_run, str(swapped), "programs")
     then = grade("--as-of", as_of)
     assert then[alice]["version"] == v1 and "late: @champion v2" in then[alice]["flags"]
+    assert f"replaced: v{v1}'s program changed after the snapshot" in then[alice]["flags"]
     weak_val = float(np.mean(_predicted(weak, splits.x_val) == splits.y_val))
-    assert then[alice]["val_acc (ranks)"].startswith(f"{weak_val:.4f}")
+    assert then[alice]["val_acc (ranks)"].startswith(f"{weak_val:.4f}")  # the pinned bytes
+    assert then[alice]["sha256"] == file_sha256(weak)[:12]
 
     # dave registers alice's logged model as a version of his own (MLflow allows it with READ)
     # and makes it his champion: graded as nobody's work, not as dave's.
@@ -238,6 +304,14 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     grading = client.get_experiment_by_name(f"{prefix}-grading")
     runs = client.search_runs([grading.experiment_id], "tags.`deep_repro.kind` = 'grading'")
     assert len(runs) == 3
+    (deadline_run,) = [r for r in runs if r.data.tags["deep_repro.as_of"] == as_of]
+    graded = json.loads(
+        Path(
+            client.download_artifacts(deadline_run.info.run_id, "graded.json", str(tmp_path))
+        ).read_text()
+    )
+    assert graded[alice]["version"] == v1 and graded[alice]["sha256"] == file_sha256(weak)
+    assert graded[alice]["program"] == f"snapshot {snapshot_run}"
     metrics = next(r for r in runs if r.data.tags["deep_repro.as_of"] == "now").data.metrics
     assert metrics[f"val_accuracy.{alice}"] == pytest.approx(
         float(np.mean(_predicted(strong, splits.x_val) == splits.y_val))

@@ -422,3 +422,46 @@ def test_a_failed_stage_run_says_why(project: Path, tmp_path: Path) -> None:
     lines = log_file.read_text().splitlines()
     assert lines[-1] == error and len(lines) <= 201
     assert any("MLflow: stage run" in line for line in lines)  # the stage's own log lines
+
+
+_STOPPABLE = """
+import sys, time
+from deep_repro.errors import entrypoint
+
+@entrypoint
+def main():
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:  # the clean-up a stage does: close its runs KILLED
+        time.sleep(float(sys.argv[1]))
+        print("closed", flush=True)
+        raise
+
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("gap_s", "cleanup_s", "closed"),
+    [(0.2, 1.0, True), (3.0, 6.0, False)],
+    ids=["the same stop twice (scancel + the task passing it on)", "a second stop later"],
+)
+def test_a_sigterm_delivered_twice_still_lets_the_runs_close(
+    tmp_path: Path, gap_s: float, cleanup_s: float, closed: bool
+) -> None:
+    """SLURM's scancel signals every process of a job and the cluster task passes the stop on
+    to its stages: the copy that arrives at once is ignored (the clean-up closes the runs); a
+    SIGTERM that comes later still kills at once, as before."""
+    script = tmp_path / "stoppable.py"
+    script.write_text(_STOPPABLE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(cleanup_s)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(gap_s)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert ("closed" in out) is closed
+    assert proc.returncode == (143 if closed else -signal.SIGTERM)

@@ -197,9 +197,9 @@ def _reproduce(
 
 
 @pytest.fixture(scope="module")
-def author(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def author(tmp_path_factory: pytest.TempPathFactory, env_cache: Path) -> dict[str, Path]:
     """An author's checkout after one pushed commit and one `dvc repro` (1 epoch, fixture data),
-    the bare remote, and the cache every reproduction in this module shares."""
+    the bare remote, and the cache every reproduction shares (the session's: one venv)."""
     base = tmp_path_factory.mktemp("reproduce")
     remote = base / "remote.git"
     run(["git", "init", "--bare", "-q", str(remote)], base)
@@ -222,7 +222,7 @@ def author(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "project": project,
         "remote": remote,
-        "cache": base / "cache",
+        "cache": env_cache,
         "base": base,
         "mirror": mirror,
     }

@@ -9,7 +9,9 @@ deep-repro tune [OVERRIDES...]         Optuna search on the train/val split
 deep-repro monitor PATH                drift of a batch or prediction log vs validation
 deep-repro sync                        send what a tracking outage left in the local spool
 deep-repro class enroll STUDENTS.csv   teacher: accounts, experiments, models, the roster
-deep-repro grade [--as-of TIME]        teacher: score every champion here, publish the board
+deep-repro grade [--as-of T|--snapshot] teacher: score every champion here, publish the board
+deep-repro submit [-S KEY=VALUES ...]  a sweep of experiments as a SLURM job array
+deep-repro collect                     finished cluster experiments into this checkout
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from deep_repro.classroom.leaderboard import (
     leaderboard_rows,
     seed_group_rows,
 )
+from deep_repro.cluster import commands as cluster_commands
 from deep_repro.errors import DeepReproError, TrackingError, entrypoint
 from deep_repro.reproduction import commands as reproduction_commands
 from deep_repro.serving import server as serve
@@ -277,6 +280,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(repair_journal(Path(args.repair_journal)))
         return 0
 
+    if args.submit is not None:
+        return cluster_commands.submit_tune(args)
     run_study(args.overrides)
     return 0
 
@@ -450,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="rewrite a damaged Optuna journal file keeping every whole record (a backup is "
         "kept next to it), then exit",
     )
+    p.add_argument(
+        "--submit",
+        type=int,
+        metavar="N",
+        help="run N workers of this study as a SLURM job array (tune.storage must be "
+        "PostgreSQL; cluster options from cluster.yaml); rerun without it to export the winner",
+    )
+    p.add_argument("--settings", help="with --submit: cluster settings (default: cluster.yaml)")
+    p.add_argument("--wait", action="store_true", help="with --submit: until every worker ended")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
@@ -487,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sync)
     reproduction_commands.add_parsers(sub)
+    cluster_commands.add_parsers(sub)
     classroom_commands.add_parsers(sub)
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import signal
 import sys
@@ -48,9 +49,23 @@ class Terminated(KeyboardInterrupt):
     and pipeline runs) handles it, instead of the process dying with its runs left RUNNING."""
 
 
+_DUPLICATE_S = 2.0  # a second SIGTERM this soon is the same stop, delivered twice
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
-    # A second SIGTERM during the clean-up kills at once, as the default action would.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    import time
+
+    first = time.monotonic()
+
+    def again(signum: int, frame: object) -> None:
+        # A scheduler signals every process of a job and a wrapper may pass the same stop on
+        # (`scancel` + the SLURM task forwarding it): that copy is ignored, so the clean-up
+        # closes the runs. A later SIGTERM kills at once, as the default action would.
+        if time.monotonic() - first > _DUPLICATE_S:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, again)
     raise Terminated()
 
 

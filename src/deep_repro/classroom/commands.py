@@ -103,17 +103,14 @@ def load_canonical(split: Path, test: Path) -> Any:
 def cmd_grade(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
-    from deep_repro.classroom import grading
+    from deep_repro.classroom import grading, snapshot
     from deep_repro.classroom.leaderboard import format_table
     from deep_repro.classroom.roster import read_roster
     from deep_repro.paths import repo_root
 
     as_of = _as_of_ms(args.as_of)
-    if as_of is not None:
-        deadline = datetime.datetime.fromtimestamp(as_of / 1000, tz=datetime.UTC)
-        print(f"grading the versions in force at {deadline.isoformat()} (UTC)")
-    root = repo_root()
-    data = load_canonical(root / args.split, root / args.test)
+    if args.snapshot and as_of is not None:
+        raise DeepReproError("--snapshot pins the champions of now: it takes no --as-of")
     uri, prefix, _ = _server(args)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     roster = read_roster(client, prefix)
@@ -121,7 +118,28 @@ def cmd_grade(args: argparse.Namespace) -> int:
         raise DeepReproError(
             f"no class roster on {uri} for {prefix}-*: run `deep-repro class enroll` first"
         )
-    grades = grading.grade_class(client, uri, roster, data, as_of)
+    if args.snapshot:
+        run_id, lines = snapshot.take(client, uri, roster)
+        print("\n".join(lines))
+        print(f"snapshot run {run_id} in experiment {roster.grading_experiment}")
+        return 0
+    root = repo_root()
+    data = load_canonical(root / args.split, root / args.test)
+    pins = {}
+    if as_of is not None:
+        deadline = datetime.datetime.fromtimestamp(as_of / 1000, tz=datetime.UTC)
+        print(f"grading the versions in force at {deadline.isoformat()} (UTC)")
+        pins = snapshot.pins_at(client, roster, as_of)
+        if pins:
+            first = next(iter(pins.values()))
+            taken = datetime.datetime.fromtimestamp(first.taken_ms / 1000, tz=datetime.UTC)
+            print(f"programs as pinned by snapshot {first.run_id} ({taken.isoformat()})")
+        else:
+            print(
+                "no snapshot taken at or after the deadline: programs are read as the server "
+                "holds them now (take one at the deadline: `deep-repro grade --snapshot`)"
+            )
+    grades = grading.grade_class(client, uri, roster, data, as_of, pins)
     if args.reproduce:
         _reproduce_top(client, roster, grades, args.reproduce, Path(args.out))
     print(format_table(grading.board_rows(grades)))
@@ -192,7 +210,17 @@ def add_parsers(sub: Any) -> None:
         "it on this checkout's validation split and test set, ranks by the recomputed "
         "validation accuracy with McNemar's p vs the best, and flags claims it cannot confirm.",
     )
-    p.add_argument("--as-of", help="grade the versions in force at this ISO time (a deadline)")
+    p.add_argument(
+        "--as-of",
+        help="grade the versions in force at this ISO time (a deadline), as the first "
+        "snapshot taken at or after it pinned them",
+    )
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="at the deadline: pin every champion (version, sha256, a copy of the program) in "
+        "the grading experiment, for a later --as-of; scores nothing",
+    )
     p.add_argument("--out", default=str(DEFAULT_GRADES), help="where grades.csv/.md go")
     p.add_argument("--split", default=SPLIT_TRAIN_VAL, help="the class split (x_val, y_val)")
     p.add_argument("--test", default=SPLIT_TEST, help="the test set (x_test, y_test)")

@@ -90,6 +90,14 @@ class Enrolment:
                 "it (and may change it); delete it for good (`mlflow experiments delete` + "
                 "`mlflow gc`), then enrol again"
             )
+        if class_exp is not None:  # a roster written by anyone but an admin is no roster
+            writers = self._writers("experiment", class_exp.experiment_id)
+            if writers:
+                raise DeepReproError(
+                    f"experiment {class_exp.name} holds a roster, but {', '.join(writers)} "
+                    "can change it (created it?): delete it for good (`mlflow experiments "
+                    "delete` + `mlflow gc`), then enrol again"
+                )
         self.roster = roster or Roster(experiment_prefix, model_prefix)
         if self.roster.model_prefix != model_prefix:
             raise DeepReproError(
@@ -105,6 +113,42 @@ class Enrolment:
             grading = self.client.get_experiment_by_name(self.roster.grading_experiment)
             if grading is not None:
                 self.preexisting.append(("experiment", grading.experiment_id, grading.name, None))
+
+    # -- who can write what -------------------------------------------------------------------
+    def _accounts(self) -> list[str]:
+        """Every account on the server that is not an admin (students, and anyone else)."""
+        from mlflow.server.auth.routes import LIST_USERS
+
+        users = self.auth._request(LIST_USERS, "GET").get("users", [])
+        return sorted(u["username"] for u in users if not u.get("is_admin"))
+
+    def _writers(self, kind: str, resource: str, allowed: tuple[str, ...] = ()) -> list[str]:
+        """Non-admin accounts, other than `allowed`, that can change `resource`."""
+        return [
+            f"{user} ({permission})"
+            for user in self._accounts()
+            if user not in allowed
+            and (permission := self.auth.get_user_permission(user, kind, resource).permission)
+            in _WRITE
+        ]
+
+    def _only(self, exp_name: str, allowed: tuple[str, ...]) -> None:
+        """Nobody but `allowed` writes the teacher's experiment `exp_name`: any other account's
+        grant (a non-enrolled login that created it first, a removed student) is revoked."""
+        exp_id = self._experiment_id(exp_name)
+        for user in self._accounts():
+            if user in allowed:
+                continue
+            effective = self.auth.get_user_permission(user, "experiment", exp_id).permission
+            if effective not in _WRITE:
+                continue
+            self.auth.revoke_user_permission(user, "experiment", exp_id)
+            if self.auth.get_user_permission(user, "experiment", exp_id).permission in _WRITE:
+                raise DeepReproError(
+                    f"{exp_name}: {user} can still write it through a role; unassign that "
+                    "role (MLflow's admin UI), then enrol again"
+                )
+            self.report.append(f"{exp_name}: {user} had {effective} on it: revoked")
 
     # -- accounts ----------------------------------------------------------------------------
     def account(self, student: Student, reset: bool) -> str | None:
@@ -217,7 +261,12 @@ class Enrolment:
         teacher's experiments."""
         for kind, resource, label, owner in self.preexisting:
             self._take_back(kind, resource, label, owner)
-        self._experiment_id(self.roster.grading_experiment)  # made by the teacher, up front
+        # The teacher's experiments, made up front: the roster and the grading runs (the
+        # board, the deadline snapshots) are written by admins only; the shared studies by
+        # enrolled students only. Checked against every account, not just the roster's.
+        self._only(self.roster.class_experiment, ())
+        self._only(self.roster.grading_experiment, ())
+        self._only(self.roster.studies_experiment, self.roster.students)
 
     def save_roster(self, students: tuple[str, ...]) -> None:
         self.roster = replace(self.roster, students=tuple(sorted(set(students))))

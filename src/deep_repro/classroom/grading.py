@@ -14,19 +14,21 @@ program, a claim that the program does not reproduce, a version created after th
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
+import json
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deep_repro.classroom.roster import Roster
+from deep_repro.classroom.roster import Roster, owned
+from deep_repro.classroom.snapshot import Pin
 from deep_repro.errors import TrackingError, first_line
+from deep_repro.tracking.gate import CHAMPION
 
-CHAMPION = "champion"
 ELECTED = ("first", "promoted", "champion")  # gate decisions that made a version @champion
 CLAIM_METRIC = "val_accuracy"  # the gate's tag on a version: what the student's evaluate measured
 
@@ -56,6 +58,7 @@ class Grade:
     flags: list[str] = field(default_factory=list)
     error: str = ""  # why there is no score (no champion, refused program)
     reproduced: str = ""  # `grade --reproduce K`: the verdict of rerunning this version
+    pinned: str = ""  # the deadline snapshot (run id) whose copy of the program was graded
 
     @property
     def scored(self) -> bool:
@@ -95,40 +98,36 @@ def _version_in_force(client: Any, model: str, as_of_ms: int | None) -> tuple[An
     return max(versions, key=lambda v: int(v.creation_timestamp)), flags
 
 
-def _score(uri: str, mv: Any, data: Canonical) -> tuple[np.ndarray, np.ndarray, str]:
-    """(val correct, test correct, sha256) of version `mv`'s program, scored here."""
+def _score(path: Path, data: Canonical) -> tuple[np.ndarray, np.ndarray]:
+    """(val correct, test correct) of the program at `path`, scored here."""
     import torch
 
     from deep_repro.inference.export import load_inference_model, predict_logits
-    from deep_repro.serving import model_cache
 
-    local = model_cache.resolve(uri, f"models:/{mv.name}/{mv.version}")
-    if local is None:
-        raise TrackingError(f"grading reads an http(s):// or sqlite:/// store, not {uri}")
-    path, _ = model_cache.cached_program(uri, local)
-    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     model = load_inference_model(path)  # refuses anything but a tensor-only program
     with torch.inference_mode():
         val = predict_logits(model, data.x_val).argmax(1).numpy()
         test = predict_logits(model, data.x_test).argmax(1).numpy()
-    return val == data.y_val, test == data.y_test, sha256
+    return val == data.y_val, test == data.y_test
 
 
-def _owned(client: Any, roster: Roster, student: str, mv: Any) -> None:
-    """Refuse a version that is not the student's own work by where it lives: its run in the
-    student's experiment and its files under that experiment's artifacts. MLflow lets anyone
-    with READ register a version whose source or run is a classmate's."""
-    exp = client.get_experiment_by_name(roster.experiment(student))
-    if exp is None:
-        raise TrackingError(f"experiment {roster.experiment(student)} does not exist")
-    run = client.get_run(mv.run_id)
-    files = client.get_model_version_download_uri(mv.name, mv.version)
-    root = exp.artifact_location.rstrip("/") + "/"
-    if run.info.experiment_id != exp.experiment_id or not str(files).startswith(root):
-        raise TrackingError(
-            f"version {mv.version} was made outside {exp.name} (its run or files are another "
-            "experiment's): not graded"
+def _program(client: Any, uri: str, grade: Grade, mv: Any, pin: Pin | None, tmp: Path) -> Path:
+    """The program graded: the server's files now, or with a deadline snapshot that pinned
+    this version, the snapshot's copy (flagged when the server's files changed since)."""
+    from deep_repro.classroom.snapshot import pinned_program, program_of
+
+    path = tmp / "now.pt2"
+    grade.sha256 = program_of(client, uri, mv, path)
+    if pin is None or pin.version != grade.version:
+        return path
+    if pin.sha256 != grade.sha256:
+        grade.flags.append(
+            f"replaced: v{grade.version}'s program changed after the snapshot "
+            f"(sha256 {pin.sha256[:12]} then, {grade.sha256[:12]} now): graded the snapshot's"
         )
+        grade.sha256 = pin.sha256
+    grade.pinned = pin.run_id
+    return pinned_program(client, pin, tmp / "pinned")
 
 
 def _flag_numbers(grade: Grade, data: Canonical) -> None:
@@ -148,7 +147,13 @@ def _flag_numbers(grade: Grade, data: Canonical) -> None:
 
 
 def grade_student(
-    client: Any, uri: str, roster: Roster, student: str, data: Canonical, as_of_ms: int | None
+    client: Any,
+    uri: str,
+    roster: Roster,
+    student: str,
+    data: Canonical,
+    as_of_ms: int | None,
+    pin: Pin | None = None,
 ) -> Grade:
     """One student's grade; whatever their version does (a missing run, a program that does
     not run, a tag that is no number) ends as this student's error, never the whole board's."""
@@ -159,8 +164,10 @@ def grade_student(
     try:
         mv, grade.flags = _version_in_force(client, roster.model(student), as_of_ms)
         grade.version, grade.created_ms = str(mv.version), int(mv.creation_timestamp)
-        _owned(client, roster, student, mv)
-        grade.val_correct, grade.test_correct, grade.sha256 = _score(uri, mv, data)
+        owned(client, roster, student, mv)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = _program(client, uri, grade, mv, pin, Path(tmp))
+            grade.val_correct, grade.test_correct = _score(path, data)
         claim = mv.tags.get(CLAIM_METRIC)
         grade.claimed_val = float(claim) if claim is not None else None
         trained_on = client.get_run(mv.run_id).data.tags.get(f"{IN_PREFIX}{SPLIT_TRAIN_VAL}")
@@ -178,13 +185,21 @@ def grade_student(
 
 
 def grade_class(
-    client: Any, uri: str, roster: Roster, data: Canonical, as_of_ms: int | None = None
+    client: Any,
+    uri: str,
+    roster: Roster,
+    data: Canonical,
+    as_of_ms: int | None = None,
+    pins: dict[str, Pin] | None = None,
 ) -> list[Grade]:
     """Every enrolled student's grade, ranked: scored ones by recomputed validation accuracy
     (ties: the earlier version first), then the ones without a score."""
     from deep_repro.evaluation.metrics import mcnemar_p_value
 
-    grades = [grade_student(client, uri, roster, s, data, as_of_ms) for s in roster.students]
+    pins = pins or {}
+    grades = [
+        grade_student(client, uri, roster, s, data, as_of_ms, pins.get(s)) for s in roster.students
+    ]
     scored = sorted(
         (g for g in grades if g.scored), key=lambda g: (-g.accuracy("val"), g.created_ms)
     )
@@ -286,5 +301,18 @@ def publish(
             client.log_metric(run_id, f"test_accuracy.{g.student}", g.accuracy("test"))
     client.log_artifact(run_id, str(out / "grades.csv"))
     client.log_artifact(run_id, str(out / "grades.md"))
+    # What was graded, by number and full sha256: the record a later dispute is settled by.
+    graded = {
+        g.student: {
+            "model": roster.model(g.student),
+            "version": g.version,
+            "sha256": g.sha256,
+            "created_ms": g.created_ms,
+            "program": f"snapshot {g.pinned}" if g.pinned else "the server's files at grading",
+        }
+        for g in grades
+        if g.scored
+    }
+    client.log_text(run_id, json.dumps(graded, indent=1, sort_keys=True) + "\n", "graded.json")
     client.set_terminated(run_id)
     return run_id

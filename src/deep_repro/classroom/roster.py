@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from deep_repro.errors import DeepReproError
+from deep_repro.errors import DeepReproError, TrackingError
 
 ROSTER_TAG = "deep_repro.roster"
 ROSTER_FORMAT = "deep-repro/roster/1"
@@ -113,3 +113,20 @@ def read_roster(client: Any, experiment_prefix: str) -> Roster | None:
             f"{experiment_prefix}-*; the teacher must delete it and enrol again"
         )
     return roster
+
+
+def owned(client: Any, roster: Roster, student: str, mv: Any) -> None:
+    """Refuse a version that is not the student's own work by where it lives: its run in the
+    student's experiment and its files under that experiment's artifacts. MLflow lets anyone
+    with READ register a version whose source or run is a classmate's."""
+    exp = client.get_experiment_by_name(roster.experiment(student))
+    if exp is None:
+        raise TrackingError(f"experiment {roster.experiment(student)} does not exist")
+    run = client.get_run(mv.run_id)
+    files = client.get_model_version_download_uri(mv.name, mv.version)
+    root = exp.artifact_location.rstrip("/") + "/"
+    if run.info.experiment_id != exp.experiment_id or not str(files).startswith(root):
+        raise TrackingError(
+            f"version {mv.version} was made outside {exp.name} (its run or files are another "
+            "experiment's): not graded"
+        )

@@ -238,7 +238,7 @@ def program_path(mlmodel_text: str, where: str) -> str:
     return rel
 
 
-def _fetch_program(mv: ModelVersion, dest: Path, uri: str) -> None:
+def fetch_program(mv: ModelVersion, dest: Path, uri: str) -> None:
     """Copy the version's logged program to `dest`: straight from a local artifact directory,
     else through MLflow (only the MLmodel file and the program, once per version)."""
     import stat
@@ -298,7 +298,7 @@ def cached_program(uri: str, mv: ModelVersion) -> tuple[Path, str]:
     # interrupted predict never sees half a program.
     tmp = Path(tempfile.mkdtemp(prefix=f".{mv.version}-", dir=target.parent))
     try:
-        _fetch_program(mv, tmp / PROGRAM, uri)
+        fetch_program(mv, tmp / PROGRAM, uri)
         md5 = file_digest(tmp / PROGRAM)
         (tmp / META).write_text(json.dumps({**meta, "md5": md5}, indent=1) + "\n")
         if target.exists():

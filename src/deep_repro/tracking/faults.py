@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deep_repro.errors import _RedactCredentials, first_line
+from deep_repro.errors import Terminated, _RedactCredentials, first_line
 from deep_repro.tracking.store import TAG_FAIL_REASON, TAG_PREFIX, end_run
 
 if TYPE_CHECKING:
@@ -156,7 +156,9 @@ def record_failure(
     """Log the tail of the stage's log (ending with its error) as `logs/stage.log` on the run;
     return the one-line reason for `deep_repro.fail_reason`."""
     reason = first_line(exc, limit=2000)
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, Terminated):
+        reason = "terminated (SIGTERM: kill, scancel or a time limit)"
+    elif isinstance(exc, KeyboardInterrupt):
         reason = "interrupted (Ctrl-C / SIGINT)"
     target = tmp / "logs" / "stage.log"
     try:

@@ -265,4 +265,24 @@ def environment_tags(cfg: Config) -> dict[str, str]:
     original = reproducing()
     if original:
         tags[f"{TAG_PREFIX}.reproduces"] = original
+    tags.update(slurm_tags())
     return tags
+
+
+# What SLURM sets in a job's environment, and the tag each becomes: a run of a cluster task
+# names its job, array task and node (`deep-repro submit`; `scontrol show job ID`).
+_SLURM = {
+    "SLURM_JOB_ID": "job_id",
+    "SLURM_ARRAY_JOB_ID": "array_job_id",
+    "SLURM_ARRAY_TASK_ID": "array_task_id",
+    "SLURM_CLUSTER_NAME": "cluster",
+    "SLURMD_NODENAME": "node",
+}
+
+
+def slurm_tags() -> dict[str, str]:
+    return {
+        f"{TAG_PREFIX}.slurm.{tag}": os.environ[var]
+        for var, tag in _SLURM.items()
+        if var in os.environ
+    }

@@ -1,0 +1,1 @@
+"""Experiments and their pipelines on a SLURM cluster: `deep-repro submit` and `collect`."""
