@@ -322,16 +322,32 @@ def test_class_enrolment_and_a_board_from_recomputed_numbers(
     client = _client(services)
     mine = client.get_experiment_by_name(f"{prefix}-{bob}").experiment_id
     pipeline_run(client, mine, alice, 0.70)  # `-S tracking.user=alice` in bob's clone
+    # ... and `runs/create` over REST with `user_id: alice` (what the run's owner field says)
+    from mlflow.entities import RunTag
+
+    rest = client._tracking_client.store.create_run(
+        mine, alice, 0, [RunTag(tracking.TAG_KIND, "pipeline"), RunTag("mlflow.user", alice)], None
+    )
+    assert rest.info.user_id == alice  # the server keeps what the client declared
+    evaluate = client.create_run(
+        mine, tags={tracking.TAG_KIND: "stage", tracking.TAG_STAGE: "evaluate",
+                    "mlflow.parentRunId": rest.info.run_id},
+    ).info.run_id  # fmt: skip
+    for run_id in (evaluate, rest.info.run_id):
+        client.log_metric(run_id, "val_accuracy", 0.65)
+        client.set_terminated(run_id)
     shadow = client.create_experiment(f"{prefix}-teacher-x")  # not enrolled: never on the board
     pipeline_run(client, shadow, bob, 1.0)
     pattern = f"{prefix}-*"
     assert cli.main(["leaderboard", "--experiment", pattern, "--user", alice]) == 0
-    assert "0.7000" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0.7000" not in out and "0.6500" not in out
     assert cli.main(["leaderboard", "--experiment", pattern]) == 0
     table = capsys.readouterr().out
     assert "1.0000" not in table
-    (row,) = [line for line in table.splitlines() if "0.7000" in line]
-    assert f" {bob} " in row and alice not in row
+    for claimed in ("0.7000", "0.6500"):
+        (row,) = [line for line in table.splitlines() if claimed in line]
+        assert f" {bob} " in row and alice not in row
 
     # ---- one student's password reset: only theirs changes; the old one is refused by name
     enroll(alice, bob, carol, dave, extra=("--reset", carol))
