@@ -4,6 +4,7 @@ the class MLflow server of scripts/services.sh."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -50,7 +51,8 @@ def test_the_job_script_passes_every_cluster_option(tmp_path: Path) -> None:
     script = submit.job_script(s, tmp_path, 5, "sweep", "a" * 40, "/shared/repo.git")
     for line in ("--array=0-4%3", "--partition=gpu", "--time=02:00:00", "--cpus-per-task=8",
                  "--mem=16G", "--gpus-per-task=1", "--account=lab", "--qos=normal",
-                 "--constraint=avx512", "--exclusive", "--signal=B:TERM@60"):  # fmt: skip
+                 "--constraint=avx512", "--exclusive", "--signal=B:USR1@120",
+                 "--requeue"):  # fmt: skip
         assert f"#SBATCH {line}\n" in script, line
     assert "module load cuda/12.4\n" in script and f"checkout -q --detach {'a' * 40}" in script
 
@@ -233,3 +235,76 @@ def _with_password(url: str, password: str) -> str:
     parts = urlsplit(url)
     user, host = parts.netloc.split("@", 1)
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password)}@{host}"))
+
+
+@pytest.mark.slow
+@pytest.mark.services
+@pytest.mark.slurm
+def test_a_node_without_the_server_spools_and_a_warned_task_requeues_and_resumes(
+    slurm: str, services: Services, as_user: Any, env_cache: Path, tmp_path: Path
+) -> None:
+    """One task on a node that cannot reach the tracking server (its runs spooled next to the
+    job from the start), warned of its time limit (SIGUSR1, what `--signal=B:USR1@...` sends):
+    it stops its stages, saves what they finished to the DVC remote's run cache and requeues;
+    the second start restores those stages instead of rerunning them. `collect` then sends
+    both starts' runs to the server."""
+    import socket
+
+    from mlflow import MlflowClient
+
+    experiment = f"requeue-{os.getpid()}-{random.randrange(1 << 30):x}"
+    origin, env = _cluster_project(tmp_path, slurm, services, env_cache)
+    with socket.socket() as free:  # a port nothing listens on: the node has no route
+        free.bind(("127.0.0.1", 0))
+        unreachable = f"http://127.0.0.1:{free.getsockname()[1]}"
+    cli = str(VENV_BIN / "deep-repro")
+    out = run(
+        [cli, "submit", "-S", f"tracking.experiment={experiment}", "--name", "r"],
+        origin,
+        {**env, "MLFLOW_TRACKING_URI": unreachable},
+    ).stdout
+    job_id = out.split("submitted job ")[1].split(":")[0]
+    job_dir = Path(out.split("job directory ")[1].split()[0])
+    log_file, state_file = job_dir / "logs" / "0.log", job_dir / "tasks" / "0.json"
+
+    # The warning comes once a stage after split has started (DVC has then saved split's
+    # outputs and run-cache entry: a stop during that bookkeeping would lose them).
+    deadline = time.monotonic() + 600
+    while not any(f"Running stage '{s}'" in (log_file.read_text() if log_file.exists() else "")
+                  for s in ("analyze", "train")):  # fmt: skip
+        assert time.monotonic() < deadline, "no stage after split ever started"
+        time.sleep(0.5)
+    warned = f"{job_id}_0"
+    subprocess.run(["scancel", "--batch", "--signal=USR1", warned], env=env, check=True, timeout=60)
+    while True:
+        state = json.loads(state_file.read_text())
+        if (
+            state["state"] in ("done", "failed")
+            and not run(["squeue", "-h", "-j", job_id], origin, env).stdout.strip()
+        ):
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    log = log_file.read_text()
+    assert state["state"] == "done" and state["restarts"] == 1, (state, log[-3000:])
+    assert state["spooled"] and "no route to the tracking server" in log
+    assert "requeueing: the task resumes from the stages it finished" in log
+
+    client: Any = MlflowClient(tracking_uri=services.mlflow_url)
+    assert client.get_experiment_by_name(experiment) is None  # nothing reached the server
+    collected = run([cli, "collect"], origin, env).stdout
+    assert "task 0: spooled runs: synced" in collected, collected
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}
+    pipelines = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "pipeline"]
+    assert len(pipelines) == 2, [(r.info.status, r.data.tags) for r in pipelines]
+    second = max(pipelines, key=lambda r: r.info.start_time)
+    assert second.info.status == "FINISHED"
+    assert second.data.tags["deep_repro.slurm.array_job_id"] == job_id
+    rerun = {
+        r.data.tags[tracking.TAG_STAGE]
+        for r in runs
+        if r.data.tags.get(tracking.TAG_PARENT) == second.info.run_id
+    }
+    assert "evaluate" in rerun and not rerun & {"download", "preprocess", "split"}, rerun

@@ -76,7 +76,7 @@ def task_states(job_dir: Path) -> list[TaskState]:
         state = recorded.get("state", "")
         if i in in_queue:
             state = "pending" if in_queue[i] == "PENDING" else "running"
-        elif state in ("", "running"):  # gone from the queue without recording an end
+        elif state in ("", "running", "requeued"):  # gone from the queue, no end recorded
             state = "lost"
         reason = recorded.get("reason", "")
         if state == "lost":
@@ -96,6 +96,35 @@ def pull(root: Path, experiment: str) -> None:
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["failed"])[-1]
         raise DeepReproError(f"dvc exp pull origin {experiment}: {why}")
+
+
+def send_spools(job_dir: Path) -> list[str]:
+    """Replay what tasks spooled (no route to the server from their node, or an outage) into
+    the tracking store of this environment; one line per task with a spool."""
+    from deep_repro.tracking.sync import sync
+
+    spools = sorted(
+        (p for p in (job_dir / "spool").glob("*") if any(p.glob("*.jsonl"))),
+        key=lambda p: int(p.name) if p.name.isdigit() else 0,
+    )
+    if not spools:
+        return []
+    from mlflow import MlflowClient
+
+    from deep_repro import config, tracking
+
+    try:
+        configured = config.load_config(model=False).tracking.uri
+    except DeepReproError:
+        configured = None
+    uri = tracking.tracking_uri(configured, None)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    lines = []
+    for spool in spools:
+        report = sync(client, spool)
+        lines.append(f"  task {spool.name}: spooled runs: {report.summary()}")
+        lines += [f"    not synced: {problem}" for problem in report.problems]
+    return lines
 
 
 def collect(root: Path, jobs_dir: str) -> tuple[list[str], int]:
@@ -123,6 +152,7 @@ def collect(root: Path, jobs_dir: str) -> tuple[list[str], int]:
                 lines.append(f"  task {t.index}: {t.state}: {t.reason} (log {t.log})")
             else:
                 lines.append(f"  task {t.index}: {t.state}")
+        lines += send_spools(job_dir)
     if not lines:
         lines.append("no cluster jobs here (`deep-repro submit` makes them)")
     return lines, failures

@@ -18,6 +18,8 @@ live outside `conf/` and never reach params.yaml or dvc.lock: changing a partiti
     cache: /shared/$USER/deep-repro   # venvs per uv.lock and git mirrors (the shared FS)
     git_remote: origin        # where tasks clone from and push their experiments to
     throttle: 4               # at most this many tasks at once (array %N)
+    requeue: true             # near its time limit a task stops, saves what it finished, requeues
+    warn_s: 120               # how long before the limit (SIGUSR1); its stages need time to stop
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class ClusterSettings(BaseModel):
     cache: str | None = None
     git_remote: str = "origin"
     throttle: int | None = Field(default=None, ge=1)
+    requeue: bool = True
+    warn_s: int = Field(default=120, ge=30)
 
 
 def load(root: Path, path: Path | None = None) -> ClusterSettings:

@@ -118,10 +118,13 @@ def job_script(s: ClusterSettings, job_dir: Path, n: int, name: str, commit: str
         f"--output={job_dir}/logs/%a.log",
         f"--cpus-per-task={s.cpus}",
         f"--time={s.time}",
-        # SIGTERM to the task (not only its shell) 60 s before the limit: runs are closed as
-        # KILLED with the reason instead of being left RUNNING.
-        "--signal=B:TERM@60",
+        # A minute before the time limit, SIGUSR1 to the task: its stages stop (runs closed
+        # KILLED), what they finished goes to the run cache, and it requeues itself.
+        f"--signal=B:USR1@{s.warn_s}",
+        "--open-mode=append",  # a requeued task's log continues its first one
     ]
+    if s.requeue:
+        opts.append("--requeue")
     for flag, value in (
         ("partition", s.partition),
         ("mem", s.mem),

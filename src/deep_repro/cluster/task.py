@@ -48,11 +48,16 @@ def write_state(job_dir: Path, index: int, **state: Any) -> None:
     tmp.replace(path)
 
 
-GRACE_S = 45  # within the minute `--signal=B:TERM@60` leaves before the time limit
+GRACE_S = 45  # for the stages to close their runs (warn_s leaves 120 s before the limit)
 
 
 class Stopped(Exception):
-    pass
+    """SIGTERM: `scancel` (or the scheduler's end of the job): the task fails, with why."""
+
+
+class TimeLimit(Stopped):
+    """SIGUSR1, which the job script asks for a minute before the time limit: the stages
+    stop, what they finished goes to the remote's run cache, and the task is requeued."""
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
@@ -65,20 +70,22 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
     tree: list[Any] = []
 
     def forward(signum: int, _frame: Any) -> None:
-        # Every process below: `--signal=B:TERM@60` (the time limit near) reaches this process
+        # SIGTERM to every process below: the time-limit warning (USR1) reaches this process
         # only, and DVC does not pass a signal on to the stage it runs. (After `scancel` they
-        # all have it already: a stage ignores the copy, see errors._on_sigterm.)
+        # all have SIGTERM already: a stage ignores the copy, see errors._on_sigterm.)
         import psutil
 
         with contextlib.suppress(psutil.Error):
             tree.extend(psutil.Process(proc.pid).children(recursive=True))
         for p in [proc, *tree]:
             with contextlib.suppress(Exception):
-                p.send_signal(signum)
-        name = signal.Signals(signum).name
-        raise Stopped(f"{what}: stopped by {name} (scancel, or the time limit is near)")
+                p.send_signal(signal.SIGTERM)
+        if signum == signal.SIGUSR1:
+            raise TimeLimit(f"{what}: stopped, the time limit is near (SIGUSR1)")
+        raise Stopped(f"{what}: stopped by SIGTERM (scancel)")
 
     old = signal.signal(signal.SIGTERM, forward)
+    old_usr1 = signal.signal(signal.SIGUSR1, forward)
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -101,6 +108,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
         raise
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGUSR1, old_usr1)
         sys.stdout.flush()
     if proc.returncode != 0:
         reason = next((ln for ln in reversed(lines) if ln.strip()), "no output")
@@ -116,8 +124,8 @@ def close_leftover_runs(clone: Path, reason: str) -> None:
     import yaml
 
     job = os.environ.get("SLURM_JOB_ID")
-    if not job or not os.environ.get("MLFLOW_TRACKING_URI"):
-        return  # a local store lives in the clone, which goes with it
+    if not job or not os.environ.get("MLFLOW_TRACKING_URI") or not server_reachable(5.0):
+        return  # a local store goes with the clone; an unreachable one has the spool
     try:
         from mlflow import MlflowClient
 
@@ -140,6 +148,42 @@ def close_leftover_runs(clone: Path, reason: str) -> None:
         print(f"could not close this job's runs: {str(exc).splitlines()[0]}", flush=True)
 
 
+def server_reachable(timeout_s: float = 10.0) -> bool:
+    """Whether this node reaches the tracking server (its /health page); a local store, or
+    none configured, counts as reachable."""
+    import urllib.error
+    import urllib.request
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def requeue(clone: Path, env: dict[str, str], dvc: str, has_remote: bool) -> str | None:
+    """Send what the finished stages computed to the DVC remote's run cache, then ask SLURM to
+    requeue this task: the next start restores those stages instead of rerunning them (resume
+    at stage granularity). Returns why it could not, or None."""
+    if has_remote:
+        try:
+            run([dvc, "push", "--run-cache"], clone, env, "dvc push --run-cache")
+        except RuntimeError as exc:
+            print(f"(finished stages not saved: {exc})", flush=True)
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not a SLURM job"
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or ["scontrol requeue failed"])[-1]
+    return None
+
+
 def main(job_dir: Path, index: int, clone: Path) -> int:
     from deep_repro.reproduction import workspace
 
@@ -153,12 +197,21 @@ def main(job_dir: Path, index: int, clone: Path) -> int:
         "overrides": overrides,
         "node": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
     }
     write_state(job_dir, index, state="running", **common)
     cache = Path(os.path.expandvars(manifest["cache"])) if manifest.get("cache") else None
     try:
         venv = workspace.ensure_venv(clone, cache)
         keep = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
+        # Spooled runs (an outage, or no route to the server at all) go next to the job, not
+        # into the clone that is removed at the end: `collect` sends them.
+        keep["DEEP_REPRO_SPOOL_DIR"] = str(job_dir / "spool" / str(index))
+        if not server_reachable():
+            keep["DEEP_REPRO_TRACKING_OFFLINE"] = "1"
+            common["spooled"] = True
+            spool = keep["DEEP_REPRO_SPOOL_DIR"]
+            print(f"no route to the tracking server: runs spooled to {spool}", flush=True)
         env = workspace.project_env(clone, venv, **keep)
         dvc = str(venv / "bin" / "dvc")
         has_remote = bool(
@@ -172,17 +225,34 @@ def main(job_dir: Path, index: int, clone: Path) -> int:
             except RuntimeError as exc:
                 print(f"(going on without the remote's outputs: {exc})", flush=True)
         threads = f"train.num_threads={manifest['cpus']}"
+        # A stage whose inputs, params and code match a run-cache entry (another task's, or
+        # this task's before a requeue) is restored from the remote instead of rerun.
+        pull = ["--pull"] if has_remote else []
         if not is_exp:  # a worker of one shared Optuna study
-            run([dvc, "repro", "split"], clone, env, "dvc repro split")  # restored if pulled
+            run([dvc, "repro", *pull, "split"], clone, env, "dvc repro split")
             python = str(venv / "bin" / "python")
             tune = [python, "-m", "deep_repro.cli", "tune", *overrides, threads]
             run(tune, clone, env, "deep-repro tune")
         else:
             sets = [a for o in [*overrides, threads] for a in ("-S", o)]
-            run([dvc, "exp", "run", "-n", name, *sets], clone, env, "dvc exp run")
+            run([dvc, "exp", "run", "-n", name, *pull, *sets], clone, env, "dvc exp run")
             push = [dvc, "exp", "push", "origin", name]
             push += ["--run-cache"] if has_remote else ["--no-cache"]
             run(push, clone, env, "dvc exp push")
+    except TimeLimit as exc:
+        close_leftover_runs(clone, f"{exc}: requeued to resume")
+        # Recorded first: requeueing ends this process (SLURM stops the job to queue it again).
+        write_state(job_dir, index, state="requeued", reason=str(exc),
+                    seconds=round(time.time() - started, 1), **common)  # fmt: skip
+        print("requeueing: the task resumes from the stages it finished", flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        why = requeue(clone, env, dvc, has_remote)
+        if why is None:
+            return 0
+        write_state(job_dir, index, state="failed", reason=f"{exc}; not requeued: {why}",
+                    seconds=round(time.time() - started, 1), **common)  # fmt: skip
+        print(f"task failed: not requeued: {why}", flush=True)
+        return 1
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, Stopped):

@@ -47,8 +47,21 @@ _TRANSIENT_TEXT = re.compile(
 )
 
 
+# Set by a cluster task: where to spool (a shared directory that outlives the task's clone),
+# and "1" to spool from the start (the node cannot reach the tracking server at all).
+SPOOL_DIR_ENV = "DEEP_REPRO_SPOOL_DIR"
+OFFLINE_ENV = "DEEP_REPRO_TRACKING_OFFLINE"
+# An experiment known by name only (the store was never reached): `sync` finds or creates it.
+OFFLINE_EXPERIMENT = f"{PLACEHOLDER_PREFIX}experiment:"
+
+
 def spool_dir() -> Path:
-    return store_root() / SPOOL_DIR
+    explicit = os.environ.get(SPOOL_DIR_ENV)
+    return Path(explicit) if explicit else store_root() / SPOOL_DIR
+
+
+def offline_from_start() -> bool:
+    return os.environ.get(OFFLINE_ENV) == "1"
 
 
 def is_transient(exc: BaseException) -> bool:

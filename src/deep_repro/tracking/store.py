@@ -177,6 +177,12 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    from deep_repro.tracking import spool
+
+    if spool.offline_from_start():  # a node that cannot reach the store: spool everything
+        offline = spool.ResilientClient(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+        spool.mark_offline(offline)
+        return offline, f"{spool.OFFLINE_EXPERIMENT}{experiment}"  # type: ignore[return-value]
     try:
         with _store_lock(uri):
             client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -20,7 +20,13 @@ from typing import Any
 
 from deep_repro.errors import scrub
 from deep_repro.files import write_json
-from deep_repro.tracking.spool import PLACEHOLDER_PREFIX, TAG_SPOOL_ID, is_transient, spool_dir
+from deep_repro.tracking.spool import (
+    OFFLINE_EXPERIMENT,
+    PLACEHOLDER_PREFIX,
+    TAG_SPOOL_ID,
+    is_transient,
+    spool_dir,
+)
 from deep_repro.tracking.store import TAG_INVOCATION, TAG_KIND, _search_one
 
 log = logging.getLogger(__name__)
@@ -130,10 +136,23 @@ def _apply(client: Any, record: dict[str, Any], ids: dict[str, str], base: Path)
     raise ValueError(f"unknown spooled op {op!r}")
 
 
+def _experiment_id(client: Any, recorded: str) -> str:
+    """A spooled experiment id, or (spooled from the start: never reached) its name's id now."""
+    if not recorded.startswith(OFFLINE_EXPERIMENT):
+        return recorded
+    name = recorded.removeprefix(OFFLINE_EXPERIMENT)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    from deep_repro.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    return str(client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+
+
 def _create_run(client: Any, record: dict[str, Any], ids: dict[str, str]) -> str:
     """The real run for a placeholder: one already made by an earlier sync, the invocation's
     pipeline run, or a new one (with the original start time, and links mapped to real ids)."""
-    exp_id, tags = record["experiment_id"], dict(record["tags"])
+    exp_id, tags = _experiment_id(client, record["experiment_id"]), dict(record["tags"])
     found = _search_one(client, exp_id, f"tags.`{TAG_SPOOL_ID}` = '{record['id']}'")
     if found is None and tags.get(TAG_KIND) == "pipeline" and tags.get(TAG_INVOCATION):
         found = _search_one(
