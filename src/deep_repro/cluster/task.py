@@ -200,6 +200,9 @@ def main(job_dir: Path, index: int, clone: Path) -> int:
         "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
     }
     write_state(job_dir, index, state="running", **common)
+    # The time-limit warning outside a step (while the venv is built) must not kill the task
+    # (SIGUSR1's default action): the steps handle it; before them, the limit itself decides.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     cache = Path(os.path.expandvars(manifest["cache"])) if manifest.get("cache") else None
     try:
         venv = workspace.ensure_venv(clone, cache)
