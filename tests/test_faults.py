@@ -465,3 +465,23 @@ def test_a_sigterm_delivered_twice_still_lets_the_runs_close(
     out = proc.communicate(timeout=60)[0]
     assert ("closed" in out) is closed
     assert proc.returncode == (143 if closed else -signal.SIGTERM)
+
+
+def test_a_stop_outside_the_stage_body_still_says_why(tracking_env: str) -> None:
+    """Regression (CI, cluster test): a SIGTERM that lands after the stage body (while the
+    finished stage logs its outputs) closed the stage and pipeline runs without a reason."""
+    from mlflow import MlflowClient
+
+    from deep_repro.errors import Terminated
+
+    client: Any = MlflowClient(tracking_uri=tracking_env)
+    exp = client.create_experiment("stop")
+    parent = client.create_run(exp).info.run_id
+    stage = client.create_run(exp).info.run_id
+    with pytest.raises(Terminated), tracking.closing(client, stage, parent_id=parent) as outcome:
+        outcome.status = "RUNNING"  # the body is done; the close-out work is interrupted
+        raise Terminated()
+    for rid, status in ((stage, "KILLED"), (parent, "FAILED")):
+        run = client.get_run(rid)
+        assert run.info.status == status
+        assert "SIGTERM" in run.data.tags[tracking.TAG_FAIL_REASON]

@@ -150,16 +150,21 @@ class LogTail(logging.Handler):
         logging.getLogger().removeHandler(self)
 
 
+def failure_reason(exc: BaseException) -> str:
+    """The one-line `deep_repro.fail_reason` for how a run's body ended."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM: kill, scancel or a time limit)"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C / SIGINT)"
+    return first_line(exc, limit=2000)
+
+
 def record_failure(
     client: MlflowClient, run_id: str, exc: BaseException, tail: LogTail, tmp: Path
 ) -> str:
     """Log the tail of the stage's log (ending with its error) as `logs/stage.log` on the run;
     return the one-line reason for `deep_repro.fail_reason`."""
-    reason = first_line(exc, limit=2000)
-    if isinstance(exc, Terminated):
-        reason = "terminated (SIGTERM: kill, scancel or a time limit)"
-    elif isinstance(exc, KeyboardInterrupt):
-        reason = "interrupted (Ctrl-C / SIGINT)"
+    reason = failure_reason(exc)
     target = tmp / "logs" / "stage.log"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

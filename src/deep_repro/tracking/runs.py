@@ -150,8 +150,13 @@ def closing(
     try:
         yield outcome
         failed = False
-    except KeyboardInterrupt:
-        outcome.status = "KILLED"
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            outcome.status = "KILLED"
+        # A stop can land outside the body's own handler (SIGTERM while the finished stage
+        # logs its outputs): the run still says why it ended.
+        if outcome.status != "FINISHED":  # a pruned trial ends FINISHED: no failure
+            outcome.tags.setdefault(TAG_FAIL_REASON, faults.failure_reason(exc))
         raise
     finally:
         ends = [(run_id, outcome.status, outcome.tags)]
