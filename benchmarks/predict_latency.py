@@ -37,8 +37,11 @@ BIN = Path(sys.executable).parent
 TARGET = 1.5
 
 
-def build_project(root: Path) -> Path:
-    """Project dir with models/inference.pt2, a champion in root/mlflow.db and one image."""
+def build_project(
+    root: Path, overrides: tuple[str, ...] = ("model=logreg", "model.max_iter=60")
+) -> Path:
+    """Project dir with models/inference.pt2, a champion in root/mlflow.db and one image
+    (the model: `overrides` on top of the committed fixture's config)."""
     sys.path.insert(0, str(REPO))
     import numpy as np
     import torch
@@ -52,9 +55,7 @@ def build_project(root: Path) -> Path:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.chdir(root)
     (root / "dvc.yaml").write_text("stages: {}\n")
-    composed = config.compose(
-        [*fixture_overrides(), "model=logreg", "model.max_iter=60"], REPO / "conf"
-    )
+    composed = config.compose([*fixture_overrides(), *overrides], REPO / "conf")
     (root / "params.yaml").write_text(yaml.safe_dump(composed, sort_keys=False))
     cfg = config.validate(composed)
     x, y = data.load_idx_pair(FIXTURE, "train")

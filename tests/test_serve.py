@@ -227,10 +227,59 @@ def test_serve_answers_like_mlflow_models_serve(
         sys.executable, "-m", "mlflow", "models", "serve", "-m", str(served.model_dir),
         "-p", "{port}", "-h", "127.0.0.1", "--env-manager", "local",
     )  # fmt: skip
-    for name, payload in _payloads(splits.x_test[:2]).items():
+    payloads = _payloads(splits.x_test[:2])
+    payloads["inputs float64"] = {"inputs": splits.x_test[:2].astype(np.float64).tolist()}
+    for name, payload in payloads.items():
         ours, theirs = post(port, payload), post(mlflow_port, payload)
         assert ours[0] == theirs[0] == 200, (name, theirs[1][:300])
-        assert json.loads(ours[1]) == json.loads(theirs[1]), name
+        assert ours[1] == theirs[1], name  # byte for byte, fast path or not
+
+
+def test_tensor_requests_take_the_fast_path_and_the_rest_go_to_mlflows_app(
+    served: Served, splits: data.Splits
+) -> None:
+    """`Guard` answers `inputs`/`instances` itself with the same model; what the model refuses,
+    and every other form, reaches MLflow's app (so its errors read as before)."""
+    import asyncio
+
+    import mlflow.pyfunc
+
+    from deep_repro.serving import server
+
+    reached: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = server.Guard(app, 1 << 24, 64, mlflow.pyfunc.load_model(str(served.model_dir)))
+
+    def call(payload: Any) -> tuple[int, bytes]:
+        body = json.dumps(payload).encode()
+        sent: list[Any] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/invocations", "method": "POST",
+                 "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+        asyncio.run(guard(scope, receive, send))
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    images = splits.x_test[:3]
+    for name, payload in _payloads(images).items():
+        status, body = call(payload)
+        if name == "dataframe_split":
+            assert status == 400 and len(reached) == 1, name  # the app's 418, cleaned
+        else:
+            assert status == 200 and _predicted(body) == _expected(served, images), name
+            assert len(reached) == 0, name
+    status, _ = call({"inputs": [[300] * 784]})  # refused by the model: the app says why
+    assert len(reached) == 2 and status == 400
 
 
 def test_pyfunc_model_takes_every_dtype_and_shape_without_warnings(
