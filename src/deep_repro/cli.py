@@ -17,7 +17,6 @@ deep-repro collect                     finished cluster experiments into this ch
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -59,13 +58,9 @@ def _store_uri(args: argparse.Namespace) -> tuple[str, Any]:
     """The tracking store URI and the project config (None outside a project), without
     importing MLflow or the model code (`model` is left unchecked: only `tracking` is read):
     `predict` must start about as fast as `import torch`."""
-    from deep_repro import config, tracking
+    from deep_repro import tracking
 
-    cfg = None
-    with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
-        cfg = config.load_config(model=False)
-    uri = tracking.tracking_uri(cfg.tracking.uri if cfg else None, args.tracking_uri)
-    return uri, cfg
+    return tracking.project_tracking_uri(args.tracking_uri)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -111,13 +111,9 @@ def send_spools(job_dir: Path) -> list[str]:
         return []
     from mlflow import MlflowClient
 
-    from deep_repro import config, tracking
+    from deep_repro import tracking
 
-    try:
-        configured = config.load_config(model=False).tracking.uri
-    except DeepReproError:
-        configured = None
-    uri = tracking.tracking_uri(configured, None)
+    uri = tracking.project_tracking_uri()[0]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     lines = []
     for spool in spools:

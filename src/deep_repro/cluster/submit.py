@@ -215,21 +215,29 @@ def submit(
     (job_dir / "job.sh").write_text(script)
     if dry_run:
         return Job(job_dir, "", len(tasks))
+    try:
+        job_id = _sbatch(root, job_dir / "job.sh", "the job")
+    except DeepReproError:
+        shutil.rmtree(job_dir)
+        raise
+    with atomic_path(job_dir / "job.json") as tmp:
+        tmp.write_text(json.dumps({"job_ids": [job_id], "submitted": stamp}) + "\n")
+    return Job(job_dir, job_id, len(tasks))
+
+
+def _sbatch(root: Path, script: Path, what: str, *options: str) -> str:
+    """Submit `script` (its #SBATCH lines, then `options`); the SLURM job id."""
     done = subprocess.run(
-        ["sbatch", "--parsable", str(job_dir / "job.sh")],
+        ["sbatch", "--parsable", *options, str(script)],
         cwd=root,
         capture_output=True,
         text=True,
         timeout=120,
     )
     if done.returncode != 0:
-        shutil.rmtree(job_dir)
         why = (done.stderr.strip().splitlines() or ["no reason given"])[-1]
-        raise DeepReproError(f"sbatch refused the job: {why}")
-    job_id = done.stdout.strip().split(";")[0]
-    with atomic_path(job_dir / "job.json") as tmp:
-        tmp.write_text(json.dumps({"job_ids": [job_id], "submitted": stamp}) + "\n")
-    return Job(job_dir, job_id, len(tasks))
+        raise DeepReproError(f"sbatch refused {what}: {why}")
+    return done.stdout.strip().split(";")[0]
 
 
 def find_job(root: Path, s: ClusterSettings, ref: str) -> Path:
@@ -255,17 +263,7 @@ def resubmit(root: Path, s: ClusterSettings, ref: str) -> Job:
     for i in failed:  # their old end is history now: the log keeps it
         (job_dir / "tasks" / f"{i}.json").unlink(missing_ok=True)
     array = ",".join(map(str, failed)) + (f"%{s.throttle}" if s.throttle else "")
-    done = subprocess.run(
-        ["sbatch", "--parsable", f"--array={array}", str(job_dir / "job.sh")],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or ["no reason given"])[-1]
-        raise DeepReproError(f"sbatch refused the resubmission: {why}")
-    job_id = done.stdout.strip().split(";")[0]
+    job_id = _sbatch(root, job_dir / "job.sh", "the resubmission", f"--array={array}")
     job = read_job(job_dir)
     job["job_ids"] = [*job.get("job_ids", []), job_id]
     with atomic_path(job_dir / "job.json") as tmp:

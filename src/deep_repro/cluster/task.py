@@ -186,6 +186,7 @@ def requeue(clone: Path, env: dict[str, str], dvc: str, has_remote: bool) -> str
 
 def main(job_dir: Path, index: int, clone: Path) -> int:
     from deep_repro.reproduction import workspace
+    from deep_repro.tracking.spool import OFFLINE_ENV, SPOOL_DIR_ENV
 
     manifest = json.loads((job_dir / "manifest.json").read_text())
     overrides: list[str] = manifest["tasks"][index]
@@ -209,11 +210,10 @@ def main(job_dir: Path, index: int, clone: Path) -> int:
         keep = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
         # Spooled runs (an outage, or no route to the server at all) go next to the job, not
         # into the clone that is removed at the end: `collect` sends them.
-        keep["DEEP_REPRO_SPOOL_DIR"] = str(job_dir / "spool" / str(index))
+        keep[SPOOL_DIR_ENV] = spool = str(job_dir / "spool" / str(index))
         if not server_reachable():
-            keep["DEEP_REPRO_TRACKING_OFFLINE"] = "1"
+            keep[OFFLINE_ENV] = "1"
             common["spooled"] = True
-            spool = keep["DEEP_REPRO_SPOOL_DIR"]
             print(f"no route to the tracking server: runs spooled to {spool}", flush=True)
         env = workspace.project_env(clone, venv, **keep)
         dvc = str(venv / "bin" / "dvc")

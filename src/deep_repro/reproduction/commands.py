@@ -10,7 +10,6 @@ reproduced (dirty run, commit not pushed, data nowhere) or a usage error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -61,12 +60,9 @@ def add_parsers(sub: Any) -> None:
 
 
 def _store(args: argparse.Namespace) -> str:
-    from deep_repro import config, tracking
+    from deep_repro import tracking
 
-    cfg = None
-    with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
-        cfg = config.load_config(model=False)
-    return tracking.tracking_uri(cfg.tracking.uri if cfg else None, args.tracking_uri)
+    return tracking.project_tracking_uri(args.tracking_uri)[0]
 
 
 def _check_thresholds(args: argparse.Namespace) -> Any:

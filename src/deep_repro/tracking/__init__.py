@@ -92,6 +92,7 @@ from deep_repro.tracking.store import (  # noqa: F401
     artifact_root,
     connect,
     credentials_to_env,
+    project_tracking_uri,
     read_client,
     reproducing,
     tracking_uri,

@@ -15,6 +15,8 @@ from deep_repro.paths import store_root
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from deep_repro.config.schema import Config
+
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +80,19 @@ def tracking_uri(cfg_uri: str | None, explicit: str | None = None) -> str:
     if env and not explicit:
         os.environ["MLFLOW_TRACKING_URI"] = bare  # nothing later (or spawned) sees the password
     return bare
+
+
+def project_tracking_uri(explicit: str | None = None) -> tuple[str, Config | None]:
+    """The store a command uses (`tracking_uri`, with params.yaml's `tracking.uri` inside a
+    project) and the project's config (None outside one). Reads params.yaml without checking
+    `model`, so neither MLflow nor the model code is imported: `predict` starts fast."""
+    from deep_repro import config
+    from deep_repro.errors import DeepReproError
+
+    cfg = None
+    with contextlib.suppress(DeepReproError):  # outside a project: MLFLOW_TRACKING_URI/default
+        cfg = config.load_config(model=False)
+    return tracking_uri(cfg.tracking.uri if cfg else None, explicit), cfg
 
 
 def credentials_to_env(uri: str) -> str:
