@@ -281,6 +281,22 @@ def test_tensor_requests_take_the_fast_path_and_the_rest_go_to_mlflows_app(
     status, _ = call({"inputs": [[300] * 784]})  # refused by the model: the app says why
     assert len(reached) == 2 and status == 400
 
+    # A few images are predicted on the event loop; more go to a thread, however they are
+    # nested (16 images as one flat row of 16 x 784 values count as 16).
+    import threading
+
+    predict, where = guard._predict, []
+
+    def spy(values: Any) -> bytes:
+        where.append(threading.current_thread() is threading.main_thread())
+        return predict(values)
+
+    guard._predict = spy  # type: ignore[method-assign]
+    many = splits.x_test[:16].reshape(1, 16 * 784).tolist()
+    for payload in ({"inputs": images.tolist()}, {"inputs": many}):
+        assert call(payload)[0] == 200
+    assert where == [True, False]
+
 
 def test_pyfunc_model_takes_every_dtype_and_shape_without_warnings(
     served: Served, splits: data.Splits

@@ -49,7 +49,7 @@ PIXELS = 784
 # The model's own refusals (serving.to_pixels): they describe the input, never repeat it.
 MODEL_MESSAGES = ("pixel values must", "expected images of 28x28")
 MLFLOW_KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")
-INLINE_BATCH = 8  # outer list length up to which the fast path predicts on the event loop
+INLINE_BATCH = 8  # images up to which the fast path predicts on the event loop
 
 
 def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
@@ -208,7 +208,7 @@ class Guard:
             )
             return
         tensor = _tensor_payload(payload, content_type) if self.model is not None else None
-        if tensor is not None and await self._answer(tensor, raw_send):
+        if tensor is not None and await self._answer(tensor, images, raw_send):
             return
         replayed = False
 
@@ -221,7 +221,7 @@ class Guard:
 
         await self.app(scope, replay, send)
 
-    async def _answer(self, values: list[Any], send: Send) -> bool:
+    async def _answer(self, values: list[Any], images: int | None, send: Send) -> bool:
         """Answer a tensor request with the model, as MLflow's app would; False: let the app
         answer it (the model refused the input, or the conversion failed)."""
         import asyncio
@@ -229,7 +229,7 @@ class Guard:
         from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
         try:
-            if len(values) <= INLINE_BATCH:
+            if images is not None and images <= INLINE_BATCH:
                 # A few images take a few ms: handing them to a thread costs more than that
                 # (the hop and the GIL hand-back: py-spy, benchmarks/serving.py).
                 body = self._predict(values)
