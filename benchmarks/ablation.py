@@ -2,8 +2,8 @@
 
 Every variant trains with `training.train_model` (what the train stage runs) on the pipeline's
 own split of the real Fashion-MNIST training set (`split.val_size`, `split.seed`), and is scored
-on validation only, with and without the hflip test-time augmentation (what `postprocess.tta`
-chooses between). The test set is never read: a lever is chosen on validation, and the pipeline
+on validation only, under each test-time augmentation `postprocess.tta` chooses between (none,
+hflip, hflip_shift). The test set is never read: a lever is chosen on validation, and the pipeline
 reports test accuracy for the chosen config. A variant is a name and Hydra overrides:
 
     .venv/bin/python benchmarks/ablation.py \\
@@ -48,6 +48,7 @@ def main() -> None:
     import torch
 
     from deep_repro import config, data, models, training  # noqa: F401 - registers models
+    from deep_repro.training.augment import TTA_VIEWS
     from deep_repro.training.protocol import evaluate_logits, logit_metrics
 
     variants: dict[str, list[str]] = {}
@@ -71,10 +72,10 @@ def main() -> None:
         base, parts["x_train"][:few], parts["y_train"][:few], parts["x_val"][:256],
         parts["y_val"][:256], epochs=1, progress=False,
     )  # fmt: skip
-    print(
-        f"{'variant':<18} {'val acc':>8} {'val+hflip':>10} {'best ep':>7} {'train s':>8}  overrides"
-    )
-    results: dict[str, list[tuple[float, float, int, float]]] = {n: [] for n in variants}
+    ttas = list(TTA_VIEWS)
+    heads = "".join(f"{'val ' + t:>17}" for t in ttas)
+    print(f"{'variant':<18}{heads} {'best ep':>7} {'train s':>8}  overrides")
+    results: dict[str, list[tuple[float, ...]]] = {n: [] for n in variants}
     for _ in range(args.rounds):
         for name, cfg in cfgs.items():
             start = time.perf_counter()
@@ -85,22 +86,23 @@ def main() -> None:
             seconds = time.perf_counter() - start
             xv = torch.from_numpy(parts["x_val"])
             yv = torch.from_numpy(parts["y_val"].astype(np.int64))
-            acc = {
-                tta: logit_metrics(evaluate_logits(result.model.cpu(), xv, tta=tta), yv)[1]
-                for tta in ("none", "hflip")
-            }
-            row = (acc["none"], acc["hflip"], result.best_epoch, seconds)
-            results[name].append(row)
+            acc = [
+                logit_metrics(evaluate_logits(result.model.cpu(), xv, tta=tta), yv)[1]
+                for tta in ttas
+            ]
+            results[name].append((*acc, seconds))
             print(
-                f"{name:<18} {row[0]:>8.4f} {row[1]:>10.4f} {row[2]:>7} {row[3]:>8.1f}  "
-                f"{' '.join(variants[name]) or '(the default)'}",
+                f"{name:<18}{''.join(f'{a:>17.4f}' for a in acc)} {result.best_epoch:>7} "
+                f"{seconds:>8.1f}  {' '.join(variants[name]) or '(the default)'}",
                 flush=True,
             )
     if args.rounds > 1:
         print("mean over rounds:")
         for name, rows in results.items():
-            means = [statistics.mean(r[i] for r in rows) for i in (0, 1, 3)]
-            print(f"{name:<18} {means[0]:>8.4f} {means[1]:>10.4f} {'':>7} {means[2]:>8.1f}")
+            means = [statistics.mean(col) for col in zip(*rows, strict=True)]
+            print(
+                f"{name:<18}{''.join(f'{a:>17.4f}' for a in means[:-1])} {'':>7} {means[-1]:>8.1f}"
+            )
 
 
 def _split_overrides(text: str) -> list[str]:

@@ -406,6 +406,8 @@ FALLBACK = {
     "train.epochs": "epochs at most; the epoch with the best validation accuracy is kept",
     "train.batch_size": "images per gradient step",
     "train.label_smoothing": "label smoothing of the cross-entropy loss",
+    "train.ema_decay": "per-step decay of the moving average of the weights that is validated, "
+    "kept and exported; 0 = off",
     "train.channels_last": "NHWC memory format for the networks that register it (faster convs)",
     "postprocess.int8_max_acc_drop": "with `quantize: int8`: validation accuracy the int8 model "
     "may lose against the trained one (0.005 = half a point)",

@@ -63,7 +63,11 @@ def main() -> None:
             "tta": tta.tta,
             "tta_rule": tta.rule,
             "val_accuracy_without_tta": round(tta.val_accuracy["none"], 6),
-            "val_accuracy_with_hflip": round(tta.val_accuracy["hflip"], 6),
+            **{
+                f"val_accuracy_with_{name}": round(acc, 6)
+                for name, acc in tta.val_accuracy.items()
+                if name != "none"
+            },
             "max_abs_logit_diff": float(f"{eq.max_abs_diff:.3g}"),
             "val_accuracy_trained": round(eq.reference_accuracy, 6),
             "val_accuracy_exported": round(eq.exported_accuracy, 6),

@@ -66,6 +66,7 @@ def _export_cases() -> list[tuple[str, list[str], str, str]]:
         ("mlp", ["model.activation=silu"], "none", "none"),
         ("cnn", ["model.pool_before_bn=false", "model.convs_per_block=2"], "none", "none"),
         ("cnn", [], "hflip", "int8"),
+        ("cnn", [], "hflip_shift", "none"),
     ]
     return cases
 

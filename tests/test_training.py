@@ -99,6 +99,49 @@ def test_training_is_bit_reproducible(make_cfg: Make, splits: data.Splits) -> No
     assert _state_bytes(other.model) != _state_bytes(runs[0].model)
 
 
+def test_ema_keeps_the_moving_average_of_weights_and_bn_statistics(
+    make_cfg: Make, splits: data.Splits
+) -> None:
+    """`train.ema_decay`: after every step the kept network is decay * itself + (1 - decay) *
+    the optimizer's network (weights AND BatchNorm running statistics), starting from a copy;
+    `fit` validates, keeps and returns that average, reproducibly."""
+    small = ["model=cnn", "model.channels=[8,16]", "model.hidden=32", "train.batch_size=64"]
+    cfg = make_cfg(*small, "train.ema_decay=0.75")
+    training.seed_everything(cfg.seed, deterministic=True)
+    st = training.make_stepper(cfg, build_model(cfg.model), torch.device("cpu"), 1, 10)
+    assert st.kept is not st.model
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.from_numpy(splits.x_train), torch.from_numpy(splits.y_train).long()
+    expected: dict[str, torch.Tensor] = {}
+    st.model.train()
+    for step in range(3):
+        idx = torch.arange(step * 64, (step + 1) * 64)
+        training.train_step(st, *training.device_batch(st, x, y, idx, cfg.augment, gen))
+        now = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
+        for k, v in now.items():
+            if v.is_floating_point():
+                expected[k] = v if step == 0 else 0.75 * expected[k] + 0.25 * v
+    kept = st.kept.state_dict()
+    assert any("running_var" in k for k in expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(kept[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.equal(kept["0.weight"], st.model.state_dict()["0.weight"])
+
+    def fit(decay: float) -> training.TrainResult:
+        cfg = make_cfg(*small, "train.epochs=2", f"train.ema_decay={decay}")
+        return training.fit(
+            cfg, splits.x_train, splits.y_train, splits.x_val, splits.y_val, progress=False
+        )
+
+    runs = [fit(0.9), fit(0.9), fit(0.0)]
+    assert _state_bytes(runs[0].model) == _state_bytes(runs[1].model)
+    assert _state_bytes(runs[0].model) != _state_bytes(runs[2].model)
+    # The returned model is the averaged one that was validated: its val accuracy is the best.
+    logits = training.evaluate_logits(runs[0].model, torch.from_numpy(splits.x_val))
+    accuracy = (logits.argmax(1) == torch.from_numpy(splits.y_val).long()).float().mean().item()
+    assert accuracy == pytest.approx(runs[0].best_val_accuracy, abs=1e-6)
+
+
 @pytest.mark.parametrize("opt,sched", [("sgd", "cosine"), ("adamw", "none"), ("sgd", "onecycle")])
 def test_optimizer_scheduler_combinations(
     make_cfg: Make, splits: data.Splits, opt: str, sched: str

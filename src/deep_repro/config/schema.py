@@ -129,6 +129,9 @@ class TrainConfig(Schema):
     batch_size: Annotated[int, Field(ge=1)]
     patience: Annotated[int, Field(ge=0)]
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
+    # Exponential moving average of the weights (and BN statistics), updated every step; the
+    # averaged network is the one validated, kept and exported. 0 = off (the last weights).
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
     device: str
     precision: Literal["auto", "fp32", "bf16"]
     deterministic: bool
@@ -141,10 +144,11 @@ class TrainConfig(Schema):
 class PostprocessConfig(Schema):
     quantize: Literal["none", "int8"]
     # Test-time augmentation baked into the exported program: `hflip` averages the logits of
-    # each image and its mirror image (the same flip the training augmentation uses); `auto`
-    # keeps the flip only where it does not lose validation accuracy (a linear model trained
-    # without flips loses 17 points to it), recorded in reports/postprocess.json.
-    tta: Literal["auto", "none", "hflip"]
+    # each image and its mirror image (the same flip the training augmentation uses),
+    # `hflip_shift` also of both moved by a pixel (training.augment.TTA_VIEWS); `auto` takes
+    # the most accurate on validation (a linear model trained without flips loses 17 points to
+    # the flip), recorded in reports/postprocess.json.
+    tta: Literal["auto", "none", "hflip", "hflip_shift"]
     atol: Annotated[float, Field(gt=0.0)]
     int8_max_acc_drop: Annotated[float, Field(ge=0.0, le=1.0)]
 

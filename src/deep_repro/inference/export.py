@@ -34,13 +34,21 @@ class EquivalenceError(DeepReproError):
 
 class NormalisedClassifier(nn.Module):
     """uint8 images in, logits out: the preprocessing the network was trained with, baked in;
-    with `tta="hflip"` the mean logits of each image and its mirror image (one program, the
-    same `[N, 28, 28] -> [N, 10]` contract, about twice the compute)."""
+    with `tta="hflip"` the mean logits of each image and its mirror image, with "hflip_shift"
+    of those and of their copies moved by a pixel (one program, the same `[N, 28, 28] ->
+    [N, 10]` contract, 2x or 6x the compute; `training.augment.TTA_VIEWS`)."""
 
     def __init__(self, net: nn.Module, tta: str = "none") -> None:
         super().__init__()
         self.net = net
-        self.hflip = tta == "hflip"
+        self.tta = tta
+        self.kernels: torch.Tensor | None
+        if tta in ("none", "hflip"):
+            self.kernels = None  # no buffer: such programs stay what they were
+        else:
+            from deep_repro.training.augment import shift_kernels
+
+            self.register_buffer("kernels", shift_kernels(tta))
         # Annotated so type checkers see tensors (register_buffer stores them on the module).
         self.scale: torch.Tensor
         self.shift: torch.Tensor
@@ -49,12 +57,12 @@ class NormalisedClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.reshape(-1, 1, 28, 28).to(torch.float32) * self.scale - self.shift
-        if self.hflip:
+        if self.tta != "none":
             # Imported here, where an export traces it: loading a program to predict with
             # (`deep-repro predict`) then needs none of the training code or its config schema.
-            from deep_repro.training.augment import hflip_mean
+            from deep_repro.training.augment import tta_logits
 
-            return hflip_mean(self.net, x)
+            return tta_logits(self.net, x, self.tta, self.kernels)
         return self.net(x)
 
 

@@ -165,6 +165,7 @@ _UNUSED_BY_TRAINER: dict[str, tuple[str, ...]] = {
         "train.batch_size",
         "train.patience",
         "train.label_smoothing",
+        "train.ema_decay",
         "train.device",
         "train.precision",
         "train.deterministic",

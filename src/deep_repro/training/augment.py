@@ -23,10 +23,67 @@ def normalise(images_u8: torch.Tensor) -> torch.Tensor:
     return x.sub_(PIXEL_MEAN).div_(PIXEL_STD)
 
 
+# Test-time augmentations (`postprocess.tta`), cheapest first. Each is the mean logits over its
+# views; a view is (dy, dx, mirrored): the image moved dy pixels down and dx right (the edge it
+# leaves filled with black, as the training crops pad) and optionally mirrored. The shifts are
+# the translations the training crops taught the net (augment.crop_padding).
+TTA_VIEWS: dict[str, tuple[tuple[int, int, bool], ...]] = {
+    "none": ((0, 0, False),),
+    "hflip": ((0, 0, False), (0, 0, True)),
+    "hflip_shift": tuple(
+        (dy, dx, mirrored) for dy, dx in ((0, 0), (-1, -1), (1, 1)) for mirrored in (False, True)
+    ),
+}
+# Black (pixel 0) after `normalise`: what a shifted view's uncovered edge holds.
+BLACK = -PIXEL_MEAN / PIXEL_STD
+
+
 def hflip_mean(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Test-time augmentation (`postprocess.tta: hflip`): the mean logits of each image and its
     mirror image, `x` being a normalised batch `[N, 1, 28, 28]`."""
     return (net(x) + net(x.flip(-1))) * 0.5
+
+
+def shift_kernels(tta: str) -> torch.Tensor:
+    """One-hot 3x3 kernels `[S, 1, 3, 3]`, one per distinct shift of `TTA_VIEWS[tta]`: a
+    convolution with them moves an image by whole pixels. A convolution, not slicing, because
+    the exported program may only call pure, allow-listed operators (inference.safe_archive)."""
+    shifts = list(dict.fromkeys((dy, dx) for dy, dx, _ in TTA_VIEWS[tta]))
+    kernels = torch.zeros(len(shifts), 1, 3, 3)
+    for i, (dy, dx) in enumerate(shifts):
+        kernels[i, 0, 1 - dy, 1 - dx] = 1.0  # out[r, c] = in[r - dy, c - dx]
+    return kernels
+
+
+def shifted_mean(
+    net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, kernels: torch.Tensor
+) -> torch.Tensor:
+    """Mean logits over every shift of `kernels` of `x` (normalised `[N, 1, H, W]`) and of its
+    mirror image: one convolution makes all the shifted copies, one batch carries them."""
+    # Static sizes only (S, H, W, classes; -1 for N): an export with a dynamic batch would
+    # otherwise read N at run time (aten.sym_size), which the allow-list does not admit.
+    shifts, (h, w) = kernels.shape[0], x.shape[-2:]
+    views = torch.nn.functional.conv2d(x - BLACK, kernels, padding=1) + BLACK  # [N, S, H, W]
+    views = views.reshape(-1, 1, h, w)  # image-major: the S views of image 0, of image 1, ...
+    logits = net(views) + net(views.flip(-1))
+    return logits.reshape(-1, shifts, logits.shape[-1]).mean(1) * 0.5
+
+
+def tta_logits(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tta: str,
+    kernels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The logits `postprocess.tta = tta` computes for a normalised batch; `kernels`: those of
+    `shift_kernels(tta)` where the caller keeps them (the inference model, as a buffer)."""
+    if tta == "none":
+        return net(x)
+    if tta == "hflip":
+        return hflip_mean(net, x)
+    if kernels is None:
+        kernels = shift_kernels(tta).to(x.device)
+    return shifted_mean(net, x, kernels)
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:

@@ -69,6 +69,13 @@ class Stepper:
     amp: torch.dtype | None
     channels_last: bool
     lr: float
+    # The moving average of the weights (train.ema_decay > 0), updated after every step.
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+
+    @property
+    def kept(self) -> nn.Module:
+        """The network that is validated, kept and exported: the average if there is one."""
+        return self.model if self.ema is None else self.ema.module
 
 
 def make_stepper(
@@ -82,6 +89,15 @@ def make_stepper(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), cfg.optimizer, lr)
+    ema = None
+    if tc.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # use_buffers: BatchNorm's running statistics are averaged with the weights, so the
+        # averaged net needs no extra pass over the data to re-estimate them.
+        ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True
+        )
     return Stepper(
         model=model,
         opt=opt,
@@ -91,6 +107,7 @@ def make_stepper(
         amp=autocast_dtype(tc, device),
         channels_last=channels_last,
         lr=lr,
+        ema=ema,
     )
 
 
@@ -128,6 +145,8 @@ def train_step(
     st.opt.step()
     if st.sched is not None:
         st.sched.step()
+    if st.ema is not None:
+        st.ema.update_parameters(st.model)
     if on_phase is not None:
         on_phase("optim")
     return loss, logits
@@ -206,7 +225,7 @@ def epoch_metrics(
 ) -> EpochMetrics:
     """Train metrics of the epoch's batches and validation metrics of the model now."""
     val_loss, val_accuracy = logit_metrics(
-        evaluate_logits(st.model, xv, channels_last=st.channels_last, amp=st.amp), yv
+        evaluate_logits(st.kept, xv, channels_last=st.channels_last, amp=st.amp), yv
     )
     return EpochMetrics(
         step=epoch,
@@ -278,7 +297,7 @@ def fit(
         if metrics.val_accuracy > result.best_val_accuracy:
             result.best_val_accuracy = metrics.val_accuracy
             result.best_epoch = epoch
-            best_state = copy.deepcopy(st.model.state_dict())
+            best_state = copy.deepcopy(st.kept.state_dict())
             bad_epochs = 0
         else:
             bad_epochs += 1
