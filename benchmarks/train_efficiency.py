@@ -226,18 +226,24 @@ def no_mkldnn() -> Iterator[None]:
         yield
 
 
-LEVERS: dict[str, tuple[tuple[str, ...], object]] = {
-    # name: (config overrides, context manager factory)
-    "default": ((), contextlib.nullcontext),
+@dataclass(frozen=True)
+class Lever:
+    overrides: tuple[str, ...] = ()
+    context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    # torch.compile (Inductor: generated C++ around oneDNN's convolutions) of the model; its
+    # compile time is the first (warm-up) step, printed apart from the median step.
+    compiled: bool = False
+
+
+LEVERS: dict[str, Lever] = {
+    "default": Lever(),
     # The default CNN before issue 14: two conv-BN-ReLU-pool blocks (BN/ReLU at full size).
-    "old default cnn": (
-        ("model.channels=[32,64]", "model.pool_before_bn=false"),
-        contextlib.nullcontext,
-    ),
-    "pool_before_bn=false": (("model.pool_before_bn=false",), contextlib.nullcontext),
-    "channels_last=false": (("train.channels_last=false",), contextlib.nullcontext),
-    "deterministic=false": (("train.deterministic=false",), contextlib.nullcontext),
-    "mkldnn off": ((), no_mkldnn),
+    "old default cnn": Lever(("model.channels=[32,64]", "model.pool_before_bn=false")),
+    "pool_before_bn=false": Lever(("model.pool_before_bn=false",)),
+    "channels_last=false": Lever(("train.channels_last=false",)),
+    "deterministic=false": Lever(("train.deterministic=false",)),
+    "mkldnn off": Lever(context=no_mkldnn),
+    "torch.compile": Lever(compiled=True),
 }
 
 
@@ -245,11 +251,17 @@ def measure_levers(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, steps
     """Each lever's median step, in interleaved rounds so that outside load hits all alike."""
     times: dict[str, list[float]] = {name: [] for name in LEVERS}
     flops: dict[str, int] = {}
+    compile_s: list[float] = []
     for _ in range(args.rounds):
-        for name, (overrides, ctx) in LEVERS.items():
-            with ctx():  # type: ignore[operator]
-                step = Step(make_config(args, *overrides), x, y, steps)
+        for name, lever in LEVERS.items():
+            with lever.context():
+                step = Step(make_config(args, *lever.overrides), x, y, steps)
                 flops.setdefault(name, sum(step.flops()))
+                if lever.compiled:
+                    step.st.model = torch.compile(step.st.model)  # type: ignore[assignment]
+                    start = time.perf_counter()
+                    step.run(0)  # the warm-up steps: tracing and C++ compilation
+                    compile_s.append(time.perf_counter() - start)
                 times[name] += step.run(steps).step
     training.seed_everything(0, deterministic=True)  # back to the pipeline's kernels
     base = statistics.median(times["default"])
@@ -260,6 +272,8 @@ def measure_levers(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, steps
             f"  {name:<22} {1000 * med:7.1f} ms/step  {flops[name] / med / 1e9:6.1f} GFLOP/s  "
             f"{base / med:5.2f}x default"
         )
+    if compile_s:
+        print(f"  (torch.compile: first steps {', '.join(f'{c:.1f}' for c in compile_s)} s)")
 
 
 # --------------------------------------------------------------------------- contention
