@@ -67,7 +67,7 @@ EXPORT_OPS = frozenset(
     for name in (  # noqa: SIM905 - a word list: one name per line would double this module
         "_assert_tensor_metadata.default abs.default adaptive_avg_pool2d.default add.Tensor "
         "amax.default clamp.default conv2d.default div.Tensor flatten.using_ints flip.default "
-        "gelu.default linear.default max_pool2d.default mul.Tensor relu.default "
+        "gelu.default linear.default max_pool2d.default mean.dim mul.Tensor relu.default "
         "reshape.default round.default silu.default sub.Tensor to.dtype unsqueeze.default"
     ).split()
 )
@@ -82,7 +82,7 @@ CORE_OPS = frozenset(
     for name in (  # noqa: SIM905
         "convolution.default addmm.default mm.default bmm.default permute.default view.default "
         "_to_copy.default sigmoid.default tanh.default exp.default log.default sqrt.default "
-        "rsqrt.default neg.default maximum.default minimum.default mean.dim sum.dim_IntList "
+        "rsqrt.default neg.default maximum.default minimum.default sum.dim_IntList "
         "amin.default avg_pool2d.default max_pool2d_with_indices.default "
         "_native_batch_norm_legit_no_training.default cat.default clone.default expand.default "
         "squeeze.dims where.self hardtanh.default leaky_relu.default _softmax.default "
