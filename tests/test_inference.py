@@ -89,6 +89,11 @@ def test_export_is_equivalent_for_every_model(
     with atomic_path(target) as tmp:
         inference.export(module, torch.from_numpy(splits.x_val[:2]), tmp)
     exported = inference.load_inference_model(target)
+    # The loaded program keeps its conv weights channels-last, the layout oneDNN runs fastest
+    # (~2x the contiguous one on CPU): `torch.export` saves strides, the loader must keep them.
+    weights = [p for p in exported.parameters() if p.dim() == 4]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert (len(weights) > 0) == (name not in ("logreg", "mlp"))
     reference = training.evaluate_logits(net.eval(), torch.from_numpy(splits.x_val))
     got = inference.predict_logits(exported, splits.x_val)
     eq = inference.check_equivalence(
@@ -98,14 +103,18 @@ def test_export_is_equivalent_for_every_model(
     # Any batch size and both input layouts work; no training code needed to run it.
     assert exported(torch.from_numpy(splits.x_val[:1])).shape == (1, 10)
     assert inference.predict_logits(exported, splits.x_val[:3, None]).shape == (3, 10)
-    # `postprocess.tta: auto`, measured on every registered model kind: the flip is kept only
-    # where it does not lose validation accuracy, and the reference is what the program computes.
+    # `postprocess.tta: auto`, measured on every registered model kind: the most accurate
+    # candidate on validation (ties: the richer), and the reference is what the program computes.
     choice = training.choose_tta(net, splits.x_val, splits.y_val, "auto")
-    assert list(choice.val_accuracy) == ["none", "hflip"]  # hflip_shift: explicit only
-    assert (choice.tta == "hflip") == (choice.val_accuracy["hflip"] >= choice.val_accuracy["none"])
-    assert torch.equal(
+    accuracy = choice.val_accuracy
+    assert list(accuracy) == ["none", "hflip", "hflip_shift"]
+    richer = list(accuracy)[list(accuracy).index(choice.tta) + 1 :]
+    assert accuracy[choice.tta] == max(accuracy.values())
+    assert all(accuracy[t] < accuracy[choice.tta] for t in richer)
+    assert torch.allclose(
         choice.reference,
         training.evaluate_logits(net, torch.from_numpy(splits.x_val), tta=choice.tta),
+        atol=1e-5,
     )
 
 
@@ -298,7 +307,7 @@ def test_shift_tta_is_the_mean_over_moved_and_mirrored_copies(
     expected = sum(training.evaluate_logits(net, v) for v in views) / 6
     assert torch.allclose(got, expected, atol=1e-4)
     assert not torch.allclose(got, training.evaluate_logits(net, x, tta="hflip"), atol=1e-3)
-    # Chosen explicitly (`auto` never adds 3x the flip's inference time): scored against one pass.
+    # Chosen explicitly: scored against one pass only.
     choice = training.choose_tta(net, splits.x_val, splits.y_val, "hflip_shift")
     assert choice.tta == "hflip_shift" and list(choice.val_accuracy) == ["none", "hflip_shift"]
     assert (choice.reference - got).abs().max() <= 1e-4
@@ -321,10 +330,13 @@ def test_tta_auto_never_lowers_validation_accuracy_of_a_linear_model(
     forced = training.choose_tta(net, splits.x_val, splits.y_val, "hflip")
     assert forced.tta == "hflip"
     assert any("lowers validation accuracy" in r.getMessage() for r in caplog.records)
-    # A model that is mirror-symmetric by construction ties, and a tie keeps the flip.
+    # A model that is mirror-symmetric by construction ties, and a tie keeps the flip (or the
+    # shifts on top of it, where they score at least as well).
     symmetric = _Symmetric(net)
     tie = training.choose_tta(symmetric, splits.x_val, splits.y_val, "auto")
-    assert tie.val_accuracy["hflip"] == tie.val_accuracy["none"] and tie.tta == "hflip"
+    assert tie.val_accuracy["hflip"] == tie.val_accuracy["none"]
+    shifts_win = tie.val_accuracy["hflip_shift"] >= tie.val_accuracy["hflip"]
+    assert tie.tta == ("hflip_shift" if shifts_win else "hflip")
     assert training.choose_tta(symmetric, splits.x_val, splits.y_val, "none").tta == "none"
 
 

@@ -145,9 +145,9 @@ class PostprocessConfig(Schema):
     quantize: Literal["none", "int8"]
     # Test-time augmentation baked into the exported program: `hflip` averages the logits of
     # each image and its mirror image (the same flip the training augmentation uses),
-    # `hflip_shift` also of both moved by a pixel (training.augment.TTA_VIEWS); `auto` keeps
-    # the flip only where it does not lose validation accuracy (a linear model trained without
-    # flips loses 17 points to it), recorded in reports/postprocess.json.
+    # `hflip_shift` also of both moved by a pixel (training.augment.TTA_VIEWS); `auto` takes
+    # the most accurate of the three (and one pass) on validation (a linear model trained
+    # without flips loses 17 points to the flip), recorded in reports/postprocess.json.
     tta: Literal["auto", "none", "hflip", "hflip_shift"]
     atol: Annotated[float, Field(gt=0.0)]
     int8_max_acc_drop: Annotated[float, Field(ge=0.0, le=1.0)]

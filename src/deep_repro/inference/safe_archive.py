@@ -108,8 +108,7 @@ _ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 2, 7: 4, 8: 8, 9: 4, 10: 8, 11: 16
 _SYMPY_NAMES = set(
     (  # noqa: SIM905
         "Symbol Integer Add Mul True False positive integer nonnegative real finite Max Min Mod "
-        "FloorDiv "
-        "CeilDiv CleanDiv PythonMod ModularIndexing Eq Ne Lt Le Gt Ge And Or Not oo"
+        "FloorDiv CeilDiv CleanDiv PythonMod ModularIndexing Eq Ne Lt Le Gt Ge And Or Not oo"
     ).split()
 )
 _SYMPY_TOKEN = re.compile(r"\s+|'[A-Za-z0-9_]*'|\d+|[A-Za-z_][A-Za-z0-9_]*|[-+*/%(),=<>]")

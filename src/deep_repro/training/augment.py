@@ -26,7 +26,8 @@ def normalise(images_u8: torch.Tensor) -> torch.Tensor:
 # Test-time augmentations (`postprocess.tta`), cheapest first. Each is the mean logits over its
 # views; a view is (dy, dx, mirrored): the image moved dy pixels down and dx right (the edge it
 # leaves filled with black, as the training crops pad) and optionally mirrored. The shifts are
-# the translations the training crops taught the net (augment.crop_padding).
+# the translations the training crops taught the net (augment.crop_padding). The code reads
+# only the shifts (`shift_kernels`): every TTA but `none` pairs each shift with its mirror.
 TTA_VIEWS: dict[str, tuple[tuple[int, int, bool], ...]] = {
     "none": ((0, 0, False),),
     "hflip": ((0, 0, False), (0, 0, True)),
