@@ -329,6 +329,32 @@ def test_pyfunc_model_takes_every_dtype_and_shape_without_warnings(
         assert model.predict(value)["predicted"].tolist() == expected, name
 
 
+def test_pyfunc_model_feeds_the_program_64_images_a_call(
+    served: Served, splits: data.Splits
+) -> None:
+    """A large request reaches the program 64 images at a time (so a 6-view TTA program's
+    activations stay under glibc's 32 MB threshold for reusing memory), with the answer of one
+    whole-batch call."""
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(str(served.model_dir))
+    wrapper = model.unwrap_python_model()
+    program, sizes = wrapper.program, []
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(x))
+        return program(x)
+
+    wrapper.program = recording
+    images = splits.x_test[:150]
+    answer = model.predict(images)
+    assert sizes == [64, 64, 22]
+    with torch.no_grad():
+        whole = torch.softmax(program(torch.from_numpy(images)), dim=1).numpy()
+    np.testing.assert_allclose(answer.iloc[:, 2:].to_numpy(), whole, rtol=0, atol=1e-6)
+    assert answer["predicted"].tolist() == whole.argmax(1).tolist()
+
+
 # --------------------------------------------------------------------------- limits, errors
 def _one_line_error(body: bytes) -> dict[str, Any]:
     text = body.decode()

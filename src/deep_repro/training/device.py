@@ -6,9 +6,11 @@ on one machine produce byte-identical checkpoints.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -86,6 +88,34 @@ def seed_everything(
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     return torch.get_num_threads()
+
+
+# mallopt(3) parameters, from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BELOW = 1 << 30  # blocks up to 1 GiB come from (and go back to) the heap
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed tensor memory instead of returning it to the kernel.
+
+    A training step allocates and frees the same activations (tens of MB) every step. glibc
+    serves blocks above a threshold that it adapts as it goes (up to 32 MB) with their own
+    `mmap`, unmapped on free, and gives the top of the heap back above another. Depending on
+    how the heap happens to lie, a run can then map and zero ~70 MB of fresh pages every step
+    (measured, 2 epochs of the default CNN: 2.4 M page faults and 75 s in one run, 0.18 M and
+    67 s in another; with fixed thresholds 0.18 M every time). Fixed high thresholds keep the
+    memory in the heap: the process keeps its peak, which every step reaches anyway. Changes
+    no number (only where memory comes from). Process-wide, like the thread count; returns
+    False where the C library is not glibc (then nothing changes).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None)  # the symbols already loaded into this process
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl's mallopt does nothing)
+        return False
+    keep_mapped = libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW)
+    keep_top = libc.mallopt(_M_TRIM_THRESHOLD, 2 * _KEEP_BELOW - 1)
+    return bool(keep_mapped and keep_top)
 
 
 def resolve_device(train: TrainConfig) -> torch.device:

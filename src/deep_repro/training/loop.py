@@ -26,7 +26,12 @@ from deep_repro.config.schema import AugmentConfig, Config
 from deep_repro.errors import TrainingError
 from deep_repro.models.registry import build_model, get_spec
 from deep_repro.training.augment import augment_batch, normalise
-from deep_repro.training.device import autocast_dtype, resolve_device, seed_everything
+from deep_repro.training.device import (
+    autocast_dtype,
+    keep_freed_memory,
+    resolve_device,
+    seed_everything,
+)
 from deep_repro.training.optim import build_optimizer, build_scheduler
 from deep_repro.training.protocol import (
     EpochCallback,
@@ -256,6 +261,7 @@ def fit(
     check_trainable(cfg, len(y_train))
     device = resolve_device(tc)
     seed_everything(cfg.seed, deterministic=tc.deterministic, num_threads=tc.num_threads)
+    keep_freed_memory()  # every step reuses the last step's activation memory (no page faults)
     st = make_stepper(cfg, build_model(cfg.model), device, epochs, len(y_train) // tc.batch_size)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
