@@ -95,6 +95,7 @@ class Step:
 
     def __init__(self, cfg: Config, x: np.ndarray, y: np.ndarray, steps: int) -> None:
         training.seed_everything(cfg.seed, deterministic=cfg.train.deterministic)
+        training.keep_freed_memory()  # as `fit` does
         self.cfg = cfg
         self.st = training.make_stepper(
             cfg, build_model(cfg.model), torch.device("cpu"), 1, steps + WARMUP + 2

@@ -6,7 +6,12 @@ augmentation (`augment`), optimisers and schedules (`optim`), device, seeding an
 """
 
 from deep_repro.training.augment import augment_batch
-from deep_repro.training.device import resolve_device, resolve_num_threads, seed_everything
+from deep_repro.training.device import (
+    keep_freed_memory,
+    resolve_device,
+    resolve_num_threads,
+    seed_everything,
+)
 from deep_repro.training.loop import (
     RunningTotals,
     Stepper,
@@ -44,6 +49,7 @@ __all__ = [
     "epoch_metrics",
     "evaluate_logits",
     "fit",
+    "keep_freed_memory",
     "logit_metrics",
     "make_stepper",
     "resolve_device",
