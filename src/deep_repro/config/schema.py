@@ -146,7 +146,7 @@ class PostprocessConfig(Schema):
     # Test-time augmentation baked into the exported program: `hflip` averages the logits of
     # each image and its mirror image (the same flip the training augmentation uses),
     # `hflip_shift` also of both moved by a pixel (training.augment.TTA_VIEWS); `auto` takes
-    # the most accurate of the three (and one pass) on validation (a linear model trained
+    # the most accurate of none, hflip and hflip_shift on validation (a linear model trained
     # without flips loses 17 points to the flip), recorded in reports/postprocess.json.
     tta: Literal["auto", "none", "hflip", "hflip_shift"]
     atol: Annotated[float, Field(gt=0.0)]

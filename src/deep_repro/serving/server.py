@@ -20,9 +20,10 @@ One fast path (benchmarks/serving.py measured why): a JSON body of `{"inputs": [
 `{"instances": [...]}` is parsed once, here, and the same pyfunc model answers it with MLflow's
 own conversion (`np.array` of the list, as its parser does for a model without an input schema)
 and MLflow's response format. MLflow's path parses the body again, deep-copies the nested list
-(~25 ms for 64 images) and runs FastAPI's middleware stack: 2.5x the model's own time at a
-batch of 64. Anything else, and any request the fast path cannot answer (the model refuses the
-input, a conversion fails), goes to MLflow's app unchanged, so errors read exactly as before.
+(~25 ms for 64 images) and runs FastAPI's middleware stack: at a batch of 64 about as long
+again as the model itself (benchmarks/README.md, `serving.py --breakdown`). Anything else, and
+any request the fast path cannot answer (the model refuses the input, a conversion fails), goes
+to MLflow's app unchanged, so errors read exactly as before.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def keep_freed_memory() -> bool:
     serves blocks above a threshold that it adapts as it goes (up to 32 MB) with their own
     `mmap`, unmapped on free, and gives the top of the heap back above another. Depending on
     how the heap happens to lie, a run can then map and zero ~70 MB of fresh pages every step
-    (measured, 2 epochs of the default CNN: 2.4 M page faults and 75 s in one run, 0.18 M and
+    (measured, 2 epochs of the default CNN: 2.4 M page faults and 75 s in one run, 0.27 M and
     67 s in another; with fixed thresholds 0.18 M every time). Fixed high thresholds keep the
     memory in the heap: the process keeps its peak, which every step reaches anyway. Changes
     no number (only where memory comes from). Process-wide, like the thread count; returns
