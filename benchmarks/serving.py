@@ -2,10 +2,12 @@
 
 `deep-repro serve` (the documented way to serve: MLflow's scoring app behind request limits)
 runs the champion pinned to its own core(s); concurrent HTTP clients on 127.0.0.1, pinned to
-other cores with `taskset` so they never steal the server's, send `{"inputs": [...]}` bodies of
-uint8 pixel values for `--seconds` each. Next to it, "direct": the same MLflow pyfunc model
-(`mlflow.pyfunc.load_model` of the same `models:/...@champion`) called in-process on the same
-images as a NumPy array, on the server's core(s) with the same thread count. For each batch size
+other cores with `taskset` so they never steal the server's, send bodies of uint8 pixel values
+for `--seconds` each, in each `--bodies` form: `json` (`{"inputs": [...]}`) and `npy`
+(`application/x-npy`, `np.save` of the uint8 images: `deep-repro serve`'s compact form). Next to
+it, "direct": the same MLflow pyfunc model (`mlflow.pyfunc.load_model` of the same
+`models:/...@champion`) called in-process on the same images as a NumPy array, on the server's
+core(s) with the same thread count. For each server, body form and batch size
 it prints throughput (images/s), p50/p99 latency and
 
     throughput ratio served/direct = X      (targets: >= 0.5 at batch 1, >= 0.85 at batch 64)
@@ -20,6 +22,7 @@ comparison; `--breakdown` times each piece of a request in-process (MLflow's req
 the fast path of `deep-repro serve`). Rounds interleave direct and served runs.
 
     .venv/bin/python benchmarks/serving.py                    # batch 1 and 64, 10 s each
+    .venv/bin/python benchmarks/serving.py --bodies npy       # the compact form only
     .venv/bin/python benchmarks/serving.py --plain --breakdown
 """
 
@@ -41,6 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TARGETS = {1: 0.5, 64: 0.85}
+TYPES = {"json": "application/json", "npy": "application/x-npy"}
 
 
 def free_port() -> int:
@@ -49,14 +53,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def client(port: int, body_file: str, seconds: float, warmup: float) -> None:
+def client(port: int, body_file: str, seconds: float, warmup: float, kind: str) -> None:
     """One client (its own process): POST the body back to back on one keep-alive connection;
     print the latencies (s) of the requests that started after the warm-up, as JSON."""
     import http.client
 
     body = Path(body_file).read_bytes()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": TYPES[kind]}
     start = time.perf_counter()
     latencies: list[float] = []
     total = 0
@@ -76,7 +80,9 @@ def served(
     port: int, body: Path, clients: int, cores: str, seconds: float, warmup: float
 ) -> tuple[list[float], int]:
     """Latencies after the warm-up, and all requests answered (the CPU time covers them)."""
-    cmd = [sys.executable, __file__, "--client", str(port), str(body), str(seconds), str(warmup)]
+    kind = body.suffix.lstrip(".")
+    cmd = [sys.executable, __file__, "--client", str(port), str(body), str(seconds), str(warmup),
+           kind]  # fmt: skip
     procs = [
         subprocess.Popen(["taskset", "-c", cores, *cmd], stdout=subprocess.PIPE, text=True)
         for _ in range(clients)
@@ -160,11 +166,12 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="also time `mlflow models serve`")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per row")
     parser.add_argument("--breakdown", action="store_true", help="time each piece in-process")
-    parser.add_argument("--client", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--bodies", nargs="+", choices=list(TYPES), default=list(TYPES))
+    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        port, body, seconds, warmup = args.client
-        client(int(port), body, float(seconds), float(warmup))
+        port, body, seconds, warmup, kind = args.client
+        client(int(port), body, float(seconds), float(warmup), kind)
         return
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -188,10 +195,11 @@ def main() -> None:
             "OMP_NUM_THREADS": threads,
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # mlflow runs `uvicorn`
         }
-        bodies = {}
+        bodies: dict[tuple[str, int], Path] = {}
         for batch in args.batches:
-            bodies[batch] = root / f"body-{batch}.json"
-            bodies[batch].write_text(json.dumps({"inputs": x[:batch].tolist()}))
+            for kind in args.bodies:
+                bodies[kind, batch] = root / f"body-{batch}.{kind}"
+                bodies[kind, batch].write_bytes(_body(kind, x[:batch]))
         print(
             f"server/direct on cores {args.server_cores} ({threads} thread(s)), "
             f"{args.clients} clients on cores {args.client_cores}, {args.seconds:g} s per row"
@@ -242,12 +250,14 @@ def main() -> None:
                     add(("direct (in-process)", batch), measured, time.process_time() - before)
                     os.sched_setaffinity(0, own)
                     for proc, (name, port) in zip(procs, ports.items(), strict=True):
-                        times = _cpu(psutil.Process(proc.pid))
-                        measured = served(
-                            port, bodies[batch], args.clients, args.client_cores, span,
-                            args.warmup,
-                        )  # fmt: skip
-                        add((name, batch), measured, _cpu(psutil.Process(proc.pid)) - times)
+                        for kind in args.bodies:
+                            times = _cpu(psutil.Process(proc.pid))
+                            measured = served(
+                                port, bodies[kind, batch], args.clients, args.client_cores,
+                                span, args.warmup,
+                            )  # fmt: skip
+                            spent = _cpu(psutil.Process(proc.pid)) - times
+                            add((f"{name} ({kind})", batch), measured, spent)
             if args.breakdown:
                 breakdown(model, x, args.batches, _cores(args.server_cores), int(threads))
         finally:
@@ -259,7 +269,7 @@ def main() -> None:
             seconds, images_done = cpu[name, batch]
             cost[name, batch] = seconds * 1000 / images_done
             rates[name, batch] = row(name, batch, values, args.seconds, clients, cost[name, batch])
-        for name in servers:
+        for name in [f"{s} ({kind})" for s in servers for kind in args.bodies]:
             for batch in args.batches:
                 ratio = rates[name, batch] / rates["direct (in-process)", batch]
                 target = TARGETS.get(batch)
@@ -286,35 +296,53 @@ def breakdown(model: object, x: object, batches: list[int], cores: set[int], thr
 
     print("in-process breakdown (ms per request):")
     for batch in batches:
-        body = json.dumps({"inputs": x[:batch].tolist()}).encode()  # type: ignore[index]
-        for name, seconds in _pieces(model, schema, guard, body, max(5, 400 // batch)).items():
-            print(f"  batch {batch:>3}  {name:<28} {seconds:8.2f}")
+        images = x[:batch]  # type: ignore[index]
+        pieces = _pieces(model, schema, guard, images, max(5, 400 // batch))
+        for name, seconds in pieces.items():
+            print(f"  batch {batch:>3}  {name:<32} {seconds:8.2f}")
 
 
-def _pieces(model: Any, schema: Any, guard: Any, body: bytes, n: int) -> dict[str, float]:
+def _body(kind: str, images: Any) -> bytes:
+    """A request body of uint8 images in one of the `TYPES` forms."""
+    if kind == "json":
+        return json.dumps({"inputs": images.tolist()}).encode()
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()  # the compact form: uint8 images as np.save writes them
+    np.save(buffer, images, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _pieces(model: Any, schema: Any, guard: Any, images: Any, n: int) -> dict[str, float]:
     import io
 
     import numpy as np
     from mlflow.pyfunc import scoring_server as mlflow_path
 
-    from deep_repro.serving import server
+    from deep_repro.serving import wire
 
-    values = server._parse(body, "application/json")[1]["inputs"]
+    body, npy = _body("json", images), _body("npy", images)
+    values = wire.parse(body, "application/json")[1]["inputs"]
     array = np.array(values)
     raw = model.predict(array)
     pieces = {
         "json.loads (stdlib)": lambda: json.loads(body),
-        "parse (serve: orjson)": lambda: server._parse(body, "application/json"),
+        "parse (serve: orjson)": lambda: wire.parse(body, "application/json"),
         "MLflow _parse_json_data": lambda: mlflow_path._parse_json_data(
             body, model.metadata, schema
         ),
         "np.array(list)": lambda: np.array(values),
         "model.predict": lambda: model.predict(array),
         "MLflow predictions_to_json": lambda: mlflow_path.predictions_to_json(raw, io.StringIO()),
+        "serve: encode (wire.records_json)": lambda: wire.records_json(raw),
         "serve: predict + encode": lambda: guard._predict(values),
         "MLflow invocations (all)": lambda: mlflow_path.invocations(
             body, "application/json", model, schema
         ),
+        "npy: serve reads (wire)": lambda: wire.npy_images(npy),
+        "npy: serve predict + encode": lambda: guard._predict(wire.npy_images(npy)),
     }
     out = {}
     for name, f in pieces.items():

@@ -4,6 +4,7 @@ processes on 127.0.0.1, talked to over HTTP; one model and one server per test s
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import logging
 import os
@@ -203,6 +204,16 @@ def _payloads(images: np.ndarray) -> dict[str, Any]:
     }
 
 
+NPY, PARQUET = "application/x-npy", "application/vnd.apache.parquet"
+
+
+def _npy(array: np.ndarray, **kwargs: Any) -> bytes:
+    """The compact form: the images as `np.save` writes them (what the docs show)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
 # --------------------------------------------------------------------------- payloads
 def test_serve_answers_every_documented_payload(
     served: Served, port: int, splits: data.Splits
@@ -213,6 +224,9 @@ def test_serve_answers_every_documented_payload(
         status, body = post(port, payload)
         assert status == 200, (name, body[:300])
         assert _predicted(body) == expected, name
+    for shape in ((3, 28, 28), (3, 1, 28, 28), (3, 784)):
+        status, answer = post(port, _npy(images.reshape(shape)), NPY)
+        assert status == 200 and _predicted(answer) == expected, (shape, answer[:300])
     assert _get(port, "/health")[0] == 200
     status, version = _get(port, "/version")
     import mlflow
@@ -233,6 +247,11 @@ def test_serve_answers_like_mlflow_models_serve(
         ours, theirs = post(port, payload), post(mlflow_port, payload)
         assert ours[0] == theirs[0] == 200, (name, theirs[1][:300])
         assert ours[1] == theirs[1], name  # byte for byte, fast path or not
+    # The compact form (ours only) answers what MLflow answers to the same images as JSON.
+    images = splits.x_test[:20]  # past INLINE_BATCH: the thread path
+    ours, theirs = post(port, _npy(images), NPY), post(mlflow_port, {"inputs": images.tolist()})
+    assert ours[0] == theirs[0] == 200, theirs[1][:300]
+    assert ours[1] == theirs[1]
 
 
 def test_tensor_requests_take_the_fast_path_and_the_rest_go_to_mlflows_app(
@@ -255,8 +274,8 @@ def test_tensor_requests_take_the_fast_path_and_the_rest_go_to_mlflows_app(
 
     guard = server.Guard(app, 1 << 24, 64, mlflow.pyfunc.load_model(str(served.model_dir)))
 
-    def call(payload: Any) -> tuple[int, bytes]:
-        body = json.dumps(payload).encode()
+    def call(payload: Any, content_type: bytes = b"application/json") -> tuple[int, bytes]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         sent: list[Any] = []
 
         async def receive() -> dict[str, Any]:
@@ -266,7 +285,7 @@ def test_tensor_requests_take_the_fast_path_and_the_rest_go_to_mlflows_app(
             sent.append(message)
 
         scope = {"type": "http", "path": "/invocations", "method": "POST",
-                 "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+                 "headers": [(b"content-type", content_type)]}  # fmt: skip
         asyncio.run(guard(scope, receive, send))
         return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
@@ -280,6 +299,19 @@ def test_tensor_requests_take_the_fast_path_and_the_rest_go_to_mlflows_app(
             assert len(reached) == 0, name
     status, _ = call({"inputs": [[300] * 784]})  # refused by the model: the app says why
     assert len(reached) == 2 and status == 400
+    # .npy is the fast path's alone, refusals included (MLflow's app has no such type);
+    # Parquet never reaches the app; JSON spelt in a way MLflow's app refuses goes to it.
+    status, body = call(_npy(images), NPY.encode())
+    assert status == 200 and _predicted(body) == _expected(served, images)
+    status, body = call(_npy(images[:0]), NPY.encode())  # the model's refusal, ours to say
+    assert status == 400 and _one_line_error(body)["message"].startswith("expected images")
+    assert call(b"PAR1", PARQUET.encode())[0] == 415
+    assert len(reached) == 2
+    for spelling in (b"Application/json", b"application/json;", b"application/json; x=1"):
+        assert call({"inputs": images.tolist()}, spelling)[0] == 400, spelling  # the app's 418
+    assert len(reached) == 5
+    assert call({"inputs": images.tolist()}, b"application/json; charset=UTF-8")[0] == 200
+    assert len(reached) == 5  # a spelling MLflow's app takes: the fast path's
 
     # A few images are predicted on the event loop; more go to a thread, however they are
     # nested (16 images as one flat row of 16 x 784 values count as 16).
@@ -295,7 +327,9 @@ def test_tensor_requests_take_the_fast_path_and_the_rest_go_to_mlflows_app(
     many = splits.x_test[:16].reshape(1, 16 * 784).tolist()
     for payload in ({"inputs": images.tolist()}, {"inputs": many}):
         assert call(payload)[0] == 200
-    assert where == [True, False]
+    for array in (images, splits.x_test[:16]):
+        assert call(_npy(array), NPY.encode())[0] == 200
+    assert where == [True, False, True, False]
 
 
 def test_pyfunc_model_takes_every_dtype_and_shape_without_warnings(
@@ -327,6 +361,9 @@ def test_pyfunc_model_takes_every_dtype_and_shape_without_warnings(
     }
     for name, value in forms.items():
         assert model.predict(value)["predicted"].tolist() == expected, name
+    from deep_repro.serving import wire
+
+    assert wire.records_json(model.predict(images)) is not None  # the fast encoder, not json's
 
 
 def test_pyfunc_model_feeds_the_program_64_images_a_call(
@@ -454,3 +491,194 @@ def test_bad_payloads_are_400_without_echo(port: int) -> None:
     assert "must lie in 0..255" in _one_line_error(answer)["message"]
     status, answer = post(port, b'{"inputs": ' + b"[" * 5_000 + b"]" * 5_000 + b"}")
     assert status == 400 and _one_line_error(answer)["message"] == "the JSON body nests too deeply"
+
+
+def _raw_npy(header: str, pixels: bytes = b"") -> bytes:
+    """A version 1.0 .npy body with this header text (numpy's writer would refuse most)."""
+    text = header.encode("latin-1") + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + pixels
+
+
+def _header(shape: str) -> str:
+    return f"{{'descr': '|u1', 'fortran_order': False, 'shape': ({shape}), }}"
+
+
+class _Planted:
+    """Unpickling this would write a file: the proof that a body was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.write_text, (self.path, "unpickled"))
+
+
+def test_npy_bodies_are_checked_before_the_model_and_refused_without_echo(
+    port: int, tmp_path: Path
+) -> None:
+    """Only the header is parsed (never with pickle), the pixels must be uint8 images and
+    exactly as many bytes as the header promises; each refusal is a one-line 400 or a 413."""
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    planted = tmp_path / "planted"
+    pickled = _npy(np.array([_Planted(planted)] * 784, dtype=object), allow_pickle=True)
+    cases = {
+        "float64": (_npy(images.astype(np.float64)), "expected uint8 pixels"),
+        "object (pickle)": (pickled, "expected uint8 pixels"),
+        "27x29": (_npy(np.zeros((3, 27, 29), np.uint8)), "expected a .npy array shaped"),
+        "Fortran": (_npy(np.asfortranarray(np.zeros((3, 784), np.uint8))), "Fortran order"),
+        "truncated": (_npy(images)[:-1], "holds 2351 bytes of pixels"),
+        "trailing": (_npy(images) + b"S3CRET", "holds 2358 bytes of pixels"),
+        "not npy": (b"S3CRET-MARKER", "the body is not a .npy array"),
+        "none": (_npy(images[:0]), "expected images of 28x28 = 784 pixels"),
+        # Review findings: header text that numpy's parser chokes on was a bare 500; a field
+        # name was echoed; a shape past int64 wrapped around to a few images.
+        "unclosed": (_raw_npy("{'descr': ("), "the body is not a .npy array"),
+        "deep unary": (_raw_npy("{'descr': " + "-" * 5000 + "1}"), "not a .npy array"),
+        "version 9": (b"\x93NUMPY\x09\x09" + _npy(images)[8:], "not a .npy array"),
+        "field name": (_npy(np.zeros(3, [("S3CRET", "u1")])), "got a structured dtype"),
+        "huge hex": (_raw_npy(_header("0x" + "f" * 5000 + ", 784")), "not what its header"),
+        "wraps int64": (_raw_npy(_header(f"{2**60 + 3}, 784"), bytes(3 * 784)), "not what its"),
+        "huge 28x29": (_raw_npy(_header("9" * 100 + ", 28, 29")), "got a shape of that size"),
+    }
+    for name, (body, expected) in cases.items():
+        status, answer = post(port, body, NPY)
+        assert status == 400, (name, answer[:300])
+        message = _one_line_error(answer)["message"]
+        assert expected in message and "S3CRET" not in message, (name, message)
+    assert not planted.exists()
+    status, answer = post(port, _npy(np.zeros((MAX_BATCH + 1, 784), np.uint8)), NPY)
+    assert status == 413
+    assert _one_line_error(answer)["message"].startswith(f"batch of {MAX_BATCH + 1} images")
+
+
+def test_parquet_is_refused_before_anything_decodes_it(port: int) -> None:
+    """Review finding: Parquet went to MLflow's app, which decodes it whole, and no footer
+    bounds that: 100 KB repeated through a dictionary page is a ~1 KB body that unpacks to
+    100 MB. Now every Parquet body is refused with a one-line 415 that names the way to send."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array([bytes(100_000)] * 1_000)}), buffer)
+    bomb = buffer.getvalue()
+    assert len(bomb) < MAX_BODY
+    small = io.BytesIO()
+    pd.DataFrame({"p0": [0]}).to_parquet(small)
+    for body in (bomb, small.getvalue()):
+        status, answer = post(port, body, PARQUET)
+        assert status == 415, answer[:300]
+        assert NPY in _one_line_error(answer)["message"]
+
+
+def test_wide_rows_count_as_the_images_they_hold(port: int) -> None:
+    """Review finding: the batch limit counted DataFrame rows, but the model reshapes every
+    value into 784-pixel images, so one row of 784 x 51 values passed a limit of 50."""
+    wide = MAX_BATCH + 1
+    status, body = post(port, {"dataframe_split": {"data": [[0] * 784 * wide]}})
+    assert status == 413, body[:300]
+    assert _one_line_error(body)["message"].startswith(f"batch of {wide} images")
+    csv = ",".join(["a"] * 784 * wide) + "\n" + ",".join(["0"] * 784 * wide) + "\n"
+    status, body = post(port, csv.encode(), "text/csv")
+    assert status == 413 and f"batch of {wide} images" in _one_line_error(body)["message"]
+    # Second review: a blank first line hid the header from the count (pandas skips it); a
+    # list row in dataframe_records had no keys to count; quotes make lines unbounded.
+    csv = "\n" + ",".join(["a"] * 784 * wide) + "\n0\n"
+    status, body = post(port, csv.encode(), "text/csv")
+    assert status == 413 and f"batch of {wide} images" in _one_line_error(body)["message"]
+    status, body = post(port, {"dataframe_records": [[0] * 784 * wide]})
+    assert status == 413 and f"batch of {wide} images" in _one_line_error(body)["message"]
+    status, body = post(port, b'"a\n\n",b\n0,0\n', "text/csv")
+    assert status == 400 and "quotes are refused" in _one_line_error(body)["message"]
+    # pandas broadcasts a scalar (or empty) `data` over index x columns: 2,000 x 2,000 cells
+    # from a 20 KB body (50,000 x 50,000 would be 20 GB). Only a list of rows is taken, and
+    # an empty one counts as the index x columns frame pandas fills.
+    for cells in (0, {"a": [0] * 784}):
+        split = {"data": cells, "index": [0] * 2000, "columns": [0] * 2000}
+        status, body = post(port, {"dataframe_split": split})
+        assert status == 400, (cells, body[:300])
+        assert _one_line_error(body)["message"].startswith("dataframe_split must hold data as")
+    split = {"data": [], "index": [0] * 2000, "columns": [0] * 2000}
+    status, body = post(port, {"dataframe_split": split})
+    assert status == 413 and "batch of 5103 images" in _one_line_error(body)["message"]
+    from deep_repro.serving import wire
+
+    records = {"dataframe_records": [{"a": 0}, {f"k{i}": 0 for i in range(784 * 2)}]}
+    # a frame of 2 rows x the union of the keys (1569): 3138 values, 5 images
+    assert wire.parse(json.dumps(records).encode(), "application/json")[0] == 5
+
+
+def test_unsupported_content_type_names_the_types_serve_takes(port: int) -> None:
+    """Regression: the 415 message named `application/x-parquet`, a type neither MLflow 3's
+    scoring server (it says `application/vnd.apache.parquet`) nor `deep-repro serve` takes."""
+    status, body = post(port, b"\x00", "application/x-parquet")
+    assert status == 415
+    message = _one_line_error(body)["message"]
+    assert "parquet" not in message
+    named = message.removeprefix("Content-Type must be ").removesuffix(" (UTF-8)")
+    assert set(named.replace(" or ", ", ").split(", ")) == {"application/json", "text/csv", NPY}
+    status, body = post(port, _npy(np.zeros((1, 784), np.uint8)), NPY)
+    assert status == 200
+
+
+def test_one_content_type_per_request(port: int) -> None:
+    """Second review: the guard read the last Content-Type, MLflow's app (Starlette) the first,
+    so `Parquet, then JSON` slipped Parquet past the guard's refusal and count."""
+    body = b"PAR1" + bytes(100) + b"PAR1"
+    head = (
+        b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/vnd.apache.parquet\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    answer = _raw_request(port, head, [body])
+    status, _, rest = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert _one_line_error(rest)["message"] == "more than one Content-Type header"
+
+
+def test_answer_text_is_json_dumps_of_mlflows_records() -> None:
+    """`wire.records_json` writes what MLflow's `predictions_to_json` writes, byte for byte, or
+    hands the frame back (None) where json would write a value some other way."""
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    from deep_repro.serving import wire
+
+    rng = np.random.default_rng(0)
+    probs = rng.random((7, 3)).astype(np.float32)
+    frames = {
+        "the model's": pd.DataFrame(
+            {
+                "predicted": np.arange(7, dtype=np.int64),
+                "class_name": ["T-shirt/top", "Ankle boot", 'quote"d', "back\\slash", "é", "☃", ""],
+                "p_a": probs[:, 0],
+                "p_b": probs[:, 1].astype(np.float64),
+                "p_ü": [0.0, -0.0, 1e-300, 1e300, 5e-324, 1.0, 0.1],
+            }
+        ),
+        "uint and int8": pd.DataFrame(
+            {
+                "u": np.array([2**63 + 1] * 2, dtype=np.uint64),
+                "i": np.array([-128, 127], dtype=np.int8),
+            }
+        ),
+        "no rows": pd.DataFrame({"a": np.array([], dtype=np.float32)}),
+        "pandas str, both storages": pd.DataFrame(
+            {"a": pd.array(["x", "é"], dtype="str"), "b": pd.array(["y", "z"], dtype="string")}
+        ),
+    }
+    for name, frame in frames.items():
+        expected = io.StringIO()
+        predictions_to_json(frame, expected)
+        assert wire.records_json(frame) == expected.getvalue(), name
+    for name, frame in {
+        "NaN": pd.DataFrame({"a": [0.5, float("nan")]}),
+        "inf": pd.DataFrame({"a": [float("inf")]}),
+        "bool": pd.DataFrame({"a": [True, False]}),
+        "None in strings": pd.DataFrame({"a": ["x", None]}, dtype=object),
+        "int names": pd.DataFrame({0: [1.0]}),
+        "no columns": pd.DataFrame(index=range(2)),
+        "Int64 (pd.NA possible)": pd.DataFrame({"a": pd.array([1, 2], dtype="Int64")}),
+        "Int64 missing": pd.DataFrame({"a": pd.array([1, None], dtype="Int64")}),
+        "arrow float missing": pd.DataFrame({"a": pd.array([1.5, None], dtype="float64[pyarrow]")}),
+        "str missing": pd.DataFrame({"a": pd.array(["x", None], dtype="str")}),
+    }.items():
+        assert wire.records_json(frame) is None, name

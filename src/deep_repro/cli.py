@@ -373,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a model over HTTP: MLflow's scoring API with request limits",
         description="MLflow's scoring app (the /invocations, /ping, /health, /version of "
-        "`mlflow models serve`) with a body-size and batch limit (413) and error bodies that "
-        "never echo the input or a stack trace.",
+        "`mlflow models serve`) with a body-size and batch limit (413), Parquet refused (415: "
+        "it cannot be bounded before decoding), uint8 images as application/x-npy taken, and "
+        "error bodies that never echo the input or a stack trace.",
     )
     p.add_argument(
         "-m",

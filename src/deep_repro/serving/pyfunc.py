@@ -5,7 +5,8 @@ and pandas — no deep-repro code, and nothing is unpickled).
 Input: pixel values 0..255 of any numeric dtype (uint8, int64, float32, float64, ...), shaped
 `[N, 28, 28]`, `[N, 1, 28, 28]` or `[N, 784]`: an array, or a DataFrame with 784 pixel columns.
 Over HTTP that is `{"inputs": ...}` or `{"instances": ...}` (nested lists), or
-`{"dataframe_split": {"columns": [...784 names], "data": [[...784 values], ...]}}`.
+`{"dataframe_split": {"columns": [...784 names], "data": [[...784 values], ...]}}` (and, through
+`deep-repro serve` only, a `.npy` body of uint8 images: serving/wire.py).
 
 The logged signature declares only the output: MLflow's tensor schema admits exactly one dtype
 and one shape, so any input schema would refuse most of the forms above before `predict` sees
@@ -79,7 +80,9 @@ def to_pixels(values) -> np.ndarray:
         # How many, never which: an error body must not repeat what the client sent.
         outside = int(np.count_nonzero((array < 0) | (array > 255)))
         raise _invalid(f"pixel values must lie in 0..255; {outside} of {array.size} do not")
-    return np.ascontiguousarray(array, dtype=np.uint8).reshape(-1, 28, 28)
+    pixels = np.ascontiguousarray(array, dtype=np.uint8).reshape(-1, 28, 28)
+    # torch warns on a read-only array (a view of a request's bytes is): 50 KB per 64 images
+    return pixels if pixels.flags.writeable else pixels.copy()
 
 
 # --------------------------------------------------------------------------- prediction log

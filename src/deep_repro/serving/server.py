@@ -8,33 +8,38 @@ prevent either. So, in front of the unchanged app:
 
 - a body over `max_body` bytes is refused with 413 from its Content-Length, before any of it is
   read; without one (chunked), reading stops at the limit;
-- a batch of more than `max_batch` images is refused with 413, before MLflow parses the body;
+- a batch of more than `max_batch` images is refused with 413, before MLflow parses the body
+  (images = pixel values / 784, however the values are laid out: a 784 x 60-column row is 60);
+- a Parquet body is refused with 415: how far one unpacks cannot be known before decoding it
+  (dictionary pages repeat a value per row, codecs expand; a 700-byte body decodes to 100 MB,
+  and neither footer sizes nor row counts bind the reader), and MLflow's app decodes it whole;
 - every error body becomes one JSON line `{"error_code": ..., "message": ...}` whose message is
   either the model's own input check (which names the problem, never the values) or a fixed
   sentence: no input, no stack trace, no internals.
 
 The payloads are MLflow's: `/invocations` (`inputs`, `instances`, `dataframe_split`,
-`dataframe_records`, CSV), `/ping`, `/health`, `/version`.
+`dataframe_records`, CSV), `/ping`, `/health`, `/version`; plus `application/x-npy`, uint8
+images as `np.save` writes them (serving/wire.py), the compact form that replaces Parquet.
 
-One fast path (benchmarks/serving.py measured why): a JSON body of `{"inputs": [...]}` or
+Fast paths (benchmarks/serving.py measured why): a JSON body of `{"inputs": [...]}` or
 `{"instances": [...]}` is parsed once, here, and the same pyfunc model answers it with MLflow's
 own conversion (`np.array` of the list, as its parser does for a model without an input schema)
-and MLflow's response format. MLflow's path parses the body again, deep-copies the nested list
-(~25 ms for 64 images) and runs FastAPI's middleware stack: at a batch of 64 about as long
-again as the model itself (benchmarks/README.md, `serving.py --breakdown`). Anything else, and
-any request the fast path cannot answer (the model refuses the input, a conversion fails), goes
-to MLflow's app unchanged, so errors read exactly as before.
+and MLflow's response text (`wire.records_json`). MLflow's path parses the body again,
+deep-copies the nested list (~25 ms for 64 images) and runs FastAPI's middleware stack: at a
+batch of 64 about as long again as the model itself (benchmarks/README.md, `serving.py
+--breakdown`). Anything else, and any request the fast path cannot answer (the model refuses the
+input, a conversion fails), goes to MLflow's app unchanged, so errors read exactly as before.
+A `.npy` body is all fast path: its pixels are a view of the body, answered the same way.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import orjson
+from deep_repro.serving import wire
 
 log = logging.getLogger("deep_repro")
 
@@ -46,70 +51,16 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024  # ~5,000 images as JSON integers
 DEFAULT_MAX_BATCH = 1024  # images per request: bounds the model's memory and one call's time
-PIXELS = 784
 # The model's own refusals (serving.to_pixels): they describe the input, never repeat it.
 MODEL_MESSAGES = ("pixel values must", "expected images of 28x28")
 MLFLOW_KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")
+PARQUET = "application/vnd.apache.parquet"  # MLflow 3's name for it (mlflow.pyfunc.scoring_server)
+TYPES = ("application/json", "text/csv", wire.NPY)  # what `deep-repro serve` takes
 INLINE_BATCH = 8  # images up to which the fast path predicts on the event loop
 
 
 def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
     return status, json.dumps({"error_code": code, "message": message}).encode() + b"\n"
-
-
-class TooDeep(ValueError):
-    """A JSON body nested deeper than Python's parser goes."""
-
-
-def _batch_size(body: bytes, content_type: str) -> int | None:
-    """Images in a request, from its structure (None: unknown, MLflow will judge the body)."""
-    return _parse(body, content_type)[0]
-
-
-def _parse(body: bytes, content_type: str) -> tuple[int | None, Any]:
-    """(images in the request or None, the parsed JSON payload or None)."""
-    mime = content_type.split(";")[0].strip().lower()
-    if mime == "text/csv":
-        # splitlines: pandas takes \r, \r\n and \n as row ends alike, so must the count
-        return max(len(body.splitlines()) - 1, 0), None  # one header line
-    if mime != "application/json":
-        return None, None  # parquet: the body limit alone bounds it
-    try:
-        # orjson: a quarter of the stdlib's time for 64 images of integers (benchmarks/
-        # serving.py); what it refuses (NaN literals, deep nesting, huge integers) the stdlib
-        # judges, as MLflow's app will.
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    else:
-        return _count(payload), payload
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None, None
-    except RecursionError:  # [[[[...]]]]: would escape MLflow's handler as a bare 500
-        raise TooDeep from None
-    return _count(payload), payload
-
-
-def _count(payload: Any) -> int | None:
-    if not isinstance(payload, dict):
-        return None
-    if isinstance(payload.get("dataframe_split"), dict):
-        rows = payload["dataframe_split"].get("data")
-        return len(rows) if isinstance(rows, list) else None
-    if isinstance(payload.get("dataframe_records"), list):
-        return len(payload["dataframe_records"])
-    value = payload.get("inputs", payload.get("instances"))
-    # The shape from the first element at each depth: [N,28,28], [N,1,28,28], [N,784] or a flat
-    # list of N*784 values all come out as N (a ragged array is MLflow's to refuse).
-    total = 1
-    while isinstance(value, list):
-        total *= len(value)
-        if not value:
-            break
-        value = value[0]
-    return math.ceil(total / PIXELS) if total else None
 
 
 def clean_error(status: int, body: bytes) -> tuple[int, bytes]:
@@ -132,7 +83,7 @@ def clean_error(status: int, body: bytes) -> tuple[int, bytes]:
         return _error(
             415,
             "UNSUPPORTED_MEDIA_TYPE",
-            "Content-Type must be application/json, text/csv or application/x-parquet (UTF-8)",
+            f"Content-Type must be {', '.join(TYPES[:-1])} or {TYPES[-1]} (UTF-8)",
         )
     if status == 504:
         return _error(504, "TIMEOUT", "the request took longer than the server's time limit")
@@ -174,6 +125,12 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if sum(k.lower() == b"content-type" for k, _ in scope["headers"]) > 1:
+            # this dict keeps the last, Starlette (MLflow's app) reads the first: one only
+            await self._refuse(
+                raw_send, *_error(400, "BAD_REQUEST", "more than one Content-Type header")
+            )
+            return
         length = headers.get("content-length", "")
         if length and (not length.isdigit() or int(length) > self.max_body):
             await self._refuse(raw_send, *self._too_large())
@@ -189,13 +146,34 @@ class Guard:
                 return
             if not message.get("more_body", False):
                 break
-        content_type = headers.get("content-type", "")
+        content_type, data = headers.get("content-type", ""), bytes(body)
+        mime = content_type.split(";")[0].strip().lower()
+        if mime == PARQUET:
+            await self._refuse(
+                raw_send,
+                *_error(
+                    415,
+                    "UNSUPPORTED_MEDIA_TYPE",
+                    "Parquet bodies are refused: how far one unpacks is unknown until it is "
+                    f"decoded; send {wire.NPY} (np.save of uint8 images) or JSON",
+                ),
+            )
+            return
+        tensor: Any = None
+        images: int | None
         try:
-            images, payload = _parse(bytes(body), content_type)
-        except TooDeep:
+            if mime == wire.NPY:
+                tensor = wire.npy_images(data)
+                images, payload = len(tensor), None
+            else:
+                images, payload = wire.parse(data, content_type)
+        except wire.TooDeep:
             await self._refuse(
                 raw_send, *_error(400, "BAD_REQUEST", "the JSON body nests too deeply")
             )
+            return
+        except wire.BadBody as exc:
+            await self._refuse(raw_send, *_error(400, "BAD_REQUEST", str(exc)))
             return
         if images is not None and images > self.max_batch:
             await self._refuse(
@@ -208,8 +186,16 @@ class Guard:
                 ),
             )
             return
-        tensor = _tensor_payload(payload, content_type) if self.model is not None else None
-        if tensor is not None and await self._answer(tensor, images, raw_send):
+        if tensor is not None:  # no MLflow form to fall back on: the model's word is final
+            if self.model is None:
+                refusal = f"{wire.NPY} needs a model without an input schema; send JSON"
+                await self._refuse(raw_send, *_error(415, "UNSUPPORTED_MEDIA_TYPE", refusal))
+            elif (error := await self._answer(tensor, images, raw_send)) is not None:
+                await self._refuse(raw_send, *_model_error(error))
+            return
+        if self.model is not None and _plain(content_type):
+            tensor = _tensor_payload(payload)
+        if tensor is not None and await self._answer(tensor, images, raw_send) is None:
             return
         replayed = False
 
@@ -218,13 +204,13 @@ class Guard:
             if replayed:  # MLflow's app asks only once; anything more waits for a disconnect
                 return await receive()
             replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return {"type": "http.request", "body": data, "more_body": False}
 
         await self.app(scope, replay, send)
 
-    async def _answer(self, values: list[Any], images: int | None, send: Send) -> bool:
-        """Answer a tensor request with the model, as MLflow's app would; False: let the app
-        answer it (the model refused the input, or the conversion failed)."""
+    async def _answer(self, values: Any, images: int | None, send: Send) -> Exception | None:
+        """Answer a tensor request with the model, as MLflow's app would; or return why not
+        (the model refused the input, or the conversion failed), for the app to answer."""
         import asyncio
 
         from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
@@ -241,9 +227,9 @@ class Guard:
                 )
         except TimeoutError:
             await self._refuse(send, *clean_error(504, b""))
-            return True
-        except Exception:  # MLflow's app answers it, with its own error
-            return False
+            return None
+        except Exception as exc:  # MLflow's app answers it, with its own error
+            return exc
         await send(
             {
                 "type": "http.response.start",
@@ -255,18 +241,21 @@ class Guard:
             }
         )
         await send({"type": "http.response.body", "body": body})
-        return True
+        return None
 
-    def _predict(self, values: list[Any]) -> bytes:
+    def _predict(self, values: Any) -> bytes:
         import numpy as np
         import pandas as pd
         from mlflow.utils.proto_json_utils import NumpyEncoder, _get_jsonable_obj
 
-        data = np.array(values)  # MLflow's parse_tf_serving_input, no input schema
+        # a list: MLflow's parse_tf_serving_input, no input schema; an array: a .npy body's
+        data = values if isinstance(values, np.ndarray) else np.array(values)
         if data.dtype == object:
             raise ValueError("ragged input: MLflow's app refuses it")
         assert self.model is not None
         raw = self.model.predict(data, params=None)
+        if isinstance(raw, pd.DataFrame) and (text := wire.records_json(raw)) is not None:
+            return text.encode()
         # MLflow's predictions_to_json (`DataFrame.to_dict("records")`, then json.dump), the
         # same text, built column-wise (`tolist` gives the same Python values) and through
         # json.dumps, whose C encoder json.dump to a stream does not use.
@@ -305,12 +294,30 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-def _tensor_payload(payload: Any, content_type: str) -> list[Any] | None:
-    """The list of a `{"inputs": [...]}` / `{"instances": [...]}` JSON body (UTF-8, no other
-    keys, not a list of records), else None: MLflow's app handles the rest."""
-    parts = [p.strip().lower() for p in content_type.split(";")]
-    if parts[0] != "application/json" or any(p not in ("charset=utf-8", "") for p in parts[1:]):
-        return None
+def _model_error(error: Exception) -> tuple[int, bytes]:
+    """What MLflow's app would say to the model's refusal (MlflowException), cleaned; anything
+    else is a fault of the server's."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return clean_error(400, json.dumps({"message": error.message}).encode())
+    log.error("the fast path failed", exc_info=error)
+    return clean_error(500, b"")
+
+
+def _plain(content_type: str) -> bool:
+    """`application/json`, with no parameter but `charset=utf-8`, spelt as MLflow's app reads
+    it (case-sensitive type and name; anything else is that app's to judge)."""
+    mime, *params = [p.strip() for p in content_type.split(";")]
+    return mime == "application/json" and all(
+        name == "charset" and value.lower() == "utf-8"
+        for name, _, value in (p.partition("=") for p in params)
+    )
+
+
+def _tensor_payload(payload: Any) -> list[Any] | None:
+    """The list of a `{"inputs": [...]}` / `{"instances": [...]}` JSON body (no other keys, not
+    a list of records), else None: MLflow's app handles the rest."""
     if not isinstance(payload, dict) or len(payload) != 1:
         return None
     key, value = next(iter(payload.items()))
