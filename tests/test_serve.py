@@ -570,41 +570,59 @@ def test_parquet_is_refused_before_anything_decodes_it(port: int) -> None:
         assert NPY in _one_line_error(answer)["message"]
 
 
-def test_wide_rows_count_as_the_images_they_hold(port: int) -> None:
-    """Review finding: the batch limit counted DataFrame rows, but the model reshapes every
-    value into 784-pixel images, so one row of 784 x 51 values passed a limit of 50."""
+def test_batch_limit_counts_what_mlflow_would_build_and_refuses_what_it_cannot_bound(
+    port: int,
+) -> None:
+    """Review findings: the limit counted DataFrame rows and first elements, but MLflow's app
+    builds frames and arrays that can be far larger than that: a row of 784 x 51 values (51
+    images past a limit of 50), a blank CSV line before the header, a scalar `data` broadcast
+    over index x columns, a multi-level index repeating one row, strings padded to the longest,
+    a header-only CSV of 100,000 columns (8 s in pandas). Each is now counted or refused."""
     wide = MAX_BATCH + 1
-    status, body = post(port, {"dataframe_split": {"data": [[0] * 784 * wide]}})
-    assert status == 413, body[:300]
-    assert _one_line_error(body)["message"].startswith(f"batch of {wide} images")
-    csv = ",".join(["a"] * 784 * wide) + "\n" + ",".join(["0"] * 784 * wide) + "\n"
-    status, body = post(port, csv.encode(), "text/csv")
-    assert status == 413 and f"batch of {wide} images" in _one_line_error(body)["message"]
-    # Second review: a blank first line hid the header from the count (pandas skips it); a
-    # list row in dataframe_records had no keys to count; quotes make lines unbounded.
-    csv = "\n" + ",".join(["a"] * 784 * wide) + "\n0\n"
-    status, body = post(port, csv.encode(), "text/csv")
-    assert status == 413 and f"batch of {wide} images" in _one_line_error(body)["message"]
-    status, body = post(port, {"dataframe_records": [[0] * 784 * wide]})
-    assert status == 413 and f"batch of {wide} images" in _one_line_error(body)["message"]
-    status, body = post(port, b'"a\n\n",b\n0,0\n', "text/csv")
-    assert status == 400 and "quotes are refused" in _one_line_error(body)["message"]
-    # pandas broadcasts a scalar (or empty) `data` over index x columns: 2,000 x 2,000 cells
-    # from a 20 KB body (50,000 x 50,000 would be 20 GB). Only a list of rows is taken, and
-    # an empty one counts as the index x columns frame pandas fills.
-    for cells in (0, {"a": [0] * 784}):
-        split = {"data": cells, "index": [0] * 2000, "columns": [0] * 2000}
-        status, body = post(port, {"dataframe_split": split})
-        assert status == 400, (cells, body[:300])
-        assert _one_line_error(body)["message"].startswith("dataframe_split must hold data as")
-    split = {"data": [], "index": [0] * 2000, "columns": [0] * 2000}
-    status, body = post(port, {"dataframe_split": split})
-    assert status == 413 and "batch of 5103 images" in _one_line_error(body)["message"]
-    from deep_repro.serving import wire
 
-    records = {"dataframe_records": [{"a": 0}, {f"k{i}": 0 for i in range(784 * 2)}]}
-    # a frame of 2 rows x the union of the keys (1569): 3138 values, 5 images
-    assert wire.parse(json.dumps(records).encode(), "application/json")[0] == 5
+    def refused(payload: Any, content_type: str = "application/json") -> str:
+        status, body = post(port, payload, content_type)
+        assert status in (400, 413), body[:300]
+        return str(_one_line_error(body)["message"])
+
+    row = [0] * 784
+    # counted: rows of one image each, and empty lists (each costs MLflow a list to copy)
+    assert refused({"dataframe_split": {"data": [row] * wide}}).startswith(f"batch of {wide}")
+    assert refused({"dataframe_records": [row] * wide}).startswith(f"batch of {wide}")
+    assert refused({"inputs": [[]] * 784 * wide}).startswith(f"batch of {wide}")
+    # refused: wider than one image per row, however it is spelt
+    too_wide = "a DataFrame row holds at most one image: 784 columns"
+    assert refused({"dataframe_split": {"data": [row * wide]}}) == too_wide
+    assert refused({"dataframe_records": [row * 2]}) == too_wide
+    assert refused({"dataframe_records": [{f"k{i}": 0 for i in range(785)}]}) == too_wide
+    for csv in (
+        ",".join(["a"] * 785) + "\n" + ",".join(["0"] * 785) + "\n",
+        "\n" + ",".join(["a"] * 785) + "\n0\n",  # pandas skips the blank line
+        "," * 99_999,  # a header alone: pandas still builds 100,000 columns
+    ):
+        assert refused(csv.encode(), "text/csv") == too_wide
+    assert "quotes are refused" in refused(b'"a\n\n",b\n0,0\n', "text/csv")
+    # refused: frames whose size the body does not bound
+    for split in (
+        {"data": 0, "index": [0] * 2000, "columns": [0] * 700},  # broadcast scalar
+        {"data": {"a": row}},  # columns as a dict
+        {"data": [], "index": [0] * 2000},  # an empty frame over 2,000 labels
+        {"data": [row], "index": [[0] * 5000, [0] * 5000]},  # one row over 5,000 labels
+    ):
+        message = refused({"dataframe_split": split})
+        assert message.startswith("dataframe_split must hold data as"), (split, message)
+    # refused: tensors that are not lists of numbers
+    assert refused({"inputs": [""] * 20 + ["x" * 2000]}).endswith("strings are refused")
+    for payload in ({"inputs": {"a": row}}, {"instances": [{"a": 0}]}):
+        assert refused(payload).startswith("inputs and instances must hold pixel values")
+
+
+def test_a_request_without_content_type_is_415(port: int) -> None:
+    """Review finding: MLflow's app failed on a missing Content-Type (500, a traceback logged)."""
+    head = b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n"
+    status, _, body = _raw_request(port, head, [b"{}"]).partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 415"), status
+    assert _one_line_error(body)["error_code"] == "UNSUPPORTED_MEDIA_TYPE"
 
 
 def test_unsupported_content_type_names_the_types_serve_takes(port: int) -> None:

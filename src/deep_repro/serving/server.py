@@ -34,6 +34,7 @@ A `.npy` body is all fast path: its pixels are a view of the body, answered the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -57,6 +58,7 @@ MLFLOW_KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 PARQUET = "application/vnd.apache.parquet"  # MLflow 3's name for it (mlflow.pyfunc.scoring_server)
 TYPES = ("application/json", "text/csv", wire.NPY)  # what `deep-repro serve` takes
 INLINE_BATCH = 8  # images up to which the fast path predicts on the event loop
+PARSE_INLINE = 256 * 1024  # body bytes up to which counting its images runs on the event loop
 
 
 def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
@@ -132,7 +134,7 @@ class Guard:
             )
             return
         length = headers.get("content-length", "")
-        if length and (not length.isdigit() or int(length) > self.max_body):
+        if length and (not (length.isascii() and length.isdigit()) or int(length) > self.max_body):
             await self._refuse(raw_send, *self._too_large())
             return
         body = bytearray()
@@ -148,6 +150,9 @@ class Guard:
                 break
         content_type, data = headers.get("content-type", ""), bytes(body)
         mime = content_type.split(";")[0].strip().lower()
+        if not mime:  # MLflow's app would fail on it with a 500 and a traceback in the log
+            await self._refuse(raw_send, *clean_error(415, b""))
+            return
         if mime == PARQUET:
             await self._refuse(
                 raw_send,
@@ -165,8 +170,10 @@ class Guard:
             if mime == wire.NPY:
                 tensor = wire.npy_images(data)
                 images, payload = len(tensor), None
-            else:
+            elif len(data) <= PARSE_INLINE:
                 images, payload = wire.parse(data, content_type)
+            else:  # up to 16 MiB of JSON or CSV: ~0.1-1 s, not on the event loop
+                images, payload = await asyncio.to_thread(wire.parse, data, content_type)
         except wire.TooDeep:
             await self._refuse(
                 raw_send, *_error(400, "BAD_REQUEST", "the JSON body nests too deeply")
@@ -197,6 +204,7 @@ class Guard:
             tensor = _tensor_payload(payload)
         if tensor is not None and await self._answer(tensor, images, raw_send) is None:
             return
+        payload = tensor = None  # MLflow's app parses the body again: hold one copy, not two
         replayed = False
 
         async def replay() -> Message:
@@ -211,8 +219,6 @@ class Guard:
     async def _answer(self, values: Any, images: int | None, send: Send) -> Exception | None:
         """Answer a tensor request with the model, as MLflow's app would; or return why not
         (the model refused the input, or the conversion failed), for the app to answer."""
-        import asyncio
-
         from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
         try:

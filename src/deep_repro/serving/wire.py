@@ -43,10 +43,14 @@ class TooDeep(ValueError):
 
 
 def parse(body: bytes, content_type: str) -> tuple[int | None, Any]:
-    """(images in the request or None, the parsed JSON payload or None). Images count as pixel
-    values / 784, of the frame MLflow's app would build (the model reshapes whatever it gets to
-    [-1, 28, 28]), so a wide row counts for what it holds. Raises `BadBody` for the forms whose
-    frame cannot be sized from the body (they could allocate far more than it weighs)."""
+    """(images in the request or None, the parsed JSON payload or None).
+
+    Images count as cells / 784 of what MLflow's app would build (the model reshapes whatever it
+    gets to [-1, 28, 28]). What the count cannot bound is refused (`BadBody`) before MLflow's
+    app sees it: strings in a tensor (`np.array` pads every one to the longest: 280 KB became
+    16 GB), tensors as dicts, DataFrames wider than one image (pandas pays ~1.3 KB per column:
+    a header-only CSV of 100,000 columns took 8 s), broadcast or multi-level indexes (one row
+    repeated over an index of 4 M entries), quoted CSV."""
     mime = content_type.split(";")[0].strip().lower()
     if mime == "text/csv":
         return _images(_csv_values(body)), None
@@ -58,16 +62,13 @@ def parse(body: bytes, content_type: str) -> tuple[int | None, Any]:
         # judges, as MLflow's app will.
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        pass
-    else:
-        return _count(payload), payload
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None, None
-    except RecursionError:  # [[[[...]]]]: would escape MLflow's handler as a bare 500
-        raise TooDeep from None
-    return _count(payload), payload
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None, None
+        except RecursionError:  # [[[[...]]]]: would escape MLflow's handler as a bare 500
+            raise TooDeep from None
+    return _count(payload, body), payload
 
 
 def _images(values: int) -> int | None:
@@ -75,68 +76,92 @@ def _images(values: int) -> int | None:
 
 
 def _csv_values(body: bytes) -> int:
-    """Cells of the frame pandas reads from a CSV body: (lines - 1) x the most fields on any
-    line (pandas skips blank lines and pads short rows), counted with NumPy: a 16 MB body of
-    empty lines would be millions of `bytes` objects."""
+    """Cells of the frame pandas reads from a CSV body: max(lines - 1, 1) x the most fields on
+    any line (pandas skips blank lines, pads short rows, and builds every column of a header
+    alone), counted with NumPy: a 16 MB body of empty lines would be millions of `bytes`."""
     if b'"' in body:  # a quoted field may hold line ends and commas: lines no longer bound it
         raise BadBody("CSV bodies with quotes are refused: pixel values need none")
     data = np.frombuffer(body, np.uint8)
     if not len(data):
         return 0
-    # pandas ends a row at \n, \r\n or a lone \r; every line has an end (one past the body)
+    # pandas ends a row at \n, \r\n or a lone \r; the last line ends one past the body
     lone_cr = (data == 13) & (np.append(data[1:], 0) != 10)
-    ends = np.flatnonzero((data == 10) | lone_cr)
-    ends = np.append(ends, len(data))
-    commas = np.concatenate(([0], np.cumsum(data == 44, dtype=np.int64)))
+    ends = np.append(np.flatnonzero((data == 10) | lone_cr), len(data))
     starts = np.concatenate(([0], ends[:-1] + 1))
-    fields = commas[ends] - commas[np.minimum(starts, len(data))] + 1
+    commas = np.flatnonzero(data == 44)
+    fields = np.searchsorted(commas, ends) - np.searchsorted(commas, starts) + 1
+    width = int(fields.max())
+    if width > PIXELS:
+        raise BadBody(WIDE)
     lines = int(np.count_nonzero(ends > starts))  # not blank (a \r\n's \r counts as blank)
-    return max(lines - 1, 0) * int(fields.max())
+    return max(lines - 1, 1) * width
 
 
-def _count(payload: Any) -> int | None:
+WIDE = f"a DataFrame row holds at most one image: {PIXELS} columns"
+
+
+def _count(payload: Any, body: bytes) -> int | None:
     if not isinstance(payload, dict):
         return None
     if "dataframe_split" in payload:
         return _split_values(payload["dataframe_split"])
-    records = payload.get("dataframe_records")
-    if isinstance(records, list):
-        # a frame of len(records) rows x (the union of dict keys, or the longest list row)
-        keys = set().union(*(r for r in records if isinstance(r, dict)))
-        width = max((len(r) for r in records if isinstance(r, list)), default=1)
-        return _images(len(records) * max(len(keys), width, 1))
+    if "dataframe_records" in payload:
+        return _records_values(payload["dataframe_records"])
+    if "inputs" not in payload and "instances" not in payload:
+        return None  # MLflow's app refuses it
     value = payload.get("inputs", payload.get("instances"))
+    if not isinstance(value, list) or (value and isinstance(value[0], dict)):
+        raise BadBody("inputs and instances must hold pixel values as (nested) lists")
+    if body.count(b'"') != 2 * len(payload):  # the keys' quotes: no string anywhere else
+        raise BadBody("pixel values must be numbers: strings are refused")
     # The shape from the first element at each depth: [N,28,28], [N,1,28,28], [N,784] or a flat
-    # list of N*784 values all come out as N (a ragged array is MLflow's to refuse).
+    # list of N*784 values all come out as N (a ragged array is MLflow's to refuse; an empty
+    # list counts as one value, so [[], [], ...] is not free).
     total = 1
     while isinstance(value, list):
-        total *= len(value)
+        total *= max(len(value), 1)
         if not value:
             break
         value = value[0]
     return _images(total)
 
 
+def _flat(values: Any) -> bool:
+    return isinstance(values, list) and not any(isinstance(v, list | dict) for v in values)
+
+
 def _split_values(split: Any) -> int | None:
-    """Cells of `pd.DataFrame(data=, index=, columns=)`: pandas broadcasts a scalar or empty
-    `data` over `index` x `columns` (a 200 KB body could ask for 20 GB), so only a list of rows
-    is taken."""
+    """Cells of `pd.DataFrame(data=, index=, columns=)`, for a list of rows with flat, matching
+    labels only: pandas broadcasts a scalar or empty `data` over index x columns, and repeats a
+    row over a multi-level index (a 20 KB body could ask for gigabytes)."""
     if not isinstance(split, dict):
         return None  # MLflow's app refuses it
-    data, index, columns = split.get("data"), split.get("index"), split.get("columns")
+    rows, index, columns = split.get("data"), split.get("index"), split.get("columns")
     if (
-        not isinstance(data, list)
-        or not all(isinstance(row, list) for row in data)
-        or not isinstance(index, list | None)
-        or not isinstance(columns, list | None)
+        not isinstance(rows, list)
+        or not all(isinstance(row, list) for row in rows)
+        or not (index is None or (_flat(index) and len(index) == len(rows)))
+        or not (columns is None or _flat(columns))
     ):
         raise BadBody(
-            "dataframe_split must hold data as a list of rows (lists), and index and columns "
-            "as lists if given"
+            "dataframe_split must hold data as a list of rows (lists), and index (one label "
+            "per row) and columns as flat lists if given"
         )
-    rows = max(len(data), len(index or ()))
-    width = max(max(map(len, data), default=0), len(columns or ()), 1)
-    return _images(rows * width)
+    width = max(max(map(len, rows), default=0), len(columns or ()), 1)
+    if width > PIXELS:
+        raise BadBody(WIDE)
+    return _images(max(len(rows), 1) * width)
+
+
+def _records_values(records: Any) -> int | None:
+    """Cells of a frame of len(records) rows x the union of their keys (or list lengths)."""
+    if not isinstance(records, list):
+        return None  # MLflow's app refuses it
+    keys = set().union(*(r for r in records if isinstance(r, dict)))
+    width = max(len(keys), max((len(r) for r in records if isinstance(r, list)), default=1))
+    if width > PIXELS:
+        raise BadBody(WIDE)
+    return _images(max(len(records), 1) * width)
 
 
 class BadBody(ValueError):
