@@ -149,7 +149,7 @@ def row(
     ms = sorted(x * 1000 for x in latencies)
     p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
     print(
-        f"{name:<22} {batch:>5} {clients:>7} {rate:>10.0f} {statistics.median(ms):>8.2f} "
+        f"{name:<27} {batch:>5} {clients:>7} {rate:>10.0f} {statistics.median(ms):>8.2f} "
         f"{p99:>8.2f} {len(ms):>8} {cpu_ms:>10.3f}"
     )
     return rate
@@ -204,7 +204,7 @@ def main() -> None:
             f"server/direct on cores {args.server_cores} ({threads} thread(s)), "
             f"{args.clients} clients on cores {args.client_cores}, {args.seconds:g} s per row"
         )
-        print(f"{'':<22} {'batch':>5} {'clients':>7} {'images/s':>10} {'p50 ms':>8} "
+        print(f"{'':<27} {'batch':>5} {'clients':>7} {'images/s':>10} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'requests':>8} {'CPU ms/img':>10}")  # fmt: skip
 
         servers = {
@@ -304,7 +304,7 @@ def breakdown(model: object, x: object, batches: list[int], cores: set[int], thr
         images = x[:batch]  # type: ignore[index]
         pieces = _pieces(model, schema, guard, images, max(5, 400 // batch))
         for name, seconds in pieces.items():
-            print(f"  batch {batch:>3}  {name:<32} {seconds:8.2f}")
+            print(f"  batch {batch:>3}  {name:<34} {seconds:8.2f}")
 
 
 def _body(kind: str, images: Any) -> bytes:
