@@ -617,6 +617,35 @@ def test_batch_limit_counts_what_mlflow_would_build_and_refuses_what_it_cannot_b
         assert refused(payload).startswith("inputs and instances must hold pixel values")
 
 
+def test_json_the_count_cannot_see_is_bounded_or_refused(port: int, splits: data.Splits) -> None:
+    """Fourth review: a ragged tensor counted by its first element (`[[[1]], [[], ...]]`: one
+    image; MLflow's app deep-copies every list, ~90x the body), nesting past ~990 levels (a bare
+    500 in MLflow's app), a 5,000-digit integer (the same), LLM-style keys (echoed whole into
+    MLflow's error). And `params` beside `inputs` (MLflow's own client sends them) still works."""
+    ragged = b'{"inputs": [[[1]], [' + b"[]," * 40_000 + b"[]]]}"  # counted as 1 image
+    status, body = post(port, ragged)
+    assert status == 413, body[:300]
+    assert "values, more than 50 images take (45096)" in _one_line_error(body)["message"]
+    deep = "[" * 1000 + "1" + "]" * 1000
+    for text in (
+        '{"inputs": [1], "params": {"a": ' + deep + "}}",  # the model refuses: MLflow's turn
+        '{"dataframe_split": {"data": [[' + deep + "]]}}",
+    ):
+        status, body = post(port, text.encode())
+        assert status == 400, (text[:40], body[:300])
+        assert _one_line_error(body)["message"] == "the JSON body nests too deeply"
+    status, body = post(port, b'{"inputs": [' + b"1" * 5000 + b"]}")
+    assert status == 400 and "a number too long" in _one_line_error(body)["message"]
+    status, body = post(port, {"messages": [{"role": "user", "content": "S3CRET"}]})
+    assert status == 400 and "S3CRET" not in body.decode()
+    assert _one_line_error(body)["message"].startswith("a JSON body must be an object holding")
+    images = splits.x_test[:2]
+    status, body = post(port, {"inputs": images.tolist(), "params": {"k": "v", "n": [1, "x"]}})
+    assert status == 200 and len(_predicted(body)) == 2, body[:300]
+    status, body = post(port, {"inputs": [*images.tolist()[:1], ["x"] * 784]})
+    assert status == 400 and _one_line_error(body)["message"].endswith("strings are refused")
+
+
 def test_a_request_without_content_type_is_415(port: int) -> None:
     """Review finding: MLflow's app failed on a missing Content-Type (500, a traceback logged)."""
     head = b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n"

@@ -54,7 +54,7 @@ DEFAULT_MAX_BODY = 16 * 1024 * 1024  # ~5,000 images as JSON integers
 DEFAULT_MAX_BATCH = 1024  # images per request: bounds the model's memory and one call's time
 # The model's own refusals (serving.to_pixels): they describe the input, never repeat it.
 MODEL_MESSAGES = ("pixel values must", "expected images of 28x28")
-MLFLOW_KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")
+MLFLOW_KEYS = wire.KEYS
 PARQUET = "application/vnd.apache.parquet"  # MLflow 3's name for it (mlflow.pyfunc.scoring_server)
 TYPES = ("application/json", "text/csv", wire.NPY)  # what `deep-repro serve` takes
 INLINE_BATCH = 8  # images up to which the fast path predicts on the event loop
@@ -164,6 +164,9 @@ class Guard:
                 ),
             )
             return
+        # Twice what max_batch images take, before parsing: bounds the guard's own parse
+        if mime == "application/json" and not await self._values_fit(data, 2, raw_send):
+            return
         tensor: Any = None
         images: int | None
         try:
@@ -193,6 +196,10 @@ class Guard:
                 ),
             )
             return
+        # What max_batch images take: MLflow's app copies every value (a ragged tensor's count
+        # sees only the first element at each depth)
+        if mime == "application/json" and not await self._values_fit(data, 1, raw_send):
+            return
         if tensor is not None:  # no MLflow form to fall back on: the model's word is final
             if self.model is None:
                 refusal = f"{wire.NPY} needs a model without an input schema; send JSON"
@@ -204,6 +211,17 @@ class Guard:
             tensor = _tensor_payload(payload)
         if tensor is not None and await self._answer(tensor, images, raw_send) is None:
             return
+        if mime == "application/json" and payload is not None:
+            try:
+                if len(data) <= PARSE_INLINE:
+                    wire.check_depth(payload)
+                else:
+                    await asyncio.to_thread(wire.check_depth, payload)
+            except wire.TooDeep:
+                await self._refuse(
+                    raw_send, *_error(400, "BAD_REQUEST", "the JSON body nests too deeply")
+                )
+                return
         payload = tensor = None  # MLflow's app parses the body again: hold one copy, not two
         replayed = False
 
@@ -215,6 +233,19 @@ class Guard:
             return {"type": "http.request", "body": data, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def _values_fit(self, body: bytes, times: int, send: Send) -> bool:
+        """True if a JSON body's values fit `times` x what `max_batch` images take; else 413."""
+        limit = times * (self.max_batch * wire.VALUES_PER_IMAGE + 4096)
+        values = wire.json_values(body)
+        if values <= limit:
+            return True
+        message = (
+            f"the JSON body holds up to {values} values, more than {self.max_batch} images "
+            f"take ({limit // times}); split it"
+        )
+        await self._refuse(send, *_error(413, "BATCH_TOO_LARGE", message))
+        return False
 
     async def _answer(self, values: Any, images: int | None, send: Send) -> Exception | None:
         """Answer a tensor request with the model, as MLflow's app would; or return why not

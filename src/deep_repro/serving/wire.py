@@ -35,6 +35,9 @@ import orjson
 
 NPY = "application/x-npy"
 PIXELS = 784
+KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")  # MLflow's JSON forms
+MAX_DEPTH = 32  # `{"inputs": [N, 1, 28, 28]}` is 5 levels deep
+VALUES_PER_IMAGE = 820  # 784 pixels + the 29 lists of one [28, 28] image, and room
 SHAPES = "[N, 28, 28], [N, 1, 28, 28] or [N, 784]"
 
 
@@ -64,11 +67,52 @@ def parse(body: bytes, content_type: str) -> tuple[int | None, Any]:
     except orjson.JSONDecodeError:
         try:
             payload = json.loads(body)
-        except ValueError:
-            return None, None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None, None  # MLflow's app says "not valid JSON"
+        except ValueError:  # past int()'s 4,300 digits: a bare 500 in MLflow's app
+            raise BadBody("the JSON body holds a number too long to read") from None
         except RecursionError:  # [[[[...]]]]: would escape MLflow's handler as a bare 500
             raise TooDeep from None
     return _count(payload, body), payload
+
+
+def json_values(body: bytes) -> int:
+    """An upper bound on the values in a JSON body, from its bytes: every value but the first
+    of a container follows a comma, every container opens with a bracket (inside strings they
+    only add). MLflow's app copies each one as a Python object (a `deepcopy` of the lists), so
+    this bounds its cost whatever the nesting: 16 MiB of `[[],[],...]` counted as one image by
+    shape, and cost 1.5 GB and 7 s."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + 1  # memchr speed
+
+
+def check_depth(payload: Any) -> None:
+    """`TooDeep` past `MAX_DEPTH` levels: orjson reads 1,024, MLflow's app (and pandas' repr of
+    a refused frame) fails past ~990 with a bare 500. Iterative; run only on the way to
+    MLflow's app, where the body's value count already bounds the walk."""
+    stack = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise TooDeep
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, list | dict))
+
+
+def _strings(value: Any) -> int:
+    """Strings and keys in a (small) JSON value: each is two quote characters of the body."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            count += 1
+        elif isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 def _images(values: int) -> int | None:
@@ -101,18 +145,22 @@ WIDE = f"a DataFrame row holds at most one image: {PIXELS} columns"
 
 
 def _count(payload: Any, body: bytes) -> int | None:
-    if not isinstance(payload, dict):
-        return None
+    if not isinstance(payload, dict) or not any(key in payload for key in KEYS):
+        # MLflow's app would take `input`, `prompt`, `messages` as an LLM request and put the
+        # whole of it into its error message (4x the body)
+        raise BadBody(f"a JSON body must be an object holding one of {', '.join(KEYS)}")
     if "dataframe_split" in payload:
         return _split_values(payload["dataframe_split"])
     if "dataframe_records" in payload:
         return _records_values(payload["dataframe_records"])
-    if "inputs" not in payload and "instances" not in payload:
-        return None  # MLflow's app refuses it
-    value = payload.get("inputs", payload.get("instances"))
+    key = "inputs" if "inputs" in payload else "instances"
+    value = payload[key]
     if not isinstance(value, list) or (value and isinstance(value[0], dict)):
         raise BadBody("inputs and instances must hold pixel values as (nested) lists")
-    if body.count(b'"') != 2 * len(payload):  # the keys' quotes: no string anywhere else
+    # The quotes of the keys and of whatever else the object holds (`params`): none left for
+    # a string in the tensor
+    rest = {k: v for k, v in payload.items() if k != key}
+    if body.count(b'"') != 2 * (1 + _strings(rest)):
         raise BadBody("pixel values must be numbers: strings are refused")
     # The shape from the first element at each depth: [N,28,28], [N,1,28,28], [N,784] or a flat
     # list of N*784 values all come out as N (a ragged array is MLflow's to refuse; an empty
@@ -165,8 +213,8 @@ def _records_values(records: Any) -> int | None:
 
 
 class BadBody(ValueError):
-    """A `.npy` body that is not uint8 images: the message says what was expected (never the
-    input's values)."""
+    """A body the guard refuses (400): the message says what was expected, never the input's
+    values."""
 
 
 def npy_images(body: bytes) -> np.ndarray:
