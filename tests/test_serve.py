@@ -590,6 +590,9 @@ def test_batch_limit_counts_what_mlflow_would_build_and_refuses_what_it_cannot_b
     assert refused({"dataframe_split": {"data": [row] * wide}}).startswith(f"batch of {wide}")
     assert refused({"dataframe_records": [row] * wide}).startswith(f"batch of {wide}")
     assert refused({"inputs": [[]] * 784 * wide}).startswith(f"batch of {wide}")
+    channels_last = np.zeros((wide, 28, 28, 1), np.uint8).tolist()  # 1,597 values an image
+    compact = json.dumps({"inputs": channels_last}, separators=(",", ":")).encode()
+    assert refused(compact).startswith(f"batch of {wide}")
     # refused: wider than one image per row, however it is spelt
     too_wide = "a DataFrame row holds at most one image: 784 columns"
     assert refused({"dataframe_split": {"data": [row * wide]}}) == too_wide
@@ -622,10 +625,10 @@ def test_json_the_count_cannot_see_is_bounded_or_refused(port: int, splits: data
     image; MLflow's app deep-copies every list, ~90x the body), nesting past ~990 levels (a bare
     500 in MLflow's app), a 5,000-digit integer (the same), LLM-style keys (echoed whole into
     MLflow's error). And `params` beside `inputs` (MLflow's own client sends them) still works."""
-    ragged = b'{"inputs": [[[1]], [' + b"[]," * 40_000 + b"[]]]}"  # counted as 1 image
+    ragged = b'{"inputs": [[[1]], [' + b"[]," * 60_000 + b"[]]]}"  # counted as 1 image
     status, body = post(port, ragged)
     assert status == 413, body[:300]
-    assert "values, more than 50 images take (45096)" in _one_line_error(body)["message"]
+    assert "values, more than 50 images take (84096)" in _one_line_error(body)["message"]
     deep = "[" * 1000 + "1" + "]" * 1000
     for text in (
         '{"inputs": [1], "params": {"a": ' + deep + "}}",  # the model refuses: MLflow's turn

@@ -37,7 +37,8 @@ NPY = "application/x-npy"
 PIXELS = 784
 KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")  # MLflow's JSON forms
 MAX_DEPTH = 32  # `{"inputs": [N, 1, 28, 28]}` is 5 levels deep
-VALUES_PER_IMAGE = 820  # 784 pixels + the 29 lists of one [28, 28] image, and room
+# 784 pixels + a list per pixel: [N, 28, 28, 1] (channels-last, Keras' layout) takes 1,597
+VALUES_PER_IMAGE = 1600
 SHAPES = "[N, 28, 28], [N, 1, 28, 28] or [N, 784]"
 
 
