@@ -58,6 +58,7 @@ MLFLOW_KEYS = wire.KEYS
 PARQUET = "application/vnd.apache.parquet"  # MLflow 3's name for it (mlflow.pyfunc.scoring_server)
 TYPES = ("application/json", "text/csv", wire.NPY)  # what `deep-repro serve` takes
 INLINE_BATCH = 8  # images up to which the fast path predicts on the event loop
+TOO_DEEP = "the JSON body nests too deeply"
 PARSE_INLINE = 256 * 1024  # body bytes up to which counting its images runs on the event loop
 
 
@@ -149,79 +150,27 @@ class Guard:
             if not message.get("more_body", False):
                 break
         content_type, data = headers.get("content-type", ""), bytes(body)
-        mime = content_type.split(";")[0].strip().lower()
-        if not mime:  # MLflow's app would fail on it with a 500 and a traceback in the log
-            await self._refuse(raw_send, *clean_error(415, b""))
-            return
-        if mime == PARQUET:
-            await self._refuse(
-                raw_send,
-                *_error(
-                    415,
-                    "UNSUPPORTED_MEDIA_TYPE",
-                    "Parquet bodies are refused: how far one unpacks is unknown until it is "
-                    f"decoded; send {wire.NPY} (np.save of uint8 images) or JSON",
-                ),
-            )
-            return
-        # Twice what max_batch images take, before parsing: bounds the guard's own parse
-        if mime == "application/json" and not await self._values_fit(data, 2, raw_send):
-            return
-        tensor: Any = None
-        images: int | None
         try:
-            if mime == wire.NPY:
-                tensor = wire.npy_images(data)
-                images, payload = len(tensor), None
-            elif len(data) <= PARSE_INLINE:
-                images, payload = wire.parse(data, content_type)
-            else:  # up to 16 MiB of JSON or CSV: ~0.1-1 s, not on the event loop
-                images, payload = await asyncio.to_thread(wire.parse, data, content_type)
-        except wire.TooDeep:
-            await self._refuse(
-                raw_send, *_error(400, "BAD_REQUEST", "the JSON body nests too deeply")
-            )
-            return
-        except wire.BadBody as exc:
-            await self._refuse(raw_send, *_error(400, "BAD_REQUEST", str(exc)))
-            return
-        if images is not None and images > self.max_batch:
-            await self._refuse(
-                raw_send,
-                *_error(
-                    413,
-                    "BATCH_TOO_LARGE",
-                    f"batch of {images} images exceeds the limit of {self.max_batch} per "
-                    "request; split it",
-                ),
-            )
-            return
-        # What max_batch images take: MLflow's app copies every value (a ragged tensor's count
-        # sees only the first element at each depth)
-        if mime == "application/json" and not await self._values_fit(data, 1, raw_send):
-            return
-        if tensor is not None:  # no MLflow form to fall back on: the model's word is final
-            if self.model is None:
-                refusal = f"{wire.NPY} needs a model without an input schema; send JSON"
-                await self._refuse(raw_send, *_error(415, "UNSUPPORTED_MEDIA_TYPE", refusal))
-            elif (error := await self._answer(tensor, images, raw_send)) is not None:
-                await self._refuse(raw_send, *_model_error(error))
-            return
-        if self.model is not None and _plain(content_type):
-            tensor = _tensor_payload(payload)
-        if tensor is not None and await self._answer(tensor, images, raw_send) is None:
-            return
-        if mime == "application/json" and payload is not None:
-            try:
-                if len(data) <= PARSE_INLINE:
-                    wire.check_depth(payload)
-                else:
-                    await asyncio.to_thread(wire.check_depth, payload)
-            except wire.TooDeep:
-                await self._refuse(
-                    raw_send, *_error(400, "BAD_REQUEST", "the JSON body nests too deeply")
-                )
+            mime, images, payload, tensor = await self._admit(data, content_type)
+            if tensor is not None:  # .npy: no MLflow form to fall back on
+                if self.model is None:
+                    refusal = f"{wire.NPY} needs a model without an input schema; send JSON"
+                    raise _Refused(*_error(415, "UNSUPPORTED_MEDIA_TYPE", refusal))
+                if (error := await self._answer(tensor, images, raw_send)) is not None:
+                    raise _Refused(*_model_error(error))  # the model's word is final
                 return
+            if self.model is not None and _plain(content_type):
+                tensor = _tensor_payload(payload)
+            if tensor is not None and await self._answer(tensor, images, raw_send) is None:
+                return
+            if mime == "application/json" and payload is not None:
+                await _off_loop(len(data), wire.check_depth, payload)  # MLflow's app: ~990
+        except wire.TooDeep:
+            await self._refuse(raw_send, *_error(400, "BAD_REQUEST", TOO_DEEP))
+            return
+        except _Refused as refused:
+            await self._refuse(raw_send, refused.status, refused.body)
+            return
         payload = tensor = None  # MLflow's app parses the body again: hold one copy, not two
         replayed = False
 
@@ -234,18 +183,57 @@ class Guard:
 
         await self.app(scope, replay, send)
 
-    async def _values_fit(self, body: bytes, times: int, send: Send) -> bool:
-        """True if a JSON body's values fit `times` x what `max_batch` images take; else 413."""
+    async def _admit(self, data: bytes, content_type: str) -> tuple[str, int | None, Any, Any]:
+        """(mime type, images, parsed JSON or None, a .npy body's pixels or None), or raise
+        `_Refused` / `wire.TooDeep` for what the limits of the module docstring refuse."""
+        mime = content_type.split(";")[0].strip().lower()
+        if not mime:  # MLflow's app would fail on it with a 500 and a traceback in the log
+            raise _Refused(*clean_error(415, b""))
+        if mime == PARQUET:
+            raise _Refused(
+                *_error(
+                    415,
+                    "UNSUPPORTED_MEDIA_TYPE",
+                    "Parquet bodies are refused: how far one unpacks is unknown until it is "
+                    f"decoded; send {wire.NPY} (np.save of uint8 images) or JSON",
+                )
+            )
+        json_body = mime == "application/json"
+        if json_body:  # twice what max_batch images take, before parsing: bounds our own parse
+            self._check_values(data, 2)
+        tensor, payload = None, None
+        try:
+            if mime == wire.NPY:
+                tensor = wire.npy_images(data)
+                images: int | None = len(tensor)
+            else:  # up to 16 MiB of JSON or CSV: ~0.1-1 s, off the event loop when large
+                images, payload = await _off_loop(len(data), wire.parse, data, content_type)
+        except wire.BadBody as exc:
+            raise _Refused(*_error(400, "BAD_REQUEST", str(exc))) from None
+        if images is not None and images > self.max_batch:
+            raise _Refused(
+                *_error(
+                    413,
+                    "BATCH_TOO_LARGE",
+                    f"batch of {images} images exceeds the limit of {self.max_batch} per "
+                    "request; split it",
+                )
+            )
+        if json_body:  # MLflow's app copies every value; a ragged tensor's count sees the first
+            self._check_values(data, 1)
+        return mime, images, payload, tensor
+
+    def _check_values(self, body: bytes, times: int) -> None:
+        """`_Refused` (413) if a JSON body's values exceed `times` x what `max_batch` images
+        take."""
         limit = times * (self.max_batch * wire.VALUES_PER_IMAGE + 4096)
         values = wire.json_values(body)
-        if values <= limit:
-            return True
-        message = (
-            f"the JSON body holds up to {values} values, more than {self.max_batch} images "
-            f"take ({limit // times}); split it"
-        )
-        await self._refuse(send, *_error(413, "BATCH_TOO_LARGE", message))
-        return False
+        if values > limit:
+            message = (
+                f"the JSON body holds up to {values} values, more than {self.max_batch} images "
+                f"take ({limit // times}); split it"
+            )
+            raise _Refused(*_error(413, "BATCH_TOO_LARGE", message))
 
     async def _answer(self, values: Any, images: int | None, send: Send) -> Exception | None:
         """Answer a tensor request with the model, as MLflow's app would; or return why not
@@ -329,6 +317,21 @@ class Guard:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class _Refused(Exception):
+    """A request the guard answers itself: `status` and the one-line JSON `body`."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
+async def _off_loop(size: int, function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` here for a body of up to `PARSE_INLINE` bytes, else in a thread."""
+    if size <= PARSE_INLINE:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
 
 
 def _model_error(error: Exception) -> tuple[int, bytes]:
