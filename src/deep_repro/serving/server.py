@@ -35,6 +35,7 @@ A `.npy` body is all fast path: its pixels are a view of the body, answered the 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -54,7 +55,6 @@ DEFAULT_MAX_BODY = 16 * 1024 * 1024  # ~5,000 images as JSON integers
 DEFAULT_MAX_BATCH = 1024  # images per request: bounds the model's memory and one call's time
 # The model's own refusals (serving.to_pixels): they describe the input, never repeat it.
 MODEL_MESSAGES = ("pixel values must", "expected images of 28x28")
-MLFLOW_KEYS = wire.KEYS
 PARQUET = "application/vnd.apache.parquet"  # MLflow 3's name for it (mlflow.pyfunc.scoring_server)
 TYPES = ("application/json", "text/csv", wire.NPY)  # what `deep-repro serve` takes
 INLINE_BATCH = 8  # images up to which the fast path predicts on the event loop
@@ -98,7 +98,7 @@ def clean_error(status: int, body: bytes) -> tuple[int, bytes]:
         400,
         "BAD_REQUEST",
         "the request does not hold images the model accepts: a JSON object with one of "
-        f"{', '.join(MLFLOW_KEYS)} holding pixel values 0..255 shaped [N, 28, 28], "
+        f"{', '.join(wire.KEYS)} holding pixel values 0..255 shaped [N, 28, 28], "
         "[N, 1, 28, 28] or [N, 784]",
     )
 
@@ -199,15 +199,15 @@ class Guard:
                 )
             )
         json_body = mime == "application/json"
-        if json_body:  # twice what max_batch images take, before parsing: bounds our own parse
-            self._check_values(data, 2)
+        values = wire.json_values(data) if json_body else 0
+        self._check_values(values, 2)  # before parsing: bounds our own parse
         tensor, payload = None, None
         try:
             if mime == wire.NPY:
                 tensor = wire.npy_images(data)
                 images: int | None = len(tensor)
             else:  # up to 16 MiB of JSON or CSV: ~0.1-1 s, off the event loop when large
-                images, payload = await _off_loop(len(data), wire.parse, data, content_type)
+                images, payload = await _off_loop(len(data), wire.parse, data, mime)
         except wire.BadBody as exc:
             raise _Refused(*_error(400, "BAD_REQUEST", str(exc))) from None
         if images is not None and images > self.max_batch:
@@ -219,15 +219,14 @@ class Guard:
                     "request; split it",
                 )
             )
-        if json_body:  # MLflow's app copies every value; a ragged tensor's count sees the first
-            self._check_values(data, 1)
+        # MLflow's app copies every value; a ragged tensor's image count sees only the first
+        self._check_values(values, 1)
         return mime, images, payload, tensor
 
-    def _check_values(self, body: bytes, times: int) -> None:
-        """`_Refused` (413) if a JSON body's values exceed `times` x what `max_batch` images
-        take."""
+    def _check_values(self, values: int, times: int) -> None:
+        """`_Refused` (413) if a JSON body's `values` (wire.json_values) exceed `times` x what
+        `max_batch` images take."""
         limit = times * (self.max_batch * wire.VALUES_PER_IMAGE + 4096)
-        values = wire.json_values(body)
         if values > limit:
             message = (
                 f"the JSON body holds up to {values} values, more than {self.max_batch} images "
@@ -271,7 +270,7 @@ class Guard:
     def _predict(self, values: Any) -> bytes:
         import numpy as np
         import pandas as pd
-        from mlflow.utils.proto_json_utils import NumpyEncoder, _get_jsonable_obj
+        from mlflow.pyfunc.scoring_server import predictions_to_json
 
         # a list: MLflow's parse_tf_serving_input, no input schema; an array: a .npy body's
         data = values if isinstance(values, np.ndarray) else np.array(values)
@@ -281,18 +280,10 @@ class Guard:
         raw = self.model.predict(data, params=None)
         if isinstance(raw, pd.DataFrame) and (text := wire.records_json(raw)) is not None:
             return text.encode()
-        # MLflow's predictions_to_json (`DataFrame.to_dict("records")`, then json.dump), the
-        # same text, built column-wise (`tolist` gives the same Python values) and through
-        # json.dumps, whose C encoder json.dump to a stream does not use.
-        if isinstance(raw, pd.DataFrame) and raw.columns.is_unique:
-            names = list(raw.columns)
-            columns = [raw[c].tolist() for c in raw.columns]
-            predictions: Any = [
-                dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)
-            ]
-        else:
-            predictions = _get_jsonable_obj(raw, pandas_orient="records")
-        return json.dumps({"predictions": predictions}, cls=NumpyEncoder).encode()
+        # What records_json leaves (NaN, bools, nullable columns...): MLflow's own encoder
+        out = io.StringIO()
+        predictions_to_json(raw, out)
+        return out.getvalue().encode()
 
     def _too_large(self) -> tuple[int, bytes]:
         return _error(

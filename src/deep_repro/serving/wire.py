@@ -46,8 +46,9 @@ class TooDeep(ValueError):
     """A JSON body nested deeper than Python's parser goes."""
 
 
-def parse(body: bytes, content_type: str) -> tuple[int | None, Any]:
-    """(images in the request or None, the parsed JSON payload or None).
+def parse(body: bytes, mime: str) -> tuple[int | None, Any]:
+    """(images in the request or None, the parsed JSON payload or None); `mime`: the
+    Content-Type's media type, lower case.
 
     Images count as cells / 784 of what MLflow's app would build (the model reshapes whatever it
     gets to [-1, 28, 28]). What the count cannot bound is refused (`BadBody`) before MLflow's
@@ -55,7 +56,6 @@ def parse(body: bytes, content_type: str) -> tuple[int | None, Any]:
     16 GB), tensors as dicts, DataFrames wider than one image (pandas pays ~1.3 KB per column:
     a header-only CSV of 100,000 columns took 8 s), broadcast or multi-level indexes (one row
     repeated over an index of 4 M entries), quoted CSV."""
-    mime = content_type.split(";")[0].strip().lower()
     if mime == "text/csv":
         return _images(_csv_values(body)), None
     if mime != "application/json":
