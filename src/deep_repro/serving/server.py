@@ -15,7 +15,7 @@ prevent either. So, in front of the unchanged app:
   and neither footer sizes nor row counts bind the reader), and MLflow's app decodes it whole;
 - every error body becomes one JSON line `{"error_code": ..., "message": ...}` whose message is
   either the model's own input check (which names the problem, never the values) or a fixed
-  sentence: no input, no stack trace, no internals.
+  sentence: no input, no stack trace, no internals (serving/refusals.py).
 
 The payloads are MLflow's: `/invocations` (`inputs`, `instances`, `dataframe_split`,
 `dataframe_records`, CSV), `/ping`, `/health`, `/version`; plus `application/x-npy`, uint8
@@ -36,71 +36,25 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from deep_repro.serving import wire
+from deep_repro.serving import refusals, wire
+from deep_repro.serving.refusals import Message, Send
 
 log = logging.getLogger("deep_repro")
 
 Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024  # ~5,000 images as JSON integers
 DEFAULT_MAX_BATCH = 1024  # images per request: bounds the model's memory and one call's time
-# The model's own refusals (serving.to_pixels): they describe the input, never repeat it.
-MODEL_MESSAGES = ("pixel values must", "expected images of 28x28")
 PARQUET = "application/vnd.apache.parquet"  # MLflow 3's name for it (mlflow.pyfunc.scoring_server)
-TYPES = ("application/json", "text/csv", wire.NPY)  # what `deep-repro serve` takes
 INLINE_BATCH = 8  # images up to which the fast path predicts on the event loop
 TOO_DEEP = "the JSON body nests too deeply"
 PARSE_INLINE = 256 * 1024  # body bytes up to which counting its images runs on the event loop
-
-
-def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
-    return status, json.dumps({"error_code": code, "message": message}).encode() + b"\n"
-
-
-def clean_error(status: int, body: bytes) -> tuple[int, bytes]:
-    """One JSON line for an error response of MLflow's app that holds no input or internals."""
-    try:
-        payload = json.loads(body)
-        message = str(payload.get("message", "")) if isinstance(payload, dict) else ""
-    except ValueError:
-        message = body.decode("utf-8", "replace")
-    # "Failed to predict data '<input>'. \nError: <the model's message>"
-    reason = message.rsplit("Error: ", 1)[-1].strip()
-    first = reason.splitlines()[0] if reason else ""
-    if first.startswith(MODEL_MESSAGES) and "'" not in first:
-        return _error(400, "INVALID_PARAMETER_VALUE", first)
-    if status == 404:
-        return _error(404, "ENDPOINT_NOT_FOUND", "no such endpoint")
-    if status == 405:
-        return _error(405, "METHOD_NOT_ALLOWED", "method not allowed")
-    if status == 415:
-        return _error(
-            415,
-            "UNSUPPORTED_MEDIA_TYPE",
-            f"Content-Type must be {', '.join(TYPES[:-1])} or {TYPES[-1]} (UTF-8)",
-        )
-    if status == 504:
-        return _error(504, "TIMEOUT", "the request took longer than the server's time limit")
-    if status >= 500:
-        return _error(500, "INTERNAL_ERROR", "internal server error (see the server log)")
-    if "valid JSON formatted string" in message:
-        return _error(400, "BAD_REQUEST", "the body is not valid JSON")
-    return _error(
-        400,
-        "BAD_REQUEST",
-        "the request does not hold images the model accepts: a JSON object with one of "
-        f"{', '.join(wire.KEYS)} holding pixel values 0..255 shaped [N, 28, 28], "
-        "[N, 1, 28, 28] or [N, 784]",
-    )
 
 
 class Guard:
@@ -123,20 +77,20 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        raw_send, send = send, _CleanErrors(send)  # our own refusals are clean already
+        raw_send, send = send, refusals.CleanErrors(send)  # our own refusals are clean already
         if scope["path"] != "/invocations" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if sum(k.lower() == b"content-type" for k, _ in scope["headers"]) > 1:
             # this dict keeps the last, Starlette (MLflow's app) reads the first: one only
-            await self._refuse(
-                raw_send, *_error(400, "BAD_REQUEST", "more than one Content-Type header")
+            await refusals.send(
+                raw_send, *refusals.error(400, "BAD_REQUEST", "more than one Content-Type header")
             )
             return
         length = headers.get("content-length", "")
         if length and (not (length.isascii() and length.isdigit()) or int(length) > self.max_body):
-            await self._refuse(raw_send, *self._too_large())
+            await refusals.send(raw_send, *self._too_large())
             return
         body = bytearray()
         while True:  # streamed: a body without Content-Length stops counting at the limit
@@ -145,7 +99,7 @@ class Guard:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_body:
-                await self._refuse(raw_send, *self._too_large())
+                await refusals.send(raw_send, *self._too_large())
                 return
             if not message.get("more_body", False):
                 break
@@ -155,9 +109,11 @@ class Guard:
             if tensor is not None:  # .npy: no MLflow form to fall back on
                 if self.model is None:
                     refusal = f"{wire.NPY} needs a model without an input schema; send JSON"
-                    raise _Refused(*_error(415, "UNSUPPORTED_MEDIA_TYPE", refusal))
+                    raise refusals.Refused(*refusals.error(415, "UNSUPPORTED_MEDIA_TYPE", refusal))
                 if (error := await self._answer(tensor, images, raw_send)) is not None:
-                    raise _Refused(*_model_error(error))  # the model's word is final
+                    raise refusals.Refused(
+                        *refusals.model_error(error)
+                    )  # the model's word is final
                 return
             if self.model is not None and _plain(content_type):
                 tensor = _tensor_payload(payload)
@@ -166,10 +122,10 @@ class Guard:
             if mime == "application/json" and payload is not None:
                 await _off_loop(len(data), wire.check_depth, payload)  # MLflow's app: ~990
         except wire.TooDeep:
-            await self._refuse(raw_send, *_error(400, "BAD_REQUEST", TOO_DEEP))
+            await refusals.send(raw_send, *refusals.error(400, "BAD_REQUEST", TOO_DEEP))
             return
-        except _Refused as refused:
-            await self._refuse(raw_send, refused.status, refused.body)
+        except refusals.Refused as refused:
+            await refusals.send(raw_send, refused.status, refused.body)
             return
         payload = tensor = None  # MLflow's app parses the body again: hold one copy, not two
         replayed = False
@@ -185,13 +141,13 @@ class Guard:
 
     async def _admit(self, data: bytes, content_type: str) -> tuple[str, int | None, Any, Any]:
         """(mime type, images, parsed JSON or None, a .npy body's pixels or None), or raise
-        `_Refused` / `wire.TooDeep` for what the limits of the module docstring refuse."""
+        `refusals.Refused` / `wire.TooDeep` for what the limits of the module docstring refuse."""
         mime = content_type.split(";")[0].strip().lower()
         if not mime:  # MLflow's app would fail on it with a 500 and a traceback in the log
-            raise _Refused(*clean_error(415, b""))
+            raise refusals.Refused(*refusals.clean_error(415, b""))
         if mime == PARQUET:
-            raise _Refused(
-                *_error(
+            raise refusals.Refused(
+                *refusals.error(
                     415,
                     "UNSUPPORTED_MEDIA_TYPE",
                     "Parquet bodies are refused: how far one unpacks is unknown until it is "
@@ -209,10 +165,10 @@ class Guard:
             else:  # up to 16 MiB of JSON or CSV: ~0.1-1 s, off the event loop when large
                 images, payload = await _off_loop(len(data), wire.parse, data, mime)
         except wire.BadBody as exc:
-            raise _Refused(*_error(400, "BAD_REQUEST", str(exc))) from None
+            raise refusals.Refused(*refusals.error(400, "BAD_REQUEST", str(exc))) from None
         if images is not None and images > self.max_batch:
-            raise _Refused(
-                *_error(
+            raise refusals.Refused(
+                *refusals.error(
                     413,
                     "BATCH_TOO_LARGE",
                     f"batch of {images} images exceeds the limit of {self.max_batch} per "
@@ -224,7 +180,7 @@ class Guard:
         return mime, images, payload, tensor
 
     def _check_values(self, values: int, times: int) -> None:
-        """`_Refused` (413) if a JSON body's `values` (wire.json_values) exceed `times` x what
+        """`Refused` (413) if a JSON body's `values` (wire.json_values) exceed `times` x what
         `max_batch` images take."""
         limit = times * (self.max_batch * wire.VALUES_PER_IMAGE + 4096)
         if values > limit:
@@ -232,7 +188,7 @@ class Guard:
                 f"the JSON body holds up to {values} values, more than {self.max_batch} images "
                 f"take ({limit // times}); split it"
             )
-            raise _Refused(*_error(413, "BATCH_TOO_LARGE", message))
+            raise refusals.Refused(*refusals.error(413, "BATCH_TOO_LARGE", message))
 
     async def _answer(self, values: Any, images: int | None, send: Send) -> Exception | None:
         """Answer a tensor request with the model, as MLflow's app would; or return why not
@@ -250,7 +206,7 @@ class Guard:
                     timeout=MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get(),
                 )
         except TimeoutError:
-            await self._refuse(send, *clean_error(504, b""))
+            await refusals.send(send, *refusals.clean_error(504, b""))
             return None
         except Exception as exc:  # MLflow's app answers it, with its own error
             return exc
@@ -286,36 +242,12 @@ class Guard:
         return out.getvalue().encode()
 
     def _too_large(self) -> tuple[int, bytes]:
-        return _error(
+        return refusals.error(
             413,
             "REQUEST_TOO_LARGE",
             f"request body exceeds the limit of {self.max_body} bytes; send fewer images per "
             "request",
         )
-
-    @staticmethod
-    async def _refuse(send: Send, status: int, body: bytes) -> None:
-        log.info("request refused: HTTP %d %s", status, json.loads(body)["error_code"])
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _Refused(Exception):
-    """A request the guard answers itself: `status` and the one-line JSON `body`."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        super().__init__(status)
-        self.status, self.body = status, body
 
 
 async def _off_loop(size: int, function: Callable[..., Any], *args: Any) -> Any:
@@ -323,17 +255,6 @@ async def _off_loop(size: int, function: Callable[..., Any], *args: Any) -> Any:
     if size <= PARSE_INLINE:
         return function(*args)
     return await asyncio.to_thread(function, *args)
-
-
-def _model_error(error: Exception) -> tuple[int, bytes]:
-    """What MLflow's app would say to the model's refusal (MlflowException), cleaned; anything
-    else is a fault of the server's."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(error, MlflowException):
-        return clean_error(400, json.dumps({"message": error.message}).encode())
-    log.error("the fast path failed", exc_info=error)
-    return clean_error(500, b"")
 
 
 def _plain(content_type: str) -> bool:
@@ -355,40 +276,6 @@ def _tensor_payload(payload: Any) -> list[Any] | None:
     if key not in ("inputs", "instances") or not isinstance(value, list) or not value:
         return None
     return None if isinstance(value[0], dict) else value
-
-
-class _CleanErrors:
-    """Holds back an error response of the app and sends `clean_error`'s version instead."""
-
-    def __init__(self, send: Send) -> None:
-        self.send, self.status, self.body = send, 0, bytearray()
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = int(message["status"])
-            if self.status < 400:
-                await self.send(message)
-            return
-        if self.status < 400 or message["type"] != "http.response.body":
-            await self.send(message)
-            return
-        if len(self.body) < DEFAULT_MAX_BODY:  # an echo of the input can be as large as it
-            self.body += message.get("body", b"")
-        if message.get("more_body", False):
-            return
-        status, body = clean_error(self.status, bytes(self.body))
-        log.info("request refused: HTTP %d %s", status, json.loads(body)["error_code"])
-        await self.send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await self.send({"type": "http.response.body", "body": body})
 
 
 def build_app(
