@@ -75,7 +75,7 @@ class Refused(Exception):
         self.status, self.body = status, body
 
 
-def model_error(exc: Exception) -> tuple[int, bytes]:
+def model_refusal(exc: Exception) -> tuple[int, bytes]:
     """What MLflow's app would say to the model's refusal (MlflowException), cleaned; anything
     else is a fault of the server's."""
     from mlflow.exceptions import MlflowException
@@ -109,8 +109,8 @@ class CleanErrors:
 
 
 async def send(to: Send, status: int, body: bytes, *, close: bool = True) -> None:
-    """Answer with one of this module's error bodies (and close the connection: what is left
-    of a refused request's body is never read)."""
+    """Answer with one of this module's error bodies; with `close` (the guard's own refusals)
+    also end the connection, since what is left of a refused request's body is never read."""
     log.info("request refused: HTTP %d %s", status, json.loads(body)["error_code"])
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await to(

@@ -112,7 +112,7 @@ class Guard:
                     raise refusals.Refused(*refusals.error(415, "UNSUPPORTED_MEDIA_TYPE", refusal))
                 if (error := await self._answer(tensor, images, raw_send)) is not None:
                     raise refusals.Refused(
-                        *refusals.model_error(error)
+                        *refusals.model_refusal(error)
                     )  # the model's word is final
                 return
             if self.model is not None and _plain(content_type):
