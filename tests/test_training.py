@@ -240,6 +240,30 @@ def test_device_and_precision_defaults(make_cfg: Make, splits: data.Splits) -> N
     bf16 = train("train.device=cpu", "train.precision=bf16")
     assert _state_bytes(bf16.model) != _state_bytes(on_cpu.model)
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # autocast, fp32 weights
+    # bf16 on the CPU is as reproducible as fp32 (best_cpu trains in it): the same bytes again.
+    assert _state_bytes(train("train.device=cpu", "train.precision=bf16").model) == _state_bytes(
+        bf16.model
+    )
+
+
+def test_bf16_on_a_cpu_without_it_says_to_use_fp32(
+    make_cfg: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Native bf16 is a CPU feature (x86 AVX512_BF16 or AMX, Arm BF16), read from torch's map;
+    # without it bf16 is emulated (slower than fp32): the run says so, and what to set instead.
+    assert device.native_bf16({"avx512_bf16": True, "avx2": True})
+    assert device.native_bf16({"amx_bf16": True}) and device.native_bf16({"bf16": True})
+    assert not device.native_bf16({"avx2": True, "avx512_f": True, "fma3": True})
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="deep_repro.training.device"):
+        bf16, auto = (make_cfg(f"train.precision={p}").train for p in ("bf16", "auto"))
+        assert device.autocast_dtype(bf16, cpu) is torch.bfloat16
+        assert device.autocast_dtype(auto, cpu) is None
+    warned = [r.getMessage() for r in caplog.records]
+    if device.native_bf16():
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "use -S train.precision=fp32" in warned[0]
 
 
 def test_augmentation_is_batched_label_preserving_and_seeded(splits: data.Splits) -> None:

