@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deep_repro import config, data, inference, training
+from deep_repro import config, data, inference, machine, training
 from deep_repro.config.schema import LightAugmentConfig, NoAugmentConfig
 from deep_repro.errors import TrainingError
 from deep_repro.files import atomic_path
@@ -247,23 +247,25 @@ def test_device_and_precision_defaults(make_cfg: Make, splits: data.Splits) -> N
 
 
 def test_bf16_on_a_cpu_without_it_says_to_use_fp32(
-    make_cfg: Make, caplog: pytest.LogCaptureFixture
+    make_cfg: Make, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Native bf16 is a CPU feature (x86 AVX512_BF16 or AMX, Arm BF16), read from torch's map;
     # without it bf16 is emulated (slower than fp32): the run says so, and what to set instead.
-    assert device.native_bf16({"avx512_bf16": True, "avx2": True})
-    assert device.native_bf16({"amx_bf16": True}) and device.native_bf16({"bf16": True})
-    assert not device.native_bf16({"avx2": True, "avx512_f": True, "fma3": True})
+    assert machine.native_bf16({"avx512_bf16": True, "avx2": True})
+    assert machine.native_bf16({"amx_bf16": True}) and machine.native_bf16({"bf16": True})
+    assert not machine.native_bf16({"avx2": True, "avx512_f": True, "fma3": True})
+    assert machine.native_bf16() in (True, False)  # this machine's own answer, whichever it is
     cpu = torch.device("cpu")
-    with caplog.at_level(logging.WARNING, logger="deep_repro.training.device"):
-        bf16, auto = (make_cfg(f"train.precision={p}").train for p in ("bf16", "auto"))
-        assert device.autocast_dtype(bf16, cpu) is torch.bfloat16
-        assert device.autocast_dtype(auto, cpu) is None
-    warned = [r.getMessage() for r in caplog.records]
-    if device.native_bf16():
-        assert warned == []
-    else:
-        assert len(warned) == 1 and "use -S train.precision=fp32" in warned[0]
+    bf16, auto = (make_cfg(f"train.precision={p}").train for p in ("bf16", "auto"))
+    for native, expected in ((True, 0), (False, 1), (None, 0)):  # None: torch cannot tell
+        monkeypatch.setattr(machine, "native_bf16", lambda native=native: native)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=device.log.name):
+            assert device.autocast_dtype(bf16, cpu) is torch.bfloat16
+            assert device.autocast_dtype(auto, cpu) is None  # fp32 on the CPU: nothing to say
+        warned = [r.getMessage() for r in caplog.records if r.name == device.log.name]
+        assert len(warned) == expected, (native, warned)
+        assert all("use -S train.precision=fp32" in w for w in warned)
 
 
 def test_augmentation_is_batched_label_preserving_and_seeded(splits: data.Splits) -> None:

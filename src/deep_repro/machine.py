@@ -20,6 +20,7 @@ import json
 import platform
 import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 # The facts that can change a float result, in the order a report lists them; each one is a
@@ -116,6 +117,26 @@ def differences(recorded: dict[str, str], here: dict[str, str]) -> list[str]:
         for k in KEYS
         if k in recorded and k in here and recorded[k] != here[k]
     ]
+
+
+# CPU features that multiply bf16 in hardware (x86: AVX512_BF16, AMX; Arm: BF16), as named by
+# `torch.cpu.get_capabilities()`. Without one, bf16 is emulated: a step of the default CNN took
+# 2.4x (AVX-512 without BF16) and 11x (AVX2) its fp32 time (oneDNN's ISA capped on an EPYC),
+# the best_cpu net 2.5x and 12x.
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def native_bf16(capabilities: Mapping[str, object] | None = None) -> bool | None:
+    """Whether this CPU (or the given capability map) multiplies bf16 in hardware; None where
+    torch cannot tell (older torch has no `torch.cpu.get_capabilities`)."""
+    if capabilities is None:
+        import torch  # only here: this module imports the standard library alone
+
+        get = getattr(torch.cpu, "get_capabilities", None)
+        if get is None:
+            return None
+        capabilities = get()
+    return any(capabilities.get(name) is True for name in NATIVE_BF16)
 
 
 if __name__ == "__main__":  # probe another environment: `<venv>/bin/python machine.py`
