@@ -73,7 +73,7 @@ def gemm_peaks(sizes: Sequence[int], repeats: int) -> dict[str, float]:
 
     Two libraries multiply matrices in torch on x86: `torch.mm` calls MKL's sgemm, and the
     convolutions call oneDNN. On an AMD CPU they differ (measured on a 2-core AVX-512 EPYC:
-    MKL 186-196, oneDNN 205-225 GFLOP/s), so a peak from `torch.mm` alone would flatter the
+    MKL 180-205, oneDNN 215-225 GFLOP/s), so a peak from `torch.mm` alone would flatter the
     step. oneDNN's GEMM is timed as a 1x1 convolution over a 64x64 channels_last map: the
     product of a (4096 x n) by an (n x n) matrix, through the very library the step uses."""
     peaks = {}
